@@ -468,15 +468,30 @@ pub async fn run(
         // The rest of a prompt larger than the socket's buffer goes in while Claude reads
         // it; the shutdown ends Claude's input whoever else may hold the agent's end (a
         // process the agent forks holds it until its `exec`).
-        Ok(Some((stdin, rest))) => match UnixStream::from_std(stdin) {
-            Ok(mut stdin) => {
-                tokio::spawn(async move {
-                    let _ = stdin.write_all(&rest).await;
-                    let _ = stdin.shutdown().await;
-                });
+        Ok(Some((stdin, rest))) => {
+            // A second descriptor of it is held while it is handed to the runtime: should
+            // that fail (the user's epoll watches used up, by a job), Claude is killed
+            // before its input can end on part of its prompt.
+            let held = stdin.try_clone();
+            match UnixStream::from_std(stdin) {
+                Ok(mut stdin) => {
+                    drop(held);
+                    tokio::spawn(async move {
+                        let _ = stdin.write_all(&rest).await;
+                        let _ = stdin.shutdown().await;
+                    });
+                }
+                Err(e) => {
+                    if spawned.is_ok() {
+                        drop(child.control.take());
+                        let _ = child.wait().await;
+                    }
+                    drop(held);
+                    let why = format!("could not give Claude the rest of its prompt ({e}), so it was not started");
+                    return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
+                }
             }
-            Err(e) => warn!(job_id, error = %e, "the rest of the prompt could not be written: Claude's input ends short"),
-        },
+        }
         Ok(None) => {}
     }
     match spawned {
@@ -756,6 +771,30 @@ mod tests {
         assert!(had_it, "Claude got no prompt while the runtime's thread was held");
         assert_eq!(std::fs::read_to_string(&got).unwrap(), "the prompt");
         assert_eq!(finished.ending, Ending::Exited(Some(0)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A prompt larger than the socket's buffer: what the record's thread could not write
+    /// at once goes in from the runtime while Claude reads, and Claude gets it whole.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_prompt_larger_than_stdins_buffer_reaches_claude_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-process-large-prompt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let got = dir.join("got");
+        let claude = dir.join("claude.sh");
+        std::fs::write(&claude, format!("#!/bin/sh\nexec cat > '{}'\n", got.display())).unwrap();
+        std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let program = claude.to_string_lossy().into_owned();
+        let prompt: String = (0..4 * 1024 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env, stdin: prompt.clone() };
+        let (_stop, mut stop) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        let finished = run(launch, "j", deadline, 300_000, &mut stop, || Ok(()), || {}, |_: &[u8]| {}).await;
+        assert_eq!(finished.ending, Ending::Exited(Some(0)));
+        assert!(std::fs::read_to_string(&got).unwrap() == prompt, "Claude's input is not the prompt");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
