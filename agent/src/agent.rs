@@ -18,8 +18,8 @@ use shared::contract::ErrorCode;
 use shared::envelope::{check_order, Audience, Domain, Envelope, OrderHeader, Refusal, Tagged};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, ResultReport, Slots, MAX_UNPROVEN_FRAMES};
-use std::collections::HashMap;
+use shared::protocol::{AgentMessage, Beat, BeatAck, CancelOrder, EdgeMessage, JobOrder, LoginOrder, ResultReport, Slots, MAX_UNPROVEN_FRAMES};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -55,6 +55,12 @@ struct Running {
     /// number of the last heartbeat made for it.
     challenge: String,
     beats: u64,
+    /// The number of the last heartbeat of the current connection the edge acknowledged
+    /// (MACed): an ack is heard only for a later beat, made, so one played back is no news.
+    beat_acked: u64,
+    /// The results the edge answered "not taken" on the current connection: they stay kept,
+    /// so a second such answer (one played back) is no news.
+    not_taken_here: HashSet<String>,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
     /// The agent could not start a job for a want of its own ([`runner::CannotStart`]):
@@ -99,9 +105,10 @@ pub struct Agent {
     /// Whose each Claude session is.
     sessions: Arc<Sessions>,
     running: Mutex<Running>,
-    /// Frames of the current connection a real edge never sends: orders refused naming no
+    /// Frames of the current connection the edge did not prove: orders refused naming no
     /// order (a signature that fails, a copy of an order, one of another connection),
-    /// frames that do not read, acknowledgements not MACed on the connection. Counted apart
+    /// frames that do not read, kinds the agent does not know, acknowledgements not MACed
+    /// on the connection, goodbyes (plain: a real edge sends one, then closes). Counted apart
     /// from `running`, whose lock `on_job` holds while it refuses; the connection ends at
     /// [`MAX_UNPROVEN_FRAMES`].
     unproven: AtomicU32,
@@ -137,6 +144,31 @@ pub struct Agent {
 /// the result in the spool ([`Spool::not_taken`]), so across restarts of the agent (a result
 /// the disk refuses keeps it in memory, as it keeps the result).
 pub const NOT_TAKEN_KEPT_MS: u64 = 24 * 3_600_000;
+
+/// What a frame from the edge was to its connection ([`Agent::on_edge_message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// The edge proved it on this connection, and it was new there: the edge is heard.
+    /// `beat`: the heartbeat it acknowledged, if it was a heartbeat ack.
+    Proven { beat: Option<u64> },
+    /// Not proven, or a copy: not heard (counted as not proven, but for copies of the
+    /// edge's own frames).
+    Not,
+    /// The edge says it closes the connection, and why (plain: counted, not heard).
+    Goodbye { code: u16, reason: String },
+    /// A challenge or welcome once the handshake is done.
+    Handshake,
+}
+
+impl From<bool> for Heard {
+    fn from(proven: bool) -> Heard {
+        if proven {
+            Heard::Proven { beat: None }
+        } else {
+            Heard::Not
+        }
+    }
+}
 
 /// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
 pub const DATA_LOCK: &str = "agent.lock";
@@ -339,13 +371,70 @@ impl Agent {
         running.received = 0;
         running.challenge = challenge.to_string();
         running.beats = 0;
+        running.beat_acked = 0;
+        running.not_taken_here.clear();
         self.unproven.store(0, SeqCst);
     }
 
-    /// A frame of this connection that a real edge never sends and that the agent did not
-    /// refuse by itself (one that does not read): counted with the refused ones.
-    pub fn unreadable_frame(&self) {
+    /// A frame of this connection the edge did not prove that the agent did not refuse by
+    /// itself (one that does not read, a kind it does not know): counted with the refused
+    /// ones.
+    pub fn unproven_frame(&self) {
         self.unproven.fetch_add(1, SeqCst);
+    }
+
+    /// Acts on a frame from the edge on the current connection and says whether it proved
+    /// the edge is there (protocol 11, "What the agent hears"): signed or MACed by it and
+    /// new on this connection. Only such frames count as the edge heard — for the
+    /// connection's silence bound and the away rule ([`crate::link::Link::heard`]) —
+    /// so whoever writes into the connection cannot keep the agent "connected" to an edge
+    /// that has given it up (hostile review rev26, 2). Frames not proven are counted
+    /// ([`Agent::too_many_unproven`]), but for copies of the edge's own proven frames a
+    /// real edge may send twice (an acknowledgement of a result sent twice): those are only
+    /// not heard.
+    pub fn on_edge_message(self: &Arc<Self>, msg: EdgeMessage) -> Heard {
+        match msg {
+            EdgeMessage::Job { envelope } => self.on_job(&envelope).into(),
+            EdgeMessage::Cancel { envelope } => self.on_cancel(&envelope).into(),
+            EdgeMessage::Login { envelope } => self.on_login(&envelope).into(),
+            EdgeMessage::ResultAck { envelope } => self.on_result_ack(&envelope).into(),
+            EdgeMessage::HeartbeatAck { envelope } => match self.on_heartbeat_ack(&envelope) {
+                Some(beat) => Heard::Proven { beat: Some(beat) },
+                None => Heard::Not,
+            },
+            EdgeMessage::Goodbye { code, reason } => {
+                self.unproven_frame();
+                Heard::Goodbye { code, reason }
+            }
+            EdgeMessage::Challenge { .. } | EdgeMessage::Welcome { .. } => Heard::Handshake,
+            EdgeMessage::Unknown => {
+                // A kind the agent does not know: protocol 11 sends none (a new one comes
+                // with a new version), so it was made up on the path.
+                self.unproven_frame();
+                Heard::Not
+            }
+        }
+    }
+
+    /// The edge took heartbeat `beat` of this connection: its number, when the edge's MAC
+    /// on this connection says so and it answers a beat made and not acknowledged yet.
+    /// Any other ack is counted as not proven.
+    fn on_heartbeat_ack(&self, envelope: &Tagged) -> Option<u64> {
+        let key = self.link.edges()?;
+        let ack = envelope.open::<BeatAck>(Domain::HeartbeatAck, &key);
+        let mut running = self.running.lock().expect("running lock");
+        let why = match ack {
+            Ok(BeatAck { beat, .. }) if beat > running.beat_acked && beat <= running.beats => {
+                running.beat_acked = beat;
+                return Some(beat);
+            }
+            Ok(BeatAck { beat, .. }) => format!("beat {beat} was not made, or was answered already (last made {}, last answered {})", running.beats, running.beat_acked),
+            Err(e) => e.to_string(),
+        };
+        drop(running);
+        self.unproven_frame();
+        warn!(agent_id = %self.cfg.agent_id, reason = %why, "a heartbeat ack the edge did not prove on this connection ignored");
+        None
     }
 
     /// How many frames a real edge never sends came on this connection, when that is
@@ -492,17 +581,26 @@ impl Agent {
     /// A signed job arrived: verify it and start it, or refuse it. Nothing runs unless
     /// every check passes. An order for a job already here is answered with what the
     /// agent has of it (it runs: `Accepted`; it ended: its result), never dropped.
-    pub fn on_job(self: &Arc<Self>, envelope: &Envelope) {
+    /// Whether the edge proved the order new on this connection (its signature, this
+    /// connection's challenge, the next number), whatever became of it then.
+    pub fn on_job(self: &Arc<Self>, envelope: &Envelope) -> bool {
         let mut running = self.running.lock().expect("running lock");
-        let Some(order) = self.open::<JobOrder>(envelope, Domain::Job) else { return };
+        let Some(order) = self.open::<JobOrder>(envelope, Domain::Job) else { return false };
         // Taken on its own connection only, each number once and in order; counted once its
         // signature verified, whatever becomes of it then (see Slots) — a frame made up on
         // the path never counts, so it cannot have the edge settle a held order as arrived.
         if let Err(refusal) = order.bind(&running.challenge, running.received) {
             self.refuse(Domain::Job, Some(&order.header), &refusal);
-            return;
+            return false;
         }
         running.received = order.order_no;
+        self.take_job(running, order);
+        true
+    }
+
+    /// A job order proven new on this connection ([`Agent::on_job`], whose lock on the
+    /// running jobs it holds): admitted and started, or refused.
+    fn take_job(self: &Arc<Self>, mut running: std::sync::MutexGuard<'_, Running>, order: JobOrder) {
         if !self.admit(&order.header, Domain::Job) {
             return;
         }
@@ -728,9 +826,11 @@ impl Agent {
     }
 
     /// A signed login order: start `claude auth login`, or pass it the code.
-    pub fn on_login(self: &Arc<Self>, envelope: &Envelope) {
-        let Some(order) = self.verify(envelope, Domain::Login, LoginOrder::bind) else { return };
+    /// Whether it was the edge's, new on this connection ([`Agent::verify`]).
+    pub fn on_login(self: &Arc<Self>, envelope: &Envelope) -> bool {
+        let Some(order) = self.verify(envelope, Domain::Login, LoginOrder::bind) else { return false };
         self.relogin.on_order(self, order);
+        true
     }
 
     /// The edge stored a result: it is forgotten here, once the edge's MAC on this
@@ -738,16 +838,32 @@ impl Agent {
     /// Any other is ignored, and the result goes out again after the next reconnect.
     /// One the edge did not take ([`shared::protocol::Acknowledgement::not_taken`]) is
     /// kept for the edge that issued its job: see [`Agent::not_taken`].
-    pub fn on_result_ack(&self, envelope: &Tagged) {
-        let Some(key) = self.link.edges() else { return };
+    /// Whether it was news from the edge: MACed by it on this connection, for a result
+    /// still kept (a taken one), or not answered so on this connection yet (not taken). A
+    /// copy of one (the path plays it back, or the edge answers a result sent twice) is
+    /// not news: the edge is not heard in it.
+    pub fn on_result_ack(&self, envelope: &Tagged) -> bool {
+        let Some(key) = self.link.edges() else { return false };
         match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
-            Ok(ack) if ack.agent_id == self.cfg.agent_id && ack.not_taken => self.not_taken(&ack.job_id, crate::now_ms()),
-            Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
-            Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
+            Ok(ack) if ack.agent_id == self.cfg.agent_id && ack.not_taken => {
+                let new = self.running.lock().expect("running lock").not_taken_here.insert(ack.job_id.clone());
+                self.not_taken(&ack.job_id, crate::now_ms());
+                new
+            }
+            Ok(ack) if ack.agent_id == self.cfg.agent_id => {
+                let kept = self.spool.has(&ack.job_id);
+                self.spool.remove(&ack.job_id);
+                kept
+            }
+            Ok(_) => {
+                warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored");
+                false
+            }
             Err(e) => {
                 // Not the edge's on this connection: made up or copied on the path.
                 self.unproven.fetch_add(1, SeqCst);
                 warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays");
+                false
             }
         }
     }
@@ -782,8 +898,9 @@ impl Agent {
         }
     }
 
-    pub fn on_cancel(&self, envelope: &Envelope) {
-        let Some(order) = self.verify(envelope, Domain::Cancel, CancelOrder::bind) else { return };
+    /// Whether it was the edge's, new on this connection ([`Agent::verify`]).
+    pub fn on_cancel(&self, envelope: &Envelope) -> bool {
+        let Some(order) = self.verify(envelope, Domain::Cancel, CancelOrder::bind) else { return false };
         // The id stays listed as running until the job task ends and removes it.
         let handle = self.running.lock().expect("running lock").jobs.get_mut(&order.header.job_id).and_then(Option::take);
         match handle {
@@ -793,6 +910,7 @@ impl Agent {
             }
             None => info!(job_id = %order.header.job_id, agent_id = %self.cfg.agent_id, "cancel for a job not running here"),
         }
+        true
     }
 
     /// Whether the session job `job_id` ended in is its owner's (made theirs in memory now;
@@ -1245,6 +1363,61 @@ mod tests {
         let warning = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}"#;
         let (_, usage) = usage_after("warning", &format!("echo '{warning}'\nexit 1\n")).await;
         assert_eq!(usage.map(|u| (u.status, u.utilization)), Some((shared::usage::UsageStatus::AllowedWarning, Some(0.91))));
+    }
+
+    /// The agent hears the edge only in what the edge proved on the connection, new there:
+    /// a hop that let the handshake through, cut the edge off and wrote `{"type":"junk"}`
+    /// into the agent's side kept it "connected" (every frame was heard), so it never
+    /// applied the away rule and a job it held started after the edge had ended it `lost`
+    /// (hostile review rev26, 2). Each frame the edge did not prove counts, and at
+    /// MAX_UNPROVEN_FRAMES the connection is to end; copies of the edge's own acks are
+    /// only not heard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_frames_the_edge_proved_new_on_the_connection_are_heard_and_the_rest_are_counted() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-heard-{}", std::process::id()));
+        let (agent, _queues) = agent_with_claude(&dir, "exit 0");
+        // The edge→agent key `agent_in` set for this connection, and another connection's.
+        let (edge, other) = (shared::link::MacKey::from_bytes([2; 32]), shared::link::MacKey::from_bytes([3; 32]));
+        let ack = |beat: u64, key: &shared::link::MacKey| EdgeMessage::heartbeat_ack(beat, 0, key);
+        let decode = |text: &str| shared::protocol::decode::<EdgeMessage>(text).unwrap();
+        agent.heartbeat();
+        agent.heartbeat();
+        let mut counted = 0;
+        let mut not_heard = |heard: Heard, count: bool| {
+            assert_eq!(heard, Heard::Not);
+            counted += u32::from(count);
+            assert_eq!(agent.too_many_unproven(), None, "{counted} counted");
+        };
+        // The edge's ack of beat 1, MACed on this connection: heard, naming its beat.
+        assert_eq!(agent.on_edge_message(ack(1, &edge)), Heard::Proven { beat: Some(1) });
+        // Played back; one for a beat not made; one MACed with another key: counted.
+        not_heard(agent.on_edge_message(ack(1, &edge)), true);
+        not_heard(agent.on_edge_message(ack(3, &edge)), true);
+        not_heard(agent.on_edge_message(ack(2, &other)), true);
+        // A kind the agent does not know (the review's junk): counted.
+        not_heard(agent.on_edge_message(decode(r#"{"type":"junk"}"#)), true);
+        // A result's ack, MACed on this connection, for a result no longer kept (a copy, or
+        // the edge answering a result sent twice): not heard, not counted.
+        not_heard(agent.on_edge_message(EdgeMessage::result_ack("gone", "spark", &edge)), false);
+        // Made up: an order whose signature fails.
+        let order = Envelope { payload: "{}".into(), sig: String::new() };
+        not_heard(agent.on_edge_message(EdgeMessage::Job { envelope: order.clone() }), true);
+        not_heard(agent.on_edge_message(EdgeMessage::Cancel { envelope: order }), true);
+        assert_eq!(agent.on_edge_message(ack(2, &edge)), Heard::Proven { beat: Some(2) }, "heard at its next beat all the same");
+        // A goodbye is plain: not heard, counted (the seventh).
+        let goodbye = agent.on_edge_message(EdgeMessage::Goodbye { code: 4005, reason: "x".into() });
+        assert!(matches!(goodbye, Heard::Goodbye { code: 4005, .. }), "{goodbye:?}");
+        assert_eq!((counted, agent.too_many_unproven()), (6, None));
+        // The eighth (a frame that does not read, counted by the connection): it is to end.
+        agent.unproven_frame();
+        assert_eq!(agent.too_many_unproven(), Some(MAX_UNPROVEN_FRAMES));
+        // A new connection counts from zero, and its beats from 1.
+        agent.begin_session("c2", shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: other.clone() });
+        assert_eq!(agent.too_many_unproven(), None);
+        agent.heartbeat();
+        assert_eq!(agent.on_edge_message(ack(1, &edge)), Heard::Not, "the last connection's key");
+        assert_eq!(agent.on_edge_message(ack(1, &other)), Heard::Proven { beat: Some(1) });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

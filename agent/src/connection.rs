@@ -5,7 +5,7 @@
 //! link takes no byte for as long ([`crate::metered`]): a write into a half-open link
 //! blocks once the socket's buffer is full, and nothing may hang the agent.
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Heard};
 use crate::metered::{Meter, Metered};
 use crate::reconnect::Reconnect;
 use crate::uplink::{Outgoing, Receivers};
@@ -248,16 +248,10 @@ impl Unanswered {
         self.beats.push_back((seq, self.written));
     }
 
-    /// The edge answered heartbeat `beat`. An edge of before names none: then all that was
-    /// written counts as read, as it did. The ack is plain (whoever sits on the path can
-    /// make one up, as it can hold frames back): one naming a beat not sent yet answers
-    /// what was written up to the last one sent, no more.
-    fn answered(&mut self, beat: Option<u64>) {
-        let Some(answered) = beat else {
-            self.read = self.written;
-            self.beats.clear();
-            return;
-        };
+    /// The edge answered heartbeat `answered` (its MAC checked, [`Agent::on_edge_message`]).
+    /// One naming a beat not written yet (made, still queued) answers what was written up to
+    /// the last one written, no more.
+    fn answered(&mut self, answered: u64) {
         while let Some(&(seq, through)) = self.beats.front() {
             if seq > answered {
                 break;
@@ -672,27 +666,39 @@ async fn session(
             }
             frame = ws.next(), if reads_in_a_row < MAX_READS_IN_A_ROW => {
                 reads_in_a_row += 1;
-                // Heard; but only the ack of a beat says how much of what was written it
-                // has read (a job order or a result's ack may cross megabytes in a hop).
-                last_heard = Instant::now();
-                agent.link.heard();
                 match frame {
                     Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
-                        Ok(msg) => {
-                            if let EdgeMessage::HeartbeatAck { beat, .. } = &msg {
-                                unanswered.answered(*beat);
+                        Ok(msg) => match agent.on_edge_message(msg) {
+                            // Heard only in what the edge proved, new on this connection
+                            // (protocol 11): a frame anyone on the path can write, heard, kept
+                            // the agent "connected" to an edge that had given it up, and a
+                            // job it held started after the edge had ended it `lost` (rev26,
+                            // 2). Only the ack of a beat says how much of what was written
+                            // the edge has read (a job order or a result's ack may cross
+                            // megabytes in a hop).
+                            Heard::Proven { beat } => {
+                                last_heard = Instant::now();
+                                agent.link.heard();
+                                if let Some(beat) = beat {
+                                    unanswered.answered(beat);
+                                }
                             }
-                            // The goodbye before the close frame: either may be all that
-                            // gets through a link cut as the edge stops.
-                            if matches!(msg, EdgeMessage::Goodbye { code: close::SHUTTING_DOWN, .. }) {
-                                reconnect.edge_restarting();
+                            Heard::Not => {}
+                            Heard::Goodbye { code, reason } => {
+                                // The goodbye before the close frame: either may be all that
+                                // gets through a link cut as the edge stops.
+                                if code == close::SHUTTING_DOWN {
+                                    reconnect.edge_restarting();
+                                }
+                                warn!(agent_id = %cfg.agent_id, code, reason = %peer_words(&reason), "the edge is closing the connection");
+                                if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {
+                                    return End::Refused(reason);
+                                }
                             }
-                            if let Some(end) = on_edge_message(agent, msg) {
-                                return end;
-                            }
-                        }
+                            Heard::Handshake => return End::Lost("the edge restarted the handshake mid-session".into()),
+                        },
                         Err(e) => {
-                            agent.unreadable_frame();
+                            agent.unproven_frame();
                             warn!(agent_id = %cfg.agent_id, error = %peer_words(&e), "unreadable frame from the edge ignored");
                         }
                     },
@@ -705,6 +711,9 @@ async fn session(
                         let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                         return End::Lost(format!("the edge closed the connection: {why}"));
                     }
+                    // No edge sends one.
+                    Some(Ok(Message::Binary(_))) => agent.unproven_frame(),
+                    // Pings are answered by the socket; neither they nor pongs say the edge is there.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return End::Lost(format!("connection error: {e}")),
                     None => return End::Lost("the edge closed the connection".into()),
@@ -739,7 +748,7 @@ async fn session(
             _ = tokio::time::sleep_until(silent_at) => {
                 let bytes = unanswered.bytes();
                 let waited = for_bytes(2 * heartbeat, bytes).as_millis();
-                return End::Lost(format!("nothing from the edge for {waited} ms (two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
+                return End::Lost(format!("nothing the edge proved (a signed order, a MACed ack) for {waited} ms (two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
             }
         }
     }
@@ -750,37 +759,15 @@ async fn session(
 /// the agent's free slots, acks).
 const MAX_READS_IN_A_ROW: u32 = 32;
 
-/// Ends a connection on which `count` frames came that a real edge never sends
+/// Ends a connection on which `count` frames came that the edge did not prove
 /// ([`protocol::MAX_UNPROVEN_FRAMES`]): something on the path writes into it. The
 /// close says why (the edge logs it), as does the log, once; the agent dials again, with
 /// the backoff of a connection lost (it grows while such connections end at once).
 async fn hang_up(ws: &mut Socket, count: u32) -> End {
-    let reason = format!("{count} frames no edge sends (failed signatures, copies of orders, unreadable): hanging up to dial again");
+    let reason = format!("{count} frames the edge did not prove (failed signatures or MACs, copies, unreadable or unknown): hanging up to dial again");
     let frame = CloseFrame { code: CloseCode::from(close::PROTOCOL_ERROR), reason: close::reason(&reason).into() };
     let _ = timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
     End::Lost(format!("{reason}; something on the path to the edge writes into the connection (a TLS-terminating proxy, or plain ws://?)"))
-}
-
-/// Handles one message from the edge. Returns how the connection ends, if it does.
-fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
-    match msg {
-        EdgeMessage::Job { envelope } => agent.on_job(&envelope),
-        EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
-        EdgeMessage::ResultAck { envelope } => agent.on_result_ack(&envelope),
-        EdgeMessage::HeartbeatAck { .. } => {}
-        EdgeMessage::Login { envelope } => agent.on_login(&envelope),
-        EdgeMessage::Goodbye { code, reason } => {
-            warn!(agent_id = %agent.cfg.agent_id, code, reason = %peer_words(&reason), "the edge is closing the connection");
-            if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {
-                return Some(End::Refused(reason));
-            }
-        }
-        EdgeMessage::Challenge { .. } | EdgeMessage::Welcome { .. } => {
-            return Some(End::Lost("the edge restarted the handshake mid-session".into()));
-        }
-        EdgeMessage::Unknown => {}
-    }
-    None
 }
 
 /// A hello frame as large as this agent can make one, but for `oauth` and `mirrors`: for
@@ -932,19 +919,19 @@ mod tests {
         sent.beat(2);
         sent.wrote(50);
         assert_eq!(sent.bytes(), 4_000_250);
-        sent.answered(Some(1));
+        sent.answered(1);
         assert_eq!(sent.bytes(), 4_000_150, "the result after beat 1 is not known read");
-        sent.answered(Some(1));
+        sent.answered(1);
         assert_eq!(sent.bytes(), 4_000_150, "an ack again changes nothing");
-        sent.answered(Some(2));
+        sent.answered(2);
         assert_eq!(sent.bytes(), 50);
         // One naming a beat never sent answers up to the last one sent, no more.
         sent.beat(3);
         sent.wrote(70);
-        sent.answered(Some(99));
+        sent.answered(99);
         assert_eq!(sent.bytes(), 70);
-        // An edge of before names none: all is taken as read, as it was.
-        sent.answered(None);
+        sent.beat(4);
+        sent.answered(4);
         assert_eq!(sent.bytes(), 0);
         // Beats past the remembered ones: the oldest forgotten, a later ack still answers.
         for seq in 10..10 + 2 * Unanswered::MAX_BEATS as u64 {
@@ -952,9 +939,9 @@ mod tests {
             sent.beat(seq);
         }
         assert_eq!(sent.beats.len(), Unanswered::MAX_BEATS);
-        sent.answered(Some(10));
+        sent.answered(10);
         assert_eq!(sent.bytes(), 2 * Unanswered::MAX_BEATS, "a forgotten beat answers nothing");
-        sent.answered(Some(10 + Unanswered::MAX_BEATS as u64));
+        sent.answered(10 + Unanswered::MAX_BEATS as u64);
         assert_eq!(sent.bytes(), Unanswered::MAX_BEATS - 1);
     }
 

@@ -29,7 +29,7 @@ struct Current {
     connection: u64,
     /// A welcomed connection is up (the agent has not seen it end).
     connected: bool,
-    /// When the agent last heard a frame from the edge (its welcome included).
+    /// When the agent last heard a frame the edge proved (its welcome included).
     last_heard: Option<Instant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
@@ -85,7 +85,9 @@ impl Link {
         (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
     }
 
-    /// A frame from the edge was read.
+    /// A frame the edge proved, new on this connection, was read
+    /// ([`crate::agent::Agent::on_edge_message`]): frames anyone on the path can write are
+    /// not heard, or a hop that cut the edge off could keep the agent from ever being away.
     pub fn heard(&self) {
         self.lock().last_heard = Some(Instant::now());
     }

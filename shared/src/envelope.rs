@@ -65,6 +65,9 @@ pub enum Domain {
     /// its upgrade request ([`ChallengeProof`]): the edge proves its key before the agent
     /// says anything but its upgrade proof.
     Challenge,
+    /// Edge → agent: a heartbeat of this connection was taken ([`crate::protocol::BeatAck`]):
+    /// the agent hears the edge in these, so no one on the path can make one up.
+    HeartbeatAck,
 }
 
 impl Domain {
@@ -88,6 +91,7 @@ impl Domain {
             Domain::Started => b"claude-runner/v10/agent-started\n",
             Domain::LoginUrl => b"claude-runner/v10/agent-login-url\n",
             Domain::Challenge => b"claude-runner/v10/edge-challenge\n",
+            Domain::HeartbeatAck => b"claude-runner/v11/edge-heartbeat-ack\n",
         }
     }
 }

@@ -53,7 +53,8 @@
 //! the agent's progress, results, login reports, refusals of job orders ([`Rejection`],
 //! bound to the order's nonce), starts ([`StartReport`], bound likewise) and heartbeats ([`Beat`], bound to the connection's
 //! challenge and numbered) — each can end, requeue or settle a job or a login — and the
-//! edge's result acknowledgements. A MAC costs 1-2 µs where a signature cost ~20 µs to
+//! edge's result acknowledgements and heartbeat acks ([`BeatAck`]: the agent hears the
+//! edge in them, see "What the agent hears" below). A MAC costs 1-2 µs where a signature cost ~20 µs to
 //! make and ~45 µs to check, on every job. It keeps the promise the signatures kept:
 //! the keys come from an X25519 exchange whose two public halves are inside the signed
 //! hello and welcome, so only the holder of the agent's `AGENT_SIGNING_KEY` and the holder
@@ -82,10 +83,26 @@
 //! - None of these keeps a connection alive: the edge hears a proven agent in its MACed
 //!   heartbeats alone, so frames made up on the path cannot keep a gone agent
 //!   "connected" (its jobs never lost, `/health` saying it is there).
-//! - From the edge: the `HeartbeatAck` (liveness) and the `Goodbye` (the path can close
-//!   the socket anyway). The `Challenge` is signed since the edge proves its key in it
-//!   (above); only to an agent of before the nonce is it plain (a made-up nonce only fails
-//!   the handshake).
+//! - From the edge: the `Goodbye` (the path can close the socket anyway). The `Challenge`
+//!   is signed since the edge proves its key in it (above); only to an agent of before the
+//!   nonce is it plain (a made-up nonce only fails the handshake).
+//!
+//! # What the agent hears
+//!
+//! The agent takes the edge for there only on frames the edge proved, each new on this
+//! connection: the signed welcome, job orders in their connection's sequence, cancels and
+//! login orders of a nonce never seen, and MACed acknowledgements — a result's (the first
+//! for that job on this connection) and a heartbeat's (for a beat it sent and no ack has
+//! answered yet). The edge acks every beat it takes, so a live edge is heard at least
+//! every heartbeat interval; two intervals with none and the agent drops the connection
+//! and dials again, as the edge drops an agent two intervals silent. Anything else — a
+//! frame that fails its signature or MAC, a copy, one that does not read, a kind the agent
+//! does not know, a `Goodbye` — is counted, and at [`MAX_UNPROVEN_FRAMES`] the agent hangs
+//! up (close `4002`) and dials again. So whoever writes into the connection (a hop that
+//! ends TLS, plain `ws://`) cannot keep an agent "connected" to an edge that has given it
+//! up: cut off, the agent's away rule (no job starts once the edge has ended it `lost`)
+//! applies (hostile review rev26, 2). A new edge → agent kind therefore needs a new
+//! version; the edge still ignores agent kinds it does not know.
 //!
 //! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
 //! versions: agent and edge are upgraded together. Message kinds a peer does not know decode as `Unknown` and are ignored, so
@@ -154,7 +171,11 @@ use serde::{Deserialize, Serialize};
 /// version it says); an agent of now refuses an edge of before, whose challenge is
 /// unsigned, saying to upgrade the edge (security over compatibility: it would send its
 /// hello before any proof).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: heartbeat acks MACed with the connection's edge→agent key ([`BeatAck`]), and the
+/// agent hears the edge only in proven frames (see "What the agent hears"): a version-10
+/// edge's plain acks would never be heard, and the agent would drop every connection to it
+/// after two heartbeat intervals; a version-10 agent hears any frame, made up or not.
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -172,7 +193,8 @@ pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 
 /// How many frames a real peer never sends one side takes on a connection before it acts:
 /// the agent hangs up and dials again (orders that fail their signature or are copies,
-/// frames that do not read, acknowledgements not MACed on the connection); the edge logs
+/// frames that do not read or of a kind it does not know, acknowledgements not MACed on the
+/// connection or played back, goodbyes: "What the agent hears" above); the edge logs
 /// that many of the agent's (reports not MACed on the connection, refusals that name no
 /// order), then only counts them. Whoever can write into the connection (a hop that ends
 /// TLS, plain ws://) can write such frames as fast as the link carries them, no key
@@ -254,17 +276,9 @@ pub enum EdgeMessage {
     /// [`Acknowledgement`] MACed with the connection's edge→agent key, so that no one on
     /// the path can make the agent drop a result the edge never got.
     ResultAck { envelope: Tagged },
-    /// `beat`: the number of the heartbeat ([`Beat::seq`]) this answers. The agent judges
-    /// the edge's silence from it: what it wrote after that beat may still be on its way
-    /// (in a hop that buffers — ssh -L, a proxy, a slow uplink's queues), so only the bytes
-    /// written up to it are known read. Added within protocol 10: an edge of before sends
-    /// none (`None`), and the agent then takes all it wrote as read, as it did; an agent of
-    /// before ignores the field.
-    HeartbeatAck {
-        server_time: Millis,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        beat: Option<u64>,
-    },
+    /// A heartbeat taken: a [`BeatAck`] MACed with the connection's edge→agent key, so that
+    /// no one on the path can make the agent hear an edge that is not there.
+    HeartbeatAck { envelope: Tagged },
     /// Sent just before the edge closes the socket, with the reason in full (close
     /// frames only carry 123 bytes).
     Goodbye { code: u16, reason: String },
@@ -841,12 +855,30 @@ impl EdgeMessage {
         EdgeMessage::ResultAck { envelope: Tagged::seal(Domain::ResultAck, &ack, key) }
     }
 
+    /// The edge took heartbeat `beat` of this connection, at `server_time`, MACed with the
+    /// connection's edge→agent key.
+    pub fn heartbeat_ack(beat: u64, server_time: Millis, key: &MacKey) -> EdgeMessage {
+        EdgeMessage::HeartbeatAck { envelope: Tagged::seal(Domain::HeartbeatAck, &BeatAck { beat, server_time }, key) }
+    }
+
     /// The edge did not take `agent_id`'s result of `job_id` ([`Acknowledgement::not_taken`]),
     /// MACed with the connection's edge→agent key.
     pub fn result_not_taken(job_id: &str, agent_id: &str, key: &MacKey) -> EdgeMessage {
         let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string(), not_taken: true };
         EdgeMessage::ResultAck { envelope: Tagged::seal(Domain::ResultAck, &ack, key) }
     }
+}
+
+/// What an [`EdgeMessage::HeartbeatAck`] MACs. The connection is the key's; `beat` names
+/// the heartbeat ([`Beat::seq`]) answered, so one played back is no news: the agent takes
+/// each number once, and only for a beat it sent. It also judges the edge's silence from
+/// it: what it wrote after that beat may still be on its way (in a hop that buffers — ssh
+/// -L, a proxy, a slow uplink's queues), so only the bytes written up to it are known read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BeatAck {
+    pub beat: u64,
+    /// The edge's wall clock as it took the beat.
+    pub server_time: Millis,
 }
 
 /// What a [`EdgeMessage::ResultAck`] MACs: the job whose result the edge stored, and the
@@ -1058,16 +1090,22 @@ mod tests {
         assert_eq!((opened.caller.as_str(), opened.caller_proven), ("a", None));
     }
 
-    /// The ack's beat number is additive within protocol 10: an edge of before sends none,
-    /// and what an edge of now sends reads the same without it for an agent of before
-    /// (serde ignores a field it does not know).
+    /// A heartbeat ack names its beat inside the edge's MAC on the connection: one made
+    /// up on the path (plain, as before protocol 11, or MACed with any other key — the
+    /// agent's own direction's, another connection's) does not open, nor does one whose
+    /// beat was changed.
     #[test]
-    fn a_heartbeat_ack_names_its_beat_and_reads_without_it() {
-        let m: EdgeMessage = decode(r#"{"type":"heartbeat_ack","server_time":5}"#).unwrap();
-        assert_eq!(m, EdgeMessage::HeartbeatAck { server_time: 5, beat: None });
-        let m = EdgeMessage::HeartbeatAck { server_time: 5, beat: Some(3) };
-        assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
-        assert!(m.to_text().contains(r#""beat":3"#), "{}", m.to_text());
+    fn a_heartbeat_ack_is_macd_by_the_edge_on_its_connection() {
+        let (edge, other) = (MacKey::from_bytes([4; 32]), MacKey::from_bytes([5; 32]));
+        let m = EdgeMessage::heartbeat_ack(3, 5, &edge);
+        let EdgeMessage::HeartbeatAck { envelope } = decode::<EdgeMessage>(&m.to_text()).unwrap() else { panic!("{m:?}") };
+        assert_eq!(envelope.open::<BeatAck>(Domain::HeartbeatAck, &edge), Ok(BeatAck { beat: 3, server_time: 5 }));
+        assert!(envelope.open::<BeatAck>(Domain::HeartbeatAck, &other).is_err());
+        assert!(envelope.open::<Acknowledgement>(Domain::ResultAck, &edge).is_err(), "not a result's ack");
+        let changed = Tagged { payload: envelope.payload.replace(r#""beat":3"#, r#""beat":4"#), mac: envelope.mac.clone() };
+        assert_ne!(changed.payload, envelope.payload);
+        assert!(changed.open::<BeatAck>(Domain::HeartbeatAck, &edge).is_err());
+        assert!(decode::<EdgeMessage>(r#"{"type":"heartbeat_ack","server_time":5,"beat":3}"#).is_err(), "a plain ack is not one");
     }
 
     #[test]

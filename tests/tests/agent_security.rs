@@ -37,6 +37,8 @@ struct FakeEdge {
     heartbeat_ms: u64,
     /// The agent's nonce on the last dial accepted (`X-Runner-Agent-Nonce`).
     dialled: std::sync::Mutex<Option<String>>,
+    /// The `LOST_AFTER_MS` its welcome names (`None`: it names none).
+    lost_after_ms: Option<u64>,
 }
 
 /// The heartbeat interval of a fake edge whose test is not about heartbeats. This edge
@@ -61,7 +63,26 @@ impl FakeEdge {
             link: Default::default(),
             heartbeat_ms,
             dialled: Default::default(),
+            lost_after_ms: None,
         }
+    }
+
+    /// The edge's answer to heartbeat `beat` of the last connection, as the edge makes it.
+    fn ack(&self, beat: &Beat) -> Message {
+        Message::Text(EdgeMessage::heartbeat_ack(beat.seq, now(), &self.link().edge_to_agent).to_text().into())
+    }
+
+    /// Takes the agent's connections and closes them at once, for `wait`: no edge answers
+    /// at its URL.
+    async fn refuse_for(&self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                if let Ok((tcp, _)) = self.listener.accept().await {
+                    drop(tcp);
+                }
+            }
+        })
+        .await;
     }
 
     /// The last connection's keys.
@@ -193,7 +214,7 @@ impl FakeEdge {
             ephemeral: ephemeral.public(),
             session_id: "s1".into(),
             heartbeat_interval_ms: self.heartbeat_ms,
-            lost_after_ms: None,
+            lost_after_ms: self.lost_after_ms,
             issued_at: now(),
         };
         let envelope = seal(welcome);
@@ -596,9 +617,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 9: an edge from before orders named their caller (this agent would take its orders
-    // as caller-less and refuse them all).
-    assert_eq!(PROTOCOL_VERSION, 10);
+    // 10: an edge from before heartbeat acks were MACed (this agent would hear none of its
+    // acks and drop every connection to it after two heartbeat intervals).
+    assert_eq!(PROTOCOL_VERSION, 11);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
@@ -978,7 +999,7 @@ async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
             assert_eq!(beat.challenge, hello.challenge, "bound to this connection's challenge");
             seqs.push(beat.seq);
             // Answered, as the edge does, so the agent does not leave a silent edge.
-            ws.send(Message::Text(EdgeMessage::HeartbeatAck { server_time: now(), beat: Some(beat.seq) }.to_text().into())).await.unwrap();
+            ws.send(edge.ack(&beat)).await.unwrap();
         }
         assert_eq!(seqs, [1, 2, 3], "numbered from 1 on each connection");
         challenges.push(hello.challenge);
@@ -1425,4 +1446,94 @@ async fn a_cancel_held_back_from_an_earlier_connection_is_refused() {
         }
     };
     assert!(result.success, "{result:?}");
+}
+
+/// Hostile review rev26, 2: a hop (plain ws://, or one that ends TLS) let the handshake
+/// through, cut the edge off, and wrote `{"type":"junk"}` into the agent's side a few times
+/// a second. The edge closed the silent connection and ended the agent's jobs `lost`
+/// (their callers told to fall back); the agent heard "frames", stayed connected, never
+/// dialled again, and so never applied its away rule: a job held at the refresh gate
+/// started after the edge had ended it — the task ran twice. Now only frames the edge
+/// proved count as heard: the agent drops such a connection within a few heartbeats, and
+/// the held job, let through the gate once the edge has given it up, does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_a_hop_makes_up_neither_keep_the_agent_connected_nor_start_a_job_the_edge_gave_up() {
+    const LOST_AFTER_MS: u64 = 1_500;
+    let edge = FakeEdge { lost_after_ms: Some(LOST_AFTER_MS), ..FakeEdge::with_heartbeat(1_000).await };
+    let agent = edge.start_agent_with(&[("CLAUDE_CODE_OAUTH_TOKEN", "")]);
+    // A login due a refresh, which another process holds the lock to make: the job waits.
+    let config = agent.data.path().join("claude-config");
+    let mut other = stale_login_with_the_refresh_held(&config).await;
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    // Its time is not what ends it: a minute (the test's steps take a few seconds).
+    let mut order = edge.order("held", "spark", t, t + 60_000, "held at the gate");
+    order.spec.timeout_ms = 60_000;
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order, &edge.edge_key)).await;
+    // The edge answers every beat until the job waits at the gate.
+    let waits = || agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains("held"));
+    while !waits() {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
+            let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
+            ws.send(edge.ack(&beat)).await.unwrap();
+        }
+    }
+    // The hop cuts the edge off: nothing answers the agent's beats, and junk comes twice a
+    // second.
+    let (mut sink, mut stream) = ws.split();
+    let junk = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if sink.send(Message::Text(r#"{"type":"junk"}"#.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut beats = 0;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("a frame within 60 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                if let Ok(AgentMessage::Heartbeat { .. }) = serde_json::from_str::<AgentMessage>(&text) {
+                    beats += 1;
+                    assert!(beats <= 3, "the agent still on the connection {beats} heartbeats after the edge was cut off\n{}", agent.log());
+                }
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    junk.abort();
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains("connection to the edge lost")).await, "{}", agent.log());
+    // No edge answers any more: the agent is away longer than the LOST_AFTER_MS it was told.
+    edge.refuse_for(Duration::from_millis(LOST_AFTER_MS + 1_000)).await;
+    // The other process is done: the login is fresh, the lock free, and the job goes on to
+    // its start, which it must not make.
+    let fresh = serde_json::json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh-0123456789", "refreshToken": "sk-ant-ort01-fresh-0123456789", "expiresAt": 4_000_000_000_000u64}});
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    let given_up = || agent.log().contains("job not started: the edge gave it up while this agent was away") || !agent.claude_runs().is_empty();
+    for _ in 0..300 {
+        if given_up() {
+            break;
+        }
+        edge.refuse_for(Duration::from_millis(200)).await;
+    }
+    assert!(agent.claude_runs().is_empty(), "the job started after the edge gave it up: {:?}\n{}", agent.claude_runs(), agent.log());
+    // An edge answers again: the job's result says it never started.
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let result = loop {
+        match recv(&mut ws).await.expect("the held job's result") {
+            AgentMessage::Result { envelope } => break edge.report(&envelope).result,
+            _ => continue,
+        }
+    };
+    assert_eq!(result.error_code, Some(shared::contract::ErrorCode::RunnerLost), "{result:?}");
+    assert!(result.error.as_deref().unwrap_or_default().contains("not started"), "{result:?}");
+    assert!(agent.claude_runs().is_empty(), "{:?}", agent.claude_runs());
 }

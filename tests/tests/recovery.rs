@@ -255,7 +255,7 @@ async fn a_large_result_on_a_slow_uplink_is_delivered_and_the_agent_works_on() {
 /// ssh does — takes a result of a megabyte at once, and the edge's ack of the heartbeat
 /// sent before it comes back at once. That ack counted as hearing all that was written:
 /// two heartbeat intervals later, the result still in the hop, the agent dropped its own
-/// connection ("nothing from the edge"), sent the same result first again on the next, and
+/// connection ("nothing the edge proved"), sent the same result first again on the next, and
 /// so for ever; the small job behind it never got through either. Any frame from the edge
 /// did the same: here the order for a small job, sent once the result is in the hop. Now
 /// the ack names its beat, and what was written after that beat keeps its time to arrive.
@@ -293,7 +293,7 @@ async fn a_large_result_behind_a_hop_that_buffers_is_delivered_without_dropping_
         assert_eq!(job["state"], "succeeded", "{}\n{}\n{}", job.to_string().chars().take(2000).collect::<String>(), agent.log(), edge.log());
         assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with(ends_with), "the whole answer came");
     }
-    assert!(!agent.log().contains("nothing from the edge"), "the agent dropped a link that was delivering:\n{}", agent.log());
+    assert!(!agent.log().contains("nothing the edge proved"), "the agent dropped a link that was delivering:\n{}", agent.log());
 }
 
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for

@@ -754,8 +754,11 @@ impl Edge {
                 }
                 self.take_report(now, session_id, oauth, effects);
                 // Naming the beat: the agent then knows what it wrote before it was read, and
-                // gives what it wrote since the time it takes to come.
-                let ack = EdgeMessage::HeartbeatAck { server_time: now.wall, beat: Some(seq) };
+                // gives what it wrote since the time it takes to come. MACed: the agent hears
+                // the edge only in what it proves (protocol 11), and every beat taken is
+                // answered, so a live edge is heard every heartbeat interval.
+                let key = &self.sessions[session_id].agent().expect("ready session").keys.edge_to_agent;
+                let ack = EdgeMessage::heartbeat_ack(seq, now.wall, key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
                 // A result it holds is on its way (or was dropped on the path and is sent
                 // again): that job is not lost.

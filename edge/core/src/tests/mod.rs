@@ -544,16 +544,17 @@ fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
 
 #[test]
 fn refuses_another_protocol_version_by_name() {
-    // 9: the last version whose orders named no caller (its agents resume any session).
-    assert_eq!(shared::protocol::PROTOCOL_VERSION, 10);
-    for old in [9, 8, 7, 99] {
+    // 10: the last version whose agents heard any frame (a hop's made-up ones too) as the
+    // edge there; 9: the last whose orders named no caller (its agents resume any session).
+    assert_eq!(shared::protocol::PROTOCOL_VERSION, 11);
+    for old in [10, 9, 8, 7, 99] {
         let mut edge = Edge::new(config(), 0);
         let (sid, _) = edge.connect(0, [1; 64], PEER);
         let env = Envelope { payload: "{}".into(), sig: String::new() };
         let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
         let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
         assert_eq!(code, close::VERSION_MISMATCH);
-        assert!(reason.contains(&format!("v{old}")) && reason.contains("v10"), "{reason}");
+        assert!(reason.contains(&format!("v{old}")) && reason.contains("v11"), "{reason}");
     }
 }
 
@@ -732,8 +733,13 @@ fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let effects = pulse(&mut edge, 500, &sid, beat(&[], 1, 0));
-    // Naming the beat it answers (the agent's silence bound counts from it).
-    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { beat: Some(1), .. }]), "{:?}", sent(&effects, &sid));
+    // Naming the beat it answers (the agent's silence bound counts from it), MACed with the
+    // connection's edge→agent key: the agent hears the edge only in what it proves.
+    let [EdgeMessage::HeartbeatAck { envelope }] = &sent(&effects, &sid)[..] else { panic!("{:?}", sent(&effects, &sid)) };
+    let key = edge.session(&sid).unwrap().agent().unwrap().keys.edge_to_agent.clone();
+    let ack: shared::protocol::BeatAck = envelope.open(Domain::HeartbeatAck, &key).expect("MACed by the edge on this connection");
+    assert_eq!(ack.beat, 1);
+    assert!(envelope.open::<shared::protocol::BeatAck>(Domain::HeartbeatAck, &edge.session(&sid).unwrap().agent().unwrap().keys.agent_to_edge).is_err());
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
     assert!(closed(&edge.tick(500 + 2 * HB - 1)).is_none());
     assert_eq!(closed(&edge.tick(500 + 2 * HB)).unwrap().0, close::SILENT);

@@ -93,7 +93,7 @@ struct ModelAgent {
     up: VecDeque<AgentMessage>,
     /// Jobs accepted and not started yet: a crash forgets them (no started record).
     accepted: BTreeSet<String>,
-    /// When it last heard a frame from the edge (its welcome included), and the last
+    /// When it last heard a frame the edge proved (its welcome included), and the last
     /// welcome's `lost_after_ms`: the agent's `link.rs::given_up` rule (see `World::start`).
     /// One clock for edge and agents: the real agent's is monotonic, at the same rate.
     heard_at: Option<u64>,
@@ -324,7 +324,11 @@ impl World {
     fn deliver_down(&mut self, a: usize) {
         let Some(msg) = self.agents[a].down.pop_front() else { return };
         let agent = &mut self.agents[a];
-        agent.heard_at = Some(self.now);
+        // Every frame of the edge's proves it but the plain goodbye (protocol 11: the agent
+        // hears the edge only in what it proved).
+        if !matches!(msg, EdgeMessage::Goodbye { .. }) {
+            agent.heard_at = Some(self.now);
+        }
         match msg {
             EdgeMessage::Job { envelope } => {
                 let order: JobOrder = serde_json::from_str(&envelope.payload).unwrap();
@@ -355,6 +359,10 @@ impl World {
                 let key = &agent.link.as_ref().expect("a welcomed connection").edge_to_agent;
                 let ack: shared::protocol::Acknowledgement = envelope.open(Domain::ResultAck, key).expect("MACed by the edge on this connection");
                 agent.finished.remove(&ack.job_id);
+            }
+            EdgeMessage::HeartbeatAck { envelope } => {
+                let key = &agent.link.as_ref().expect("a welcomed connection").edge_to_agent;
+                envelope.open::<shared::protocol::BeatAck>(Domain::HeartbeatAck, key).expect("MACed by the edge on this connection");
             }
             _ => {}
         }
