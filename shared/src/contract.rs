@@ -612,12 +612,14 @@ pub enum WaitCode {
     NoAgent,
     /// No connected agent offers the job's labels or `agent_id`.
     NoFittingAgent,
-    /// Every agent that fits the job is paused (some may be stopping).
+    /// Every agent that fits the job is paused, stopping or unable to start jobs, at least
+    /// one paused (resuming it lets the job start).
     Paused,
     /// Every agent that fits the job is stopping (draining before it exits).
     Stopping,
     /// Every agent that fits the job cannot start jobs now (its DATA_DIR's disk full, its
-    /// process limit reached: the message says which and what to do).
+    /// process limit reached: the message says which and what to do), or is stopping, none
+    /// paused.
     CannotStart,
     /// The Claude OAuth login of every agent that fits the job needs a person.
     Login,

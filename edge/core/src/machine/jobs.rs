@@ -387,6 +387,7 @@ impl Edge {
             Hindrance::HeldBack(Held::Paused) => "paused (by the pool's operator, who resumes it: POST /agents/<id>/resume with the pool's RUNNER_SECRET)".to_string(),
             Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)".to_string(),
             Hindrance::HeldBack(Held::CannotStart) => format!("unable to start jobs ({})", unable()),
+            Hindrance::HeldBack(Held::StoppingOrCannotStart) => format!("stopping or unable to start jobs ({})", unable()),
             _ => match unable() {
                 none if none.is_empty() => "paused or stopping".to_string(),
                 some => format!("paused, stopping or unable to start jobs ({some})"),

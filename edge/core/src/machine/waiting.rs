@@ -40,8 +40,11 @@ pub(crate) enum Held {
     /// Each said it cannot start jobs now (its disk, its process limit), none paused or
     /// stopping ([`Agent::cannot_start`]).
     CannotStart,
-    /// Some of each.
-    Both,
+    /// Some of these, at least one paused: resuming it lets the job start.
+    SomePaused,
+    /// Some stopping, the others unable to start jobs, none paused: only one that can
+    /// start jobs again takes it (a resume is no answer: rev26, 4).
+    StoppingOrCannotStart,
 }
 
 impl Edge {
@@ -78,7 +81,8 @@ impl Edge {
             (true, _, _) => Held::Paused,
             (_, true, _) => Held::Stopping,
             (_, _, true) => Held::CannotStart,
-            _ => Held::Both,
+            _ if fitting.iter().any(|a| a.paused) => Held::SomePaused,
+            _ => Held::StoppingOrCannotStart,
         };
         Some(Hindrance::HeldBack(held))
     }
@@ -133,10 +137,12 @@ impl Edge {
                     .collect();
                 let (code, what) = match held {
                     Held::Stopping => (WaitCode::Stopping, "the job starts once one is started again"),
-                    Held::CannotStart => (WaitCode::CannotStart, "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again"),
+                    // The stopping ones do not come back by themselves: the one that cannot
+                    // start jobs is what the operator can see to.
+                    Held::CannotStart | Held::StoppingOrCannotStart => (WaitCode::CannotStart, "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again"),
                     // Named callers read this too, whose secret cannot resume an agent
                     // (review rev27, 4): the operator's part is said as such.
-                    Held::Paused | Held::Both => (
+                    Held::Paused | Held::SomePaused => (
                         WaitCode::Paused,
                         "the pool's operator resumes one (POST /agents/<id>/resume with the pool's RUNNER_SECRET, or the edge's page): ask them; the job starts then",
                     ),

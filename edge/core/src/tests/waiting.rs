@@ -100,6 +100,34 @@ fn a_job_whose_agents_are_paused_or_stopping_says_which() {
     assert!(message(&waiting).contains("spark: stopping"), "{waiting}");
 }
 
+/// Hostile review rev26, 4: the agents that fit a job, one stopping and one unable to
+/// start jobs (its disk full), none paused: the job's `waiting_for` said `paused`, "resume
+/// one (POST /agents/<id>/resume…)", and an `/execute` that every agent "is paused or
+/// stopping" — resuming is no answer for any of them. It says what is true of each, and
+/// what to do: see to the one that cannot start. With one of them paused, resuming it is
+/// the answer, as before.
+#[test]
+fn a_job_whose_agents_are_stopping_or_cannot_start_is_not_said_to_wait_for_a_resume() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    let laptop = enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    pulse(&mut edge, 1, &spark, Beat { stopping: true, ..beat(&[], 0, 0) });
+    let why = "it cannot make a job's workspace (No space left on device): free space on DATA_DIR's disk";
+    pulse(&mut edge, 2, &laptop, Beat { cannot_start: Some(why.into()), ..beat(&[], 0, 0) });
+    let (status, body) = answer(&request(&mut edge, 3, SECRET, "POST", "/execute", json!({"prompt": "x"})));
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("RUNNER_OFFLINE")), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(!error.contains("paused") && error.contains("stopping or unable to start jobs") && error.contains("free space on DATA_DIR's disk"), "{body}");
+    let (id, waiting) = queued(&mut edge, 4, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "cannot_start", "{waiting}");
+    assert!(!message(&waiting).contains("resume"), "{waiting}");
+    assert!(message(&waiting).contains("spark: stopping") && message(&waiting).contains(why), "{waiting}");
+    assert_eq!(shown(&mut edge, 5, &id), waiting);
+    // One of them paused by the operator: resuming it is the answer.
+    assert_eq!(answer(&request(&mut edge, 6, SECRET, "POST", "/agents/laptop/pause", Value::Null)).0, 200);
+    assert_eq!(code(&shown(&mut edge, 7, &id)), "paused");
+}
+
 #[test]
 fn a_job_queued_with_no_agent_connected_says_to_start_one() {
     let mut edge = Edge::new(config(), 0);
