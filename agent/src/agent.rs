@@ -322,6 +322,7 @@ impl Agent {
             gate: self.gate.clone(),
             progress: self.progress.job(),
             link: self.link.clone(),
+            accepted: self.link.epoch(),
             reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
@@ -646,9 +647,11 @@ impl Agent {
         // every registered job's task in the queue.
         let agent = Arc::clone(self);
         let id = job_id.clone();
+        // Taken now, as the job is accepted on this connection, not when its task runs.
+        let accepted = self.link.epoch();
         let task = async move {
             let job_id = id;
-            let ctx = agent.job_context(&order.header.nonce, &order.caller, order.caller_proven);
+            let ctx = JobContext { accepted, ..agent.job_context(&order.header.nonce, &order.caller, order.caller_proven) };
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
@@ -1273,6 +1276,41 @@ mod tests {
         drop((ctx, agent, queues));
         let (agent, _queues) = agent_in(&dir);
         assert!(agent.spool.get("j").is_none(), "its started record outlived it: reported lost at the restart");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job accepted on one connection, then the link cut past LOST_AFTER_MS (the edge ended
+    /// the job `lost` and told its `/execute` caller to fall back), then a reconnection
+    /// before the job's checkout or refresh gate let it start: connected again, the agent
+    /// forgot it had been away and started the job before the edge's stray-cancel for it
+    /// was read — the task ran twice. The welcome after such an absence is remembered for
+    /// the jobs accepted before it; a job accepted after it runs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_job_the_edge_gave_up_is_not_started_once_the_agent_is_back() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-away-back-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        let run = |ctx: JobContext, spec: shared::job::JobSpec| async move {
+            let (_stop, stop_rx) = oneshot::channel();
+            let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+            ended.leftover.clean_up().await;
+            ended.result
+        };
+        agent.link.welcomed(Some(0));
+        let accepted = agent.job_context("j:1", "default", Some(false));
+        agent.link.away();
+        // Any time at all away is longer than LOST_AFTER_MS 0.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        agent.link.welcomed(Some(0));
+        let result = run(accepted, spec.clone()).await;
+        assert!(!ran.exists(), "Claude was started after the edge gave the job up, once the agent was back");
+        assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
+        let said = result.error.unwrap_or_default();
+        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
+        // A job accepted on the new connection runs.
+        run(agent.job_context("j:2", "default", Some(false)), spec).await;
+        assert!(ran.exists(), "a job accepted after the reconnection did not start");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -33,6 +33,11 @@ struct Current {
     last_heard: Option<Instant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
+    /// Counts the welcomes that ended an absence the edge gave the agent's jobs up for, and
+    /// the last such absence with the `LOST_AFTER_MS` it outlasted: connected again, a job
+    /// accepted before it still must not start ([`Link::given_up`]).
+    epoch: Epoch,
+    gave_up: (Duration, u64),
     /// Tests: the checks [`Link::given_up`] answers as it is before the link is cut off and
     /// given up ([`Link::away_at_check`]).
     #[cfg(test)]
@@ -52,6 +57,11 @@ pub fn given_up(connected: bool, last_heard: Option<Instant>, lost_after_ms: Opt
     let away = now.saturating_duration_since(last_heard?);
     (away > Duration::from_millis(lost_after_ms?)).then_some(away)
 }
+
+/// Which absences the edge gave up a job has lived through ([`Link::epoch`] as it was
+/// accepted, compared at its start).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Epoch(u64);
 
 /// A frame MACed with one connection's key, for [`Link::send`].
 pub struct Sealed {
@@ -79,10 +89,25 @@ impl Link {
         current.connection += 1;
     }
 
-    /// The edge welcomed the agent, saying its `LOST_AFTER_MS`.
+    /// The edge welcomed the agent, saying its `LOST_AFTER_MS`. Away until now past the
+    /// last welcome's (judged before either is replaced), the edge has given up the jobs
+    /// the agent held: the epoch moves on, so those not started yet never do, although the
+    /// agent is connected again (the edge's stray-cancel for them may come late: it is read
+    /// after the results resent, a few a heartbeat).
     pub fn welcomed(&self, lost_after_ms: Option<u64>) {
         let mut current = self.lock();
-        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
+        let now = Instant::now();
+        if let Some(away) = given_up(current.connected, current.last_heard, current.lost_after_ms, now) {
+            current.epoch.0 += 1;
+            current.gave_up = (away, current.lost_after_ms.unwrap_or_default());
+        }
+        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(now), lost_after_ms);
+    }
+
+    /// Where the link is now among the absences the edge gave up: a job takes it as it is
+    /// accepted, for [`Link::given_up`].
+    pub fn epoch(&self) -> Epoch {
+        self.lock().epoch
     }
 
     /// A frame the edge proved, new on this connection, was read
@@ -98,11 +123,13 @@ impl Link {
         self.lock().connected = false;
     }
 
-    /// [`given_up`] now: checked before a job accepted while connected starts (its
-    /// repository checkout or the refresh gate may have outlasted a cut link). The edge
-    /// ended such a job `lost` and told an `/execute` caller to fall back: started now, the
-    /// task would run twice.
-    pub fn given_up(&self) -> Option<(Duration, u64)> {
+    /// [`given_up`] now, or an absence the edge gave up since `accepted` (the job's
+    /// [`Link::epoch`]) that a welcome has ended: checked before a job accepted while
+    /// connected starts (its repository checkout or the refresh gate may have outlasted a
+    /// cut link). The edge ended such a job `lost` and told an `/execute` caller to fall
+    /// back: started now, the task would run twice. How long the agent was away, and the
+    /// `LOST_AFTER_MS` that was.
+    pub fn given_up(&self, accepted: Epoch) -> Option<(Duration, u64)> {
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut current = self.lock();
         #[cfg(test)]
@@ -117,8 +144,10 @@ impl Link {
                 }
             }
         }
-        let away = given_up(current.connected, current.last_heard, current.lost_after_ms, Instant::now())?;
-        Some((away, current.lost_after_ms.unwrap_or_default()))
+        match given_up(current.connected, current.last_heard, current.lost_after_ms, Instant::now()) {
+            Some(away) => Some((away, current.lost_after_ms.unwrap_or_default())),
+            None => (current.epoch != accepted).then_some(current.gave_up),
+        }
     }
 
     /// Tests: the link is cut off and given up (away a second past `LOST_AFTER_MS` 0) as
@@ -205,22 +234,34 @@ mod tests {
         // An edge that does not say its LOST_AFTER_MS, or never heard (the canary's link).
         assert_eq!(given_up(false, Some(heard), None, after(1_000_000)), None);
         assert_eq!(given_up(false, None, Some(8_000), after(1_000_000)), None);
-        assert!(Link::local().given_up().is_none());
+        assert!(Link::local().given_up(Epoch::default()).is_none());
     }
 
+    /// Given up only after a connection ended, and for good for the jobs accepted before:
+    /// connected again, a job accepted on the ended connection still must not start (the
+    /// edge ended it `lost`); one accepted on the new connection may.
     #[test]
     fn a_link_is_given_up_only_after_its_connection_ended() {
         let link = Link::default();
         link.set(keys(1));
         link.welcomed(Some(0));
         link.heard();
-        assert!(link.given_up().is_none(), "connected");
+        let accepted = link.epoch();
+        assert!(link.given_up(accepted).is_none(), "connected");
         link.away();
         // LOST_AFTER_MS 0: given up once any time at all has passed away.
         std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(link.given_up().map(|(_, lost)| lost), Some(0));
-        link.welcomed(Some(0));
-        assert!(link.given_up().is_none(), "connected again");
+        assert_eq!(link.given_up(accepted).map(|(_, lost)| lost), Some(0));
+        // Welcomed again, saying another LOST_AFTER_MS: the absence was judged by the last.
+        link.welcomed(Some(60_000));
+        let (away, lost) = link.given_up(accepted).expect("given up for a job accepted before the absence");
+        assert!(away >= Duration::from_millis(2) && lost == 0, "{away:?} {lost}");
+        let now = link.epoch();
+        assert!(link.given_up(now).is_none(), "a job accepted once connected again");
+        // Away less than LOST_AFTER_MS, then back: nothing was given up.
+        link.away();
+        link.welcomed(Some(60_000));
+        assert!(link.given_up(now).is_none(), "back within LOST_AFTER_MS");
     }
 
     /// The race of a job ending while the agent reconnects: its result MACed with the

@@ -95,6 +95,9 @@ pub struct JobContext {
     pub uplink: Option<tokio::sync::mpsc::UnboundedSender<shared::protocol::AgentMessage>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
+    /// The link's [`crate::link::Epoch`] as the job was accepted: an absence the edge gave
+    /// up after it keeps the job from starting, also once the agent is connected again.
+    pub accepted: crate::link::Epoch,
     /// The nonce of the job's order: every progress batch is MACed bound to it.
     pub order_nonce: String,
     /// When waiting progress batches go (one clock for all jobs).
@@ -404,7 +407,7 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoErr
 /// Checked before the job's started record is written and again right before Claude gets
 /// its prompt: a lock and a comparison.
 fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
-    let (away, lost_after_ms) = ctx.link.given_up()?;
+    let (away, lost_after_ms) = ctx.link.given_up(ctx.accepted)?;
     Some(gave_up_result(ctx, job_id, started, away, lost_after_ms))
 }
 
@@ -412,7 +415,7 @@ fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResul
 fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, away: Duration, lost_after_ms: u64) -> JobResult {
     let away_ms = away.as_millis() as u64;
     warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
-    let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms before Claude would have started); run it again");
+    let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms while the job waited to start); run it again");
     // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
     JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }
 }
@@ -587,7 +590,7 @@ async fn run_claude(
     // Set when the edge gave the job up while the record was written and Claude spawned.
     let gave_up = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, gave_up) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up));
+        let (spool, link, accepted, gave_up) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
@@ -598,7 +601,7 @@ async fn run_claude(
             // The last moment before the prompt (written by this thread as this returns,
             // with no wait between): given up meanwhile, Claude is killed unprompted, as
             // when the record failed.
-            if let Some(away) = link.given_up() {
+            if let Some(away) = link.given_up(accepted) {
                 let _ = gave_up.set(away);
                 return Err("given up by the edge".to_string());
             }

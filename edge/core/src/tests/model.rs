@@ -6,8 +6,9 @@
 //! disconnections, reconnections, agents paused and resumed, agent crashes (which report
 //! their started jobs lost, as the started records make them, and forget the jobs they
 //! accepted and had not started; away from the edge past the last welcome's
-//! `lost_after_ms`, an agent starts no job it accepted — the agent's own rule, its result
-//! "not started" instead), time passing, failed store writes and edge restarts
+//! `lost_after_ms`, an agent starts no job it accepted then — nor once back, as a welcome
+//! ending such an absence is remembered — the agent's own rule, its result "not started"
+//! instead), time passing, failed store writes and edge restarts
 //! (a clean stop, or a crash, then a restore from what was stored; a start whose writes
 //! fail serves nothing, as the hosts do). Most submissions carry one idempotency key, so
 //! most are repeats. After every step:
@@ -98,6 +99,11 @@ struct ModelAgent {
     /// One clock for edge and agents: the real agent's is monotonic, at the same rate.
     heard_at: Option<u64>,
     lost_after_ms: Option<u64>,
+    /// The welcomes that ended an absence past `lost_after_ms` (`link.rs`'s `Epoch`), and
+    /// the count as each accepted job was accepted: one accepted before such a welcome
+    /// never starts, connected again or not.
+    epoch: u64,
+    accepted_in: HashMap<String, u64>,
     /// Jobs started (their durable started record written).
     running: BTreeSet<String>,
     /// Results kept until acknowledged (the spool).
@@ -126,8 +132,14 @@ impl ModelAgent {
     /// The agent's `link.rs::given_up` at `now`: no connection, and nothing heard from the
     /// edge for longer than the last welcome's `lost_after_ms` (the edge has given up the
     /// jobs it held then, or is about to: it counts from when it lost the connection).
-    fn given_up(&self, now: u64) -> bool {
+    fn away_past(&self, now: u64) -> bool {
         self.session.is_none() && self.heard_at.zip(self.lost_after_ms).is_some_and(|(heard, lost)| now.saturating_sub(heard) > lost)
+    }
+
+    /// Whether accepted job `id` must not start at `now`: away past the rule, or a welcome
+    /// ended such an absence since it was accepted (`Link::given_up`).
+    fn given_up(&self, id: &str, now: u64) -> bool {
+        self.away_past(now) || self.accepted_in.get(id) != Some(&self.epoch)
     }
 
     /// Whether it holds `job_id`: accepted, running, or with its result.
@@ -208,6 +220,8 @@ impl World {
             accepted: BTreeSet::new(),
             heard_at: None,
             lost_after_ms: None,
+            epoch: 0,
+            accepted_in: HashMap::new(),
             running: BTreeSet::new(),
             finished: BTreeMap::new(),
             nonces: HashMap::new(),
@@ -346,6 +360,7 @@ impl World {
                 } else {
                     assert!(agent.held_running().len() < agent.capacity as usize, "{} was sent {id} with no free slot", agent.id);
                     agent.accepted.insert(id.clone());
+                    agent.accepted_in.insert(id.clone(), agent.epoch);
                     agent.up.push_back(AgentMessage::Accepted { job_id: id });
                 }
             }
@@ -395,12 +410,13 @@ impl World {
         if !agent.accepted.contains(id) {
             return agent.running.contains(id);
         }
-        if agent.given_up(now) {
+        if agent.given_up(id, now) {
             let result = JobResult { retryable: Some(true), ..JobResult::lost("not started: the edge had given the job up; run it again", 0) };
             agent.end(id, result);
             return false;
         }
         agent.accepted.remove(id);
+        agent.accepted_in.remove(id);
         let starts = self.starts.entry(id.to_string()).or_default();
         *starts += 1;
         assert_eq!(*starts, 1, "job {id} started twice");
@@ -418,6 +434,9 @@ impl World {
         if self.agents[a].session.is_some() {
             return;
         }
+        // Judged before the welcome replaces what the rule reads: away past the last one's
+        // `lost_after_ms`, the edge gave up the jobs the agent held.
+        let was_away = self.agents[a].away_past(self.now);
         self.seed += 1;
         let mut random = [self.seed as u8; 64];
         random[..4].copy_from_slice(&self.seed.to_be_bytes());
@@ -459,6 +478,9 @@ impl World {
                 _ => None,
             });
             let welcome = welcome.expect("a welcomed connection's welcome");
+            if was_away {
+                agent.epoch += 1;
+            }
             (agent.heard_at, agent.lost_after_ms) = (Some(self.now), welcome.lost_after_ms);
             agent.down.retain(|m| !matches!(m, EdgeMessage::Welcome { .. }));
             agent.up.push_back(AgentMessage::Credit { slots: agent.slots() });
@@ -573,6 +595,7 @@ impl World {
                 // heard no edge yet.
                 let agent = &mut self.agents[a];
                 agent.accepted.clear();
+                agent.accepted_in.clear();
                 (agent.heard_at, agent.lost_after_ms) = (None, None);
                 for id in std::mem::take(&mut agent.running) {
                     agent.finished.insert(id, JobResult::failure(ErrorCode::RunnerLost, "the agent restarted", 0));
@@ -752,6 +775,26 @@ fn a_key_whose_job_ran_and_was_forgotten_makes_no_second_job() {
 fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
     use Step::*;
     let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Start(1, 0)];
+    let mut world = World::new();
+    for s in &case {
+        world.run(s);
+    }
+    let id = world.jobs[0].clone();
+    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
+    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
+    let said = &world.agents[1].finished[&id];
+    assert_eq!((said.error_code, said.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{said:?}");
+    run_case(&case);
+}
+
+/// The same, with the agent back before its job could start (a long checkout, the refresh
+/// gate): its welcome said it was connected again, and the job started before the edge's
+/// stray-cancel for it was read. The welcome after an absence past `lost_after_ms` is
+/// remembered for the jobs accepted before it (`link.rs`'s given-up count).
+#[test]
+fn an_agent_back_after_the_orphan_deadline_does_not_start_a_job_it_accepted_before() {
+    use Step::*;
+    let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Rejoin(1), Start(1, 0)];
     let mut world = World::new();
     for s in &case {
         world.run(s);
