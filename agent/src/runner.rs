@@ -401,11 +401,12 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoErr
 }
 
 /// The end of a job the edge has given up, if it has: away from the edge past its
-/// LOST_AFTER_MS ([`crate::link::Link::given_up`]), the edge ended the job `lost` and told an
-/// `/execute` caller to fall back. Started now, the task would run twice; the result says
-/// it never started (an edge that ended it keeps its own end, as of any late result).
-/// Checked before the job's started record is written and again right before Claude gets
-/// its prompt: a lock and a comparison.
+/// LOST_AFTER_MS ([`crate::link::Link::given_up`]) now or since the job was accepted (back
+/// since: the edge's stray-cancel may not be read yet), the edge ended the job `lost` and
+/// told an `/execute` caller to fall back. Started now, the task would run twice; the
+/// result says it never started (an edge that ended it keeps its own end, as of any late
+/// result). Checked before the job's started record is written and again right before
+/// Claude gets its prompt: a lock and two comparisons.
 fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
     let (away, lost_after_ms) = ctx.link.given_up(ctx.accepted)?;
     Some(gave_up_result(ctx, job_id, started, away, lost_after_ms))
