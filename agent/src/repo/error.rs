@@ -167,7 +167,7 @@ impl Talk<'_> {
         // Read outside the quoted paths libgit2 puts in its words: a mirror's folder is the
         // repository's name (`github.com+TryGhost+Ghost.git`, `socket.io`), and a word
         // there is no socket (rev24-3).
-        let unquoted: String = lower.split('\'').step_by(2).collect::<Vec<_>>().join(" ");
+        let unquoted = unquoted(&lower);
         let socket = LIBGIT2_UNREACHABLE.iter().any(|w| unquoted.contains(w)) || SOCKET_ERRNOS.iter().any(|&errno| unquoted.contains(&os_words(errno)));
         if matches!(class, ErrorClass::Net | ErrorClass::Http) || class == ErrorClass::Os && socket || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
@@ -201,12 +201,21 @@ fn os_words(errno: i32) -> String {
 
 /// The disk-full error, if `message` is one: ENOSPC or EDQUOT in the OS's words
 /// ([`crate::files::DISK_FULL_ERRNOS`], the errnos `files::disk_full` reads by kind).
+/// Read outside the quoted paths, like the socket check: a path is a repository's or
+/// Claude's choice, and "No space left on device" as a folder's name is no full disk
+/// (rev28-4).
 pub fn disk_full(message: &str) -> Option<RepoError> {
-    let lower = message.to_ascii_lowercase();
+    let lower = unquoted(&message.to_ascii_lowercase());
     crate::files::DISK_FULL_ERRNOS
         .iter()
         .any(|&errno| lower.contains(&os_words(errno)))
         .then(|| RepoError::DiskFull { detail: message.to_string() })
+}
+
+/// `text` without what libgit2 quotes in it (`'…'`: the paths it names), the rest joined
+/// by spaces: the words libgit2 and the OS wrote, read for what failed.
+fn unquoted(text: &str) -> String {
+    text.split('\'').step_by(2).collect::<Vec<_>>().join(" ")
 }
 
 /// Text from outside (a git server's words, a path Claude chose) as one line.
@@ -305,5 +314,18 @@ mod tests {
     fn local_failures_recognise_a_full_disk() {
         assert!(matches!(local("check out", "No space left on device (os error 28)"), RepoError::DiskFull { .. }));
         assert!(matches!(local("check out", "permission denied"), RepoError::Git { .. }));
+    }
+
+    /// A full disk's words inside a quoted path (a folder Claude or a repository named)
+    /// are no full disk: the failure is whatever the words outside the path say (rev28-4).
+    #[test]
+    fn a_full_disks_words_in_a_quoted_path_are_no_full_disk() {
+        let t = talk(AuthSeen::default());
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "path too long: 'a/No space left on device/b'");
+        assert!(!matches!(e, RepoError::DiskFull { .. }), "{e}");
+        let e = local("check out", "path too long: 'a/No space left on device/b'");
+        assert!(matches!(e, RepoError::Git { .. }), "{e}");
+        let e = local("check out", "failed to write 'a/b': No space left on device");
+        assert!(matches!(e, RepoError::DiskFull { .. }), "{e}");
     }
 }
