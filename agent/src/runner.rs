@@ -295,6 +295,7 @@ async fn run_in(
                 Err(ended) => {
                     let ended = match ended {
                         Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, url, &workspace, e, cannot_start).await),
+                        Err(e @ RepoError::Git { .. }) => Err(local_fault(ctx, &workspace, e, cannot_start).await),
                         other => other,
                     };
                     let ms = started.elapsed().as_millis() as u64;
@@ -379,6 +380,27 @@ pub fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std
 /// `checkout::room`) is judged the same way: on a disk that takes no write it is the
 /// agent's want, else the repository's, and its error names the bytes needed and free.
 async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
+    match (disk_probed(ctx, workspace, cannot_start).await, error) {
+        (false, error) => error,
+        (true, RepoError::DiskFull { detail }) => ctx.repos.too_big_for_disk(url, detail),
+        (true, refused) => refused,
+    }
+}
+
+/// Any other local failure of a job's fetch or checkout (`RepoError::Git`: a read-only
+/// remount, EIO, a workspaces folder made unwritable) asks the same write as a full disk
+/// ([`full_disk`]): refused, the disk is the agent's want and the job goes back unstarted,
+/// as a job without its workspace does — it ended REPO_ERROR, and the agent took the next
+/// and failed it the same (rev28-3). Taken, the failure is the job's, as it was.
+async fn local_fault(ctx: &JobContext, workspace: &Path, e: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
+    disk_probed(ctx, workspace, cannot_start).await;
+    e
+}
+
+/// Removes what a failed checkout wrote into `workspace`, then tries the write of
+/// [`job_folders_take_writes`]: whether it took. Refused, the agent is held back for want
+/// of disk (`cannot_start`: the job goes back unstarted) until one does.
+async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Option<CannotStart>) -> bool {
     let (leftover, workspaces) = (workspace.to_path_buf(), Arc::clone(&ctx.workspaces));
     let records = ctx.spool.as_ref().map(|s| s.records().to_path_buf());
     let probed = tokio::task::spawn_blocking(move || {
@@ -387,17 +409,10 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoErr
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    match probed {
-        Err(e) => {
-            let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
-            *cannot_start = Some(CannotStart { why, disk: true });
-            error
-        }
-        Ok(()) => match error {
-            RepoError::DiskFull { detail } => ctx.repos.too_big_for_disk(url, detail),
-            refused => refused,
-        },
-    }
+    let Err(e) = probed else { return true };
+    let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
+    *cannot_start = Some(CannotStart { why, disk: true });
+    false
 }
 
 /// The end of a job the edge has given up, if it has: away from the edge past its

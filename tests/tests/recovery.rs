@@ -1028,6 +1028,35 @@ async fn a_checkout_on_a_full_disk_hands_the_job_back_and_it_runs_once_there_is_
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// The workspaces' disk remounted read-only (or failing with EIO, or made unwritable): a
+/// repository job's checkout failed there and ended REPO_ERROR at once, and the agent took
+/// the next job, and the next, while a plain job on the same disk went back unstarted
+/// (rev28-3). A local failure of a fetch or checkout now asks the same write as a full
+/// disk: refused, the job goes back unstarted, the agent takes no work until the disk
+/// takes writes, and the job runs once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_on_a_read_only_disk_hands_the_job_back_and_it_runs_once_writable() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("demo", &[("README.md", b"# demo\n")]);
+    let (_edge, agent, client) = agent_on_small_disk_with_git(&git, "16m").await;
+    let workspaces = agent.data.path().join("data/workspaces");
+    remount(agent.pid().unwrap(), &workspaces, "ro");
+
+    let answer = client.execute(json!({"prompt": "must not run here", "repo_url": git.url("demo"), "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}\n{}", answer.text, agent.log());
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+    let why = health.body["agents"][0]["cannot_start"].as_str().unwrap_or_default();
+    assert!(why.contains(&workspaces.display().to_string()), "{}", health.text);
+
+    let queued = client.submit(json!({"prompt": "@exists=README.md", "repo_url": git.url("demo")})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    remount(agent.pid().unwrap(), &workspaces, "rw");
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
+}
+
 /// A repository larger than the free space of DATA_DIR's disk filled it at its checkout,
 /// and the job ended "the disk holding DATA_DIR is full: free space ..., then retry" —
 /// though the disk had room again once the checkout was removed, and a retry filled it the
