@@ -302,7 +302,7 @@ async fn run_in(
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
                         Err(e) => {
-                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. });
+                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. } | RepoError::FilledMeanwhile { .. });
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
                             warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
@@ -375,15 +375,50 @@ pub fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std
 /// work again ([`job_folders_take_writes`]) says whose want it is. Still full: the
 /// agent's — no job could start — and this one goes back unstarted ([`CannotStart`]), as
 /// one without room for its workspace does (its error is then not the job's). Room again:
-/// the repository's — it needs more than the disk has free, and would fill it again here.
-/// A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
+/// a checkout measured to need no more than is free now met another writer, and the job
+/// ends retryable ([`RepoError::FilledMeanwhile`]); else (a fetch, whose need is not known,
+/// or a checkout needing more than is free) the repository's — it needs more than the disk
+/// has free, and would fill it again here ([`full_disk_verdict`]). A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
 /// `checkout::room`) is judged the same way: on a disk that takes no write it is the
 /// agent's want, else the repository's, and its error names the bytes needed and free.
 async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
-    match (disk_probed(ctx, workspace, cannot_start).await, error) {
-        (false, error) => error,
-        (true, RepoError::DiskFull { detail }) => ctx.repos.too_big_for_disk(url, detail),
-        (true, refused) => refused,
+    let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
+    let RepoError::DiskFull { detail, needed } = error else { return error };
+    // Measured only when the checkout's need is known (a fetch's is not).
+    let free = match (takes_writes, needed) {
+        (true, Some(_)) => workspace::disk_space(&ctx.workspaces).ok().map(|space| space.free),
+        _ => None,
+    };
+    match full_disk_verdict(takes_writes, needed, free) {
+        FullDisk::Agents => RepoError::DiskFull { detail, needed },
+        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, detail),
+        FullDisk::Meanwhile => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free: free.unwrap_or_default() },
+    }
+}
+
+/// Whose want a full disk met by a job's fetch or checkout is, once the checkout is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FullDisk {
+    /// The folders every job needs take no write: the job goes back unstarted.
+    Agents,
+    /// The repository needs more than the disk has free: REPO_ERROR, not retryable.
+    TooBig,
+    /// Room enough for the checkout, as measured, is free again: another writer filled the
+    /// disk meanwhile. The job ends retryable.
+    Meanwhile,
+}
+
+/// The verdict on a full disk from what is known once the checkout is removed: whether the
+/// job folders take a write, the bytes the checkout needs (`needed`: measured before it
+/// was written; none when the fetch filled the disk) and the disk's free bytes (`free`).
+fn full_disk_verdict(takes_writes: bool, needed: Option<u64>, free: Option<u64>) -> FullDisk {
+    // The write first: a disk with no room at all is the agent's want, and a repository
+    // may fit it once it has room (the order "too big first" would fail, not retryable,
+    // a one-file repository on a disk another writer filled).
+    match (takes_writes, needed, free) {
+        (false, _, _) => FullDisk::Agents,
+        (true, Some(needed), Some(free)) if needed <= free => FullDisk::Meanwhile,
+        _ => FullDisk::TooBig,
     }
 }
 
@@ -739,6 +774,25 @@ async fn send_on_ticks(
 
 #[cfg(test)]
 mod tests {
+    use super::{full_disk_verdict, FullDisk};
+
+    /// A checkout is measured before a byte is written, and refused when it does not fit
+    /// the free space: one that still filled the disk, with room for it once removed, met
+    /// another writer. It was judged too big for the disk for good, not retryable
+    /// (rev28-2): a 10 KiB checkout with 1 MiB free.
+    #[test]
+    fn a_full_disk_is_the_agents_the_repositorys_or_another_writers() {
+        assert_eq!(full_disk_verdict(true, Some(10 << 10), Some(1 << 20)), FullDisk::Meanwhile);
+        assert_eq!(full_disk_verdict(true, Some(2 << 20), Some(1 << 20)), FullDisk::TooBig);
+        // A disk that takes no write is the agent's, whatever the checkout needs.
+        assert_eq!(full_disk_verdict(false, Some(10 << 10), Some(1 << 20)), FullDisk::Agents);
+        assert_eq!(full_disk_verdict(false, Some(2 << 20), Some(0)), FullDisk::Agents);
+        // The fetch filled it (nothing measured), or the free space is unknown: as before.
+        assert_eq!(full_disk_verdict(true, None, Some(1 << 20)), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(true, Some(10 << 10), None), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(false, None, None), FullDisk::Agents);
+    }
+
     #[test]
     fn a_checkout_that_failed_for_want_of_room_is_never_kept() {
         let failed = JobResult::failure(ErrorCode::RepoError, "no room", 1);

@@ -173,7 +173,13 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     // converted file twice would not bound it either. Unconverted files read back as they
     // were (staging cleans LF and an unexpanded `$Id$` to themselves): no change is seen
     // that the job did not make.
-    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(|e| reading(action, url, e))?;
+    // A full disk here met room that was measured free (`room`): what the checkout needs
+    // goes with it, for the verdict once it is removed (`runner::full_disk`).
+    let filled = |e| match reading(action, url, e) {
+        RepoError::DiskFull { detail, .. } => RepoError::DiskFull { detail, needed: Some(measured.needed(space.block)) },
+        other => other,
+    };
+    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(filled)?;
     Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
@@ -184,6 +190,15 @@ pub struct Measured {
     pub bytes: u64,
     /// Files and folders (each an inode, and at least a block on most disks).
     pub entries: u64,
+}
+
+impl Measured {
+    /// The bytes the checkout takes on a disk of `block`-byte blocks: the files' bytes, a
+    /// block for each file and folder (sizes round up to whole blocks), and the `.git`
+    /// folder ([`GIT_DIR_BLOCKS`]).
+    pub fn needed(&self, block: u64) -> u64 {
+        self.bytes.saturating_add(self.entries.saturating_mul(block)).saturating_add(GIT_DIR_BLOCKS.saturating_mul(block))
+    }
 }
 
 /// Blocks a checkout writes besides its files: its `.git` (config, HEAD, refs, the index,
@@ -200,7 +215,7 @@ const GIT_DIR_BLOCKS: u64 = 32;
 /// [`RepoError::DiskFull`], and is never kept.
 pub fn room(measured: Measured, space: crate::workspace::DiskSpace, url: &str) -> Result<(), RepoError> {
     let reserve = (space.size / 20).min(256 << 20);
-    let needed = measured.bytes.saturating_add(measured.entries.saturating_mul(space.block)).saturating_add(GIT_DIR_BLOCKS.saturating_mul(space.block));
+    let needed = measured.needed(space.block);
     let no_room = |what: String| RepoError::NoRoom { url: url.to_string(), what };
     if needed.saturating_add(reserve) > space.free {
         return Err(no_room(format!(

@@ -31,12 +31,23 @@ pub enum RepoError {
     #[error("the TLS certificate of {url} is not trusted ({detail}): install the server's CA on the runner machine (system trust store, or SSL_CERT_FILE)")]
     Tls { url: String, detail: String },
     #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
-    DiskFull { detail: String },
+    /// `needed`: the bytes a checkout that filled the disk was measured to need before it
+    /// was written (`checkout::Measured::needed`); none when a fetch filled it.
+    DiskFull {
+        detail: String,
+        #[serde(default)]
+        needed: Option<u64>,
+    },
     /// A full disk met by a job's fetch or checkout that had room again once the checkout
     /// was removed (`runner::full_disk`): the repository itself does not fit. `lower` says
     /// what `REPO_CACHE_MAX_BYTES` can free, when mirrors of other repositories share the disk.
     #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its checkout filled that disk, which had room again once the checkout was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
     TooBigForDisk { url: String, detail: String, lower: String },
+    /// A checkout that fit the disk's free space when measured filled the disk, which had
+    /// room for it again once the checkout was removed: another writer took the room
+    /// meanwhile (`runner::full_disk`). Retryable.
+    #[error("the checkout of {url} filled the disk holding DATA_DIR ({detail}) though it was measured to fit (about {needed} bytes): another process wrote to that disk meanwhile, and {free} bytes are free again, so nothing ran; retry")]
+    FilledMeanwhile { url: String, detail: String, needed: u64, free: u64 },
     #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering, or the repository is large for the time given; retry, raise timeout_ms, or send \"allow_stale\": true")]
     FetchTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} sent more than REPO_MAX_FETCH_BYTES ({max_bytes} bytes) in one fetch, so the fetch was stopped and what it received removed: the repository is larger than this runner allows (or the server sends without end); raise REPO_MAX_FETCH_BYTES (and REPO_CACHE_MAX_BYTES, and the disk holding DATA_DIR) on the runner machine, or use a smaller repository")]
@@ -103,7 +114,7 @@ impl RepoError {
     /// sentence asks for a change first (a setting, `repo_url`, the server's contents), or
     /// tells of a push that may have landed.
     pub fn retryable(&self) -> bool {
-        matches!(self, RepoError::Network { .. })
+        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. })
     }
 }
 
@@ -209,7 +220,7 @@ pub fn disk_full(message: &str) -> Option<RepoError> {
     crate::files::DISK_FULL_ERRNOS
         .iter()
         .any(|&errno| lower.contains(&os_words(errno)))
-        .then(|| RepoError::DiskFull { detail: message.to_string() })
+        .then(|| RepoError::DiskFull { detail: message.to_string(), needed: None })
 }
 
 /// `text` without what libgit2 quotes in it (`'…'`: the paths it names), the rest joined
