@@ -766,6 +766,21 @@ fn a_key_whose_job_ran_and_was_forgotten_makes_no_second_job() {
     ]);
 }
 
+/// Runs `case`, whose first job's caller was told to fall back while agent 1 held it
+/// accepted: it never starts, and agent 1 keeps a `RUNNER_LOST` "not started" result.
+fn not_started_after_its_fallback(case: &[Step]) {
+    let mut world = World::new();
+    for s in case {
+        world.run(s);
+    }
+    let id = world.jobs[0].clone();
+    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
+    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
+    let said = &world.agents[1].finished[&id];
+    assert_eq!((said.error_code, said.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{said:?}");
+    run_case(case);
+}
+
 /// What the model found once a job's start was a step of its own: its agent accepted it,
 /// went silent and was cut off, stayed away past the orphan deadline (the job ended `lost`,
 /// its `/execute` caller told to fall back), then started it. The agent's rule
@@ -775,16 +790,7 @@ fn a_key_whose_job_ran_and_was_forgotten_makes_no_second_job() {
 fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
     use Step::*;
     let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Start(1, 0)];
-    let mut world = World::new();
-    for s in &case {
-        world.run(s);
-    }
-    let id = world.jobs[0].clone();
-    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
-    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
-    let said = &world.agents[1].finished[&id];
-    assert_eq!((said.error_code, said.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{said:?}");
-    run_case(&case);
+    not_started_after_its_fallback(&case);
 }
 
 /// The same, with the agent back before its job could start (a long checkout, the refresh
@@ -795,16 +801,7 @@ fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
 fn an_agent_back_after_the_orphan_deadline_does_not_start_a_job_it_accepted_before() {
     use Step::*;
     let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Rejoin(1), Start(1, 0)];
-    let mut world = World::new();
-    for s in &case {
-        world.run(s);
-    }
-    let id = world.jobs[0].clone();
-    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
-    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
-    let said = &world.agents[1].finished[&id];
-    assert_eq!((said.error_code, said.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{said:?}");
-    run_case(&case);
+    not_started_after_its_fallback(&case);
 }
 
 /// The review's case in the model: the first `spark`'s connection drops while it runs a
