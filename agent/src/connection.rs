@@ -227,8 +227,10 @@ struct Unanswered {
     written: u64,
     /// Of those, the bytes the edge is known to have read.
     read: u64,
-    /// The beats not answered yet, in the order sent: number, and `written` just after it.
-    beats: std::collections::VecDeque<(u64, u64)>,
+    /// The beats not answered yet, in the order sent: number, `written` just after it, and
+    /// the latest the edge can have read it (its writing, plus the time the bytes not known
+    /// read by then take at the slowest uplink served: [`for_bytes`]).
+    beats: std::collections::VecDeque<(u64, u64, Instant)>,
 }
 
 impl Unanswered {
@@ -245,20 +247,30 @@ impl Unanswered {
         if self.beats.len() == Self::MAX_BEATS {
             self.beats.pop_front();
         }
-        self.beats.push_back((seq, self.written));
+        let read_by = Instant::now() + for_bytes(Duration::ZERO, self.bytes());
+        self.beats.push_back((seq, self.written, read_by));
     }
 
     /// The edge answered heartbeat `answered` (its MAC checked, [`Agent::on_edge_message`]).
     /// One naming a beat not written yet (made, still queued) answers what was written up to
-    /// the last one written, no more.
-    fn answered(&mut self, answered: u64) {
-        while let Some(&(seq, through)) = self.beats.front() {
+    /// the last one written, no more. Returns when the edge is known to have been there:
+    /// when it read the latest beat the ack answers — now at the latest, and no later than
+    /// that beat's writing plus the time the bytes ahead of it take at the slowest uplink
+    /// served (the allowance the silence bound gives a slow uplink). An ack a hop held back
+    /// buys no more than that (rev29-1: acks let out one at a time, every two intervals,
+    /// kept an agent "connected" 26 s after the edge had lost it, and its away rule saw no
+    /// absence).
+    fn answered(&mut self, answered: u64) -> Option<Instant> {
+        let mut sent = None;
+        while let Some(&(seq, through, at)) = self.beats.front() {
             if seq > answered {
                 break;
             }
             self.read = self.read.max(through);
+            sent = Some(at.min(Instant::now()));
             self.beats.pop_front();
         }
+        sent
     }
 
     /// Bytes written that the edge is not known to have read.
@@ -676,11 +688,15 @@ async fn session(
                             // 2). Only the ack of a beat says how much of what was written
                             // the edge has read (a job order or a result's ack may cross
                             // megabytes in a hop).
+                            //
+                            // Heard as of when the answered beat was written, not when its
+                            // ack came (rev29-1): a hop that holds genuine acks back and
+                            // lets them out late buys nothing. A job order or a result's ack
+                            // carries no such time, so it moves neither clock.
                             Heard::Proven { beat } => {
-                                last_heard = Instant::now();
-                                agent.link.heard();
-                                if let Some(beat) = beat {
-                                    unanswered.answered(beat);
+                                if let Some(sent) = beat.and_then(|beat| unanswered.answered(beat)) {
+                                    last_heard = last_heard.max(sent);
+                                    agent.link.heard_at(sent.into_std());
                                 }
                             }
                             Heard::Not => {}
@@ -748,7 +764,7 @@ async fn session(
             _ = tokio::time::sleep_until(silent_at) => {
                 let bytes = unanswered.bytes();
                 let waited = for_bytes(2 * heartbeat, bytes).as_millis();
-                return End::Lost(format!("nothing the edge proved (a signed order, a MACed ack) for {waited} ms (two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
+                return End::Lost(format!("nothing the edge proved for {waited} ms (no MACed ack of a heartbeat written since, dated by that beat: two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
             }
         }
     }
@@ -903,6 +919,43 @@ mod tests {
         assert_eq!(crate::reconnect::told(Duration::from_secs(86_400)), Duration::from_secs(30));
         let End::Duplicate(_, after) = ended_before_welcome("spark", close::DUPLICATE, format!("retry after {} ms: x", u64::MAX)) else { panic!("a duplicate") };
         assert_eq!(after.map(crate::reconnect::told), Some(Duration::from_secs(30)), "the most u64 holds: the backoff's longest");
+    }
+
+    /// An ack says the edge was there when the beat it answers was written, not when the
+    /// ack arrived (rev29-1): acks a hop held back and lets out late date the edge's
+    /// presence by their beats, so neither the silence bound nor the away rule is reset by
+    /// them; an ack again, or of nothing unanswered, dates nothing.
+    #[test]
+    fn a_held_back_ack_dates_the_edge_by_its_beat_not_by_its_arrival() {
+        let mut sent = Unanswered::default();
+        let before = Instant::now();
+        sent.beat(1);
+        std::thread::sleep(Duration::from_millis(30));
+        sent.beat(2);
+        let second = Instant::now();
+        // Beat 1's ack, held back and let out now: the edge was there when beat 1 was
+        // written, before beat 2 was.
+        std::thread::sleep(Duration::from_millis(30));
+        let at = sent.answered(1).expect("beat 1 answered");
+        assert!(before <= at && at < second, "dated by its beat");
+        assert_eq!(sent.answered(1), None, "an ack again dates nothing");
+        let at2 = sent.answered(2).expect("beat 2 answered");
+        assert!(at2 >= at && at2 <= second);
+        assert_eq!(sent.answered(7), None, "nothing unanswered");
+        // The link: heard as of the beat — an old one moves nothing back, and an absence
+        // counts from the beat, however late its ack came.
+        let link = crate::link::Link::default();
+        link.welcomed(Some(20));
+        let accepted = link.epoch();
+        link.heard_at(at.into_std());
+        link.away();
+        assert!(link.given_up(accepted).is_none(), "heard at the welcome, not moved back to beat 1");
+        let link = crate::link::Link::default();
+        link.welcomed(Some(20));
+        std::thread::sleep(Duration::from_millis(30));
+        link.heard_at(std::time::Instant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2.into_std()));
+        link.away();
+        assert!(link.given_up(accepted).is_some(), "an ack arriving now of a beat 25 ms old: away past 20 ms");
     }
 
     /// The silence bound counts what was written after the last beat the edge answered:

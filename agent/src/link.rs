@@ -110,11 +110,20 @@ impl Link {
         self.lock().epoch
     }
 
-    /// A frame the edge proved, new on this connection, was read
-    /// ([`crate::agent::Agent::on_edge_message`]): frames anyone on the path can write are
-    /// not heard, or a hop that cut the edge off could keep the agent from ever being away.
+    /// Heard now (tests: as [`Link::heard_at`] with an ack's beat written now).
+    #[cfg(test)]
     pub fn heard(&self) {
-        self.lock().last_heard = Some(Instant::now());
+        self.heard_at(Instant::now());
+    }
+
+    /// The edge proved, in a heartbeat ack new on this connection
+    /// ([`crate::agent::Agent::on_edge_message`]), that it was there at `at`, when the beat
+    /// it answers was written: heard then, never moving the last frame heard back. Frames
+    /// anyone on the path can write are not heard, or a hop that cut the edge off could
+    /// keep the agent from ever being away; and an ack a hop held back dates only its beat.
+    pub fn heard_at(&self, at: Instant) {
+        let mut current = self.lock();
+        current.last_heard = Some(current.last_heard.map_or(at, |last| last.max(at)));
     }
 
     /// The connection ended (or none was made): the agent is away from the edge, counted
