@@ -1249,6 +1249,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A started record refused for the job's own order (a nonce too long to record), not
+    /// for want of the agent's disk: the job fails alone, unstarted, and the agent keeps
+    /// taking work. Every record failure held the agent back and told the operator to free
+    /// disk space (final read of session 40).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_record_refused_for_the_jobs_own_order_does_not_hold_the_agent_back() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-record-own-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        agent.link.welcomed(Some(60_000));
+        let nonce = format!("j:{}", "9".repeat(64 * 1024));
+        let ctx = agent.job_context(&nonce, "default", Some(false));
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        ended.leftover.clean_up().await;
+        assert!(!ran.exists(), "Claude got its prompt with no started record");
+        assert!(ended.cannot_start.is_none(), "held the agent back for a fault of the job's own");
+        assert!(ended.result.error.unwrap_or_default().contains("could not record that the job starts"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The window after that check: the agent cut off and given up while the job's started
     /// record was written and Claude spawned. Checked again right before the prompt, the job
     /// still does not start: its Claude is killed unprompted, the result says "not started",

@@ -640,12 +640,20 @@ async fn run_claude(
     // Claude its prompt (process::run).
     // Set when the edge gave the job up while the record was written and Claude spawned.
     let gave_up = Arc::new(std::sync::OnceLock::new());
+    // Set when the record could not be written for want of the agent's disk (full,
+    // read-only, its folder's permissions): only that holds the agent back. A record
+    // refused for the job's own id or nonce, or a start cut short, fails the job alone.
+    let no_disk = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, accepted, gave_up) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up));
+        let (spool, link, accepted, gave_up, no_disk) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up), Arc::clone(&no_disk));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
                 spool.started(&job_id, &nonce).map_err(|e| {
+                    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+                    if crate::files::disk_full(&e) || matches!(e.kind(), ReadOnlyFilesystem | PermissionDenied) {
+                        let _ = no_disk.set(());
+                    }
                     format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
                 })?;
             }
@@ -701,7 +709,7 @@ async fn run_claude(
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
     if ctx.uplink.is_some() {
         match &finished.ending {
-            Ending::NotStarted(e) => {
+            Ending::NotStarted(e) if no_disk.get().is_some() => {
                 *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
             }
             Ending::NoRoom(e) => {
