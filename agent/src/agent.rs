@@ -522,7 +522,7 @@ impl Agent {
             None => {
                 // One a real edge may have sent (an expired cancel, on a clock that is off)
                 // counts as well: it is refused all the same, and a reconnect costs nothing.
-                self.unproven.fetch_add(1, SeqCst);
+                self.unproven_frame();
                 let _ = self.uplink.send(AgentMessage::OrderRefused { reason: refusal.to_string() });
             }
         }
@@ -864,7 +864,7 @@ impl Agent {
             }
             Err(e) => {
                 // Not the edge's on this connection: made up or copied on the path.
-                self.unproven.fetch_add(1, SeqCst);
+                self.unproven_frame();
                 warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays");
                 false
             }
