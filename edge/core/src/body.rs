@@ -247,15 +247,12 @@ impl Intake {
             return Err(Crowded { wanted, held: ours, whole: true, bound });
         }
         // The pools of one process (a Worker's isolate) share it as its holders share a
-        // pool's whole (review rev27, 1: one pool's uploads filled it, and every other
-        // pool's bodies were refused): past the whole, a pool holding its even share of
-        // it — among the pools with bodies in flight, itself counted — is refused, one
-        // holding less is not; past twice the whole, every pool holding some is. A pool
-        // with nothing in flight always starts one body.
+        // pool's whole ([`crate::http::pool_past_its_share`]; review rev27, 1: one pool's
+        // uploads filled it, and every other pool's bodies were refused).
         let pools = held.by_pool.keys().filter(|p| *p != pool).count() + 1;
+        let bytes = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         let past = held.bytes.saturating_add(wanted);
-        let share = crate::http::equal_share(bound.whole, pools);
-        if ours > 0 && past > bound.whole && (past > bound.whole.saturating_mul(2) || ours >= share) {
+        if crate::http::pool_past_its_share(bytes(ours), bytes(past), bytes(bound.whole), pools).is_some() {
             return Err(Crowded { wanted, held: held.bytes, whole: true, bound });
         }
         held.add(pool, holder, wanted);

@@ -202,6 +202,34 @@ pub fn owners(config: &Config) -> usize {
     1 + config.caller_secrets.len()
 }
 
+/// Which rule refuses a pool of one process (a Worker's isolate) more bytes, if one does
+/// (review rev27, 1): the pools share the process as the queue's owners share a queue.
+/// `ours`: what the pool holds; `past`: what the process would hold with the new bytes;
+/// `bound`: the pool's own bound; `pools`: the pools holding some, itself counted. Past
+/// twice the bound every pool holding some is refused ([`PastShare::Twice`]); past the
+/// bound, one holding its even share of it ([`PastShare::Even`], the share). A pool
+/// holding nothing always gets one in. Both bounds that pools share — the jobs not ended
+/// (`machine/pending.rs`) and the bodies being read ([`crate::body`]) — ask this.
+pub fn pool_past_its_share(ours: u64, past: u64, bound: u64, pools: usize) -> Option<PastShare> {
+    if ours == 0 || past <= bound {
+        return None;
+    }
+    if past > bound.saturating_mul(2) {
+        return Some(PastShare::Twice);
+    }
+    let share = equal_share(bound, pools);
+    (ours >= share).then_some(PastShare::Even(share))
+}
+
+/// The rule [`pool_past_its_share`] refused by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PastShare {
+    /// Past twice the bound.
+    Twice,
+    /// Past the bound, holding at least this even share of it.
+    Even(u64),
+}
+
 /// One holder's share of `all` shared equally among `holders`, at least 1. Equal shares,
 /// not "half each": with three holders or more, two halves would leave the third nothing
 /// (review rev10), while equal shares always leave each its own.

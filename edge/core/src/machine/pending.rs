@@ -238,10 +238,10 @@ impl Edge {
         // alone is held to its bound above, so what the process holds stays within twice
         // the bound and one job for each pool.
         let (process, pools) = self.pending.process_bytes(now);
-        let share = crate::http::equal_share(cap, pools);
         let whole = "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's)";
         let past = process.saturating_add(bytes);
-        if all > 0 && past > cap.saturating_mul(2) {
+        let refused = crate::http::pool_past_its_share(all, past, cap, pools);
+        if refused == Some(crate::http::PastShare::Twice) {
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
@@ -251,7 +251,7 @@ impl Edge {
                 ),
             ));
         }
-        if all > 0 && past > cap && all >= share {
+        if let Some(crate::http::PastShare::Even(share)) = refused {
             let ours = match owner {
                 "" => format!(" (this pool's hold {all} bytes of them, at least its even share ({share}) among the {pools} pools holding some)"),
                 _ => String::new(),
