@@ -1093,6 +1093,44 @@ async fn a_repository_larger_than_the_disks_free_space_is_a_repo_error_saying_so
     assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
 }
 
+/// `allow_stale`, no fetched state to run on, and DATA_DIR's disk full at the fetch: the
+/// fetch's own failure (the disk's) became "`allow_stale` could not help: … retry once the
+/// server answers", REPO_ERROR, not retryable, and the agent took the next job and failed
+/// it the same (hostile review rev31, 2). The disk is judged as without `allow_stale`:
+/// the job goes back unstarted, the agent takes no work until the disk takes writes, and
+/// the job runs then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_stale_job_whose_fetch_finds_the_disk_full_is_handed_back_as_without_it() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("demo", &[("README.md", b"# demo\n")]);
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    // The mirrors' disk too: the whole DATA_DIR.
+    opts.wrapper = on_own_disk("$DATA_DIR", "4m,nr_inodes=4096");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let data = agent.data.path().join("data");
+    inside(agent.pid().unwrap(), &format!("cd '{}' && cat /dev/zero > hog 2>/dev/null; true", data.display()));
+
+    let job = json!({"prompt": "@exists=README.md", "repo_url": git.url("demo"), "allow_stale": true, "timeout_ms": 60000});
+    let answer = client.execute(job.clone()).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}\n{}", answer.text, agent.log());
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+
+    let queued = client.submit(job).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    inside(agent.pid().unwrap(), &format!("rm -f '{}/hog'", data.display()));
+    let done = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", agent.log());
+    assert_eq!(done["result"]["output"], "README.md: present", "{done}");
+    assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
+}
+
 /// The agent's launcher, found among its children.
 fn launcher_of(agent: &AgentProc) -> Option<u32> {
     process_tree(agent.pid().unwrap()).into_iter().find(|pid| {

@@ -337,6 +337,11 @@ impl MirrorCache {
         match result {
             Ok(found) => Ok(lease(found, false)),
             Err((e, _)) if !allow_stale => Err(e),
+            // A failure of this machine's (its disk full or read-only, its files) is the
+            // runner's to judge as without `allow_stale` (`runner::full_disk`, `local_fault`:
+            // a disk that takes no write holds the agent back, the job handed back), not a
+            // server's that a fetched state could stand in for (rev31-2).
+            Err((e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. } | RepoError::Git { .. }), None)) => Err(e),
             // Only what this agent fetched is run on: the refs on disk are a job's to move.
             Err((e, None)) => {
                 let cause = match e {

@@ -2770,6 +2770,28 @@ async fn after_a_restart_a_failed_fetch_does_not_run_stale_on_the_refs_on_disk()
     assert!(err.to_string().contains("`allow_stale` could not help"), "{err}");
 }
 
+/// A fetch that failed for the agent's own disk (full, read-only; here its folder of
+/// mirrors turned into a file), `allow_stale` and nothing fetched to run on, became
+/// [`RepoError::NoStaleState`] ("retry once the server answers"), which the runner does
+/// not judge: no job was handed back, and each failed so (hostile review rev31, 2). The
+/// fetch's own failure is returned, for the runner to judge the disk as without
+/// `allow_stale`; a server's failure still says `allow_stale` could not help.
+#[tokio::test]
+async fn an_allow_stale_fetch_that_failed_for_the_agents_disk_returns_that_failure() {
+    let tmp = TempDir::new("stale-local");
+    let (bare, _work, _) = server(tmp.path());
+    let root = tmp.path().join("repos");
+    let cache = MirrorCache::open(root.clone(), u64::MAX).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::write(&root, "").unwrap();
+    let err = cache.acquire(source(&bare), true).await.err().expect("a mirror made in a file");
+    assert!(matches!(err, RepoError::Git { .. }), "{err}");
+    std::fs::remove_file(&root).unwrap();
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let err = cache.acquire(source(&bare), true).await.err().expect("fetched from a server that is gone");
+    assert!(matches!(err, RepoError::NoStaleState { .. }), "{err}");
+}
+
 /// A repository with more refs than a fetch may bring is refused before any is written,
 /// naming both counts: each fetch rewrote them all, and the agent kept them in memory
 /// (rev11, 3).
