@@ -752,6 +752,46 @@ async fn a_servers_words_cannot_forge_log_lines() {
     assert!(s.agent.log().lines().all(|l| !l.starts_with(forged)), "a forged line in the log:\n{}", s.agent.log());
 }
 
+/// A git server's own words of a full disk (an `ERR` packet: its disk, or a hostile
+/// server's words) were read as the runner's full disk: the job was told the repository
+/// "needs more free space than the disk holding DATA_DIR has", not retryable (hostile
+/// review rev31, 3). Only the runner's own OS says its disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_servers_words_of_a_full_disk_are_not_the_runners_full_disk() {
+    let s = setup(None, &[]).await;
+    demo(&s.git);
+    s.git.refuse_fetches(Some("fatal: unable to create temporary file: No space left on device"));
+    let b = s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("unable to create temporary file") && !e.contains("DATA_DIR"), "the server's words, as the server's: {e}");
+    let health = s.client.health_full().await;
+    assert_eq!(health.body["agents"][0]["takes_work"], true, "{}", health.text);
+    assert!(s.agent.claude_runs().is_empty(), "Claude ran");
+}
+
+/// A path of the repository with a full disk's words between quotes of its own
+/// (`x'No space left on device'y/.git`, which libgit2's checkout refuses, quoting the
+/// path) was read as a full disk, split at each quote; the disk had room, so the job was
+/// told another process filled it meanwhile, "retry" — and failed so at every retry
+/// (hostile review rev31, 4). A checkout's refusal of a path is never a full disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_naming_a_full_disk_between_quotes_is_no_full_disk() {
+    let s = setup(None, &[]).await;
+    let seed = s.git.seed("evil", &[("README.md", b"# evil\n")]);
+    let script = r#"set -e
+b=$(echo hi | git hash-object -w --stdin)
+inner=$(printf "100644 blob $b\t.git\n" | git mktree)
+outer=$(printf "040000 tree $inner\tx'No space left on device'y\n100644 blob $b\tREADME.md\n" | git mktree)
+git update-ref refs/heads/bad $(git commit-tree -m bad $outer)"#;
+    let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(&seed.bare).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b = s.run(json!({"prompt": "x", "repo_url": s.git.url("evil"), "branch": "bad"})).await;
+    let e = repo_error(&b);
+    assert!(!e.contains("DATA_DIR") && !e.contains("filled the disk"), "a path taken for a full disk: {e}");
+    assert_eq!(b["retryable"], false, "the same commit fails the same: {b:#}");
+    assert!(s.agent.claude_runs().is_empty(), "Claude ran");
+}
+
 /// What a job's own git configuration could steer, it steers no more. A `pushInsteadOf`
 /// in its checkout's `.git/config` sent the job's commit, with the runner's token, to
 /// another repository of the host — onto that one's default branch, past the check made

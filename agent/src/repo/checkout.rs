@@ -3,7 +3,7 @@
 //! HEAD, index and refs — not a worktree of the mirror, whose shared state breaks under
 //! concurrent jobs. Claude may do anything in it; no other job sees it.
 
-use super::error::{local, RepoError};
+use super::error::{git, local, RepoError};
 use super::mirror::Fetched;
 use super::settings::{MAX_CHECKOUT_ENTRIES, MAX_CHECKOUT_FILE_BYTES};
 use git2::{build::CheckoutBuilder, ErrorClass, ErrorCode, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
@@ -94,7 +94,7 @@ fn reading(action: &'static str, url: &str, e: git2::Error) -> RepoError {
     if matches!(e.class(), ErrorClass::Odb | ErrorClass::Zlib | ErrorClass::Object) && e.code() != ErrorCode::Peel {
         return RepoError::MirrorBroken { url: url.to_string(), detail: super::error::one_line(e.message()) };
     }
-    local(action, e.message())
+    git(action, &e)
 }
 
 fn resolve(mirror: &Repository, fetched: &Fetched, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
@@ -134,7 +134,7 @@ fn resolve(mirror: &Repository, fetched: &Fetched, branch: Option<&str>, url: &s
 /// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
 pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
     let action = "check out the repository";
-    let mirror = Repository::open_bare(mirror_dir).map_err(|e| local(action, e.message()))?;
+    let mirror = Repository::open_bare(mirror_dir).map_err(|e| git(action, &e))?;
     let start = resolve(&mirror, fetched, branch, url)?;
     let start_commit = match &start {
         Start::Branch(_, commit) | Start::Detached(commit) => *commit,

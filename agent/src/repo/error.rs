@@ -154,8 +154,13 @@ impl Talk<'_> {
         if self.auth.needed_without_token {
             return RepoError::NoToken { url, host };
         }
-        if let Some(e) = disk_full(message) {
-            return e;
+        // A full disk is the runner's own OS saying so: an error of libgit2's OS class, the
+        // errno's words last. A server's words ("remote error: …", libgit2's Net class) may
+        // say the same of its own disk, or anything (rev31-3).
+        if class == ErrorClass::Os {
+            if let Some(e) = disk_full(message) {
+                return e;
+            }
         }
         if code == ErrorCode::Auth || lower.contains("status code: 401") || lower.contains("authentication required") {
             return RepoError::NoToken { url, host };
@@ -175,11 +180,11 @@ impl Talk<'_> {
         // OS class too, beside the local file system's: only the first is the server out of
         // reach, retryable. "failed to make directory …: Permission denied" in the mirror
         // is a local fault (`Git`, which the mirror's rebuild looks for), not "then retry".
-        // Read outside the quoted paths libgit2 puts in its words: a mirror's folder is the
-        // repository's name (`github.com+TryGhost+Ghost.git`, `socket.io`), and a word
-        // there is no socket (rev24-3).
-        let unquoted = unquoted(&lower);
-        let socket = LIBGIT2_UNREACHABLE.iter().any(|w| unquoted.contains(w)) || SOCKET_ERRNOS.iter().any(|&errno| unquoted.contains(&os_words(errno)));
+        // Read where libgit2 puts its own words (first) and the OS's (last), never in
+        // between, where the paths it names are: a mirror's folder is the repository's name
+        // (`github.com+TryGhost+Ghost.git`, `socket.io`), and a word there is no socket
+        // (rev24-3), nor are words between quotes of a path's own (rev31-4).
+        let socket = LIBGIT2_UNREACHABLE.iter().any(|w| lower.starts_with(w)) || SOCKET_ERRNOS.iter().any(|&errno| ends_in_os_words(&lower, errno));
         if matches!(class, ErrorClass::Net | ErrorClass::Http) || class == ErrorClass::Os && socket || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
         }
@@ -210,32 +215,49 @@ fn os_words(errno: i32) -> String {
     text.strip_suffix(suffix.as_str()).unwrap_or(&text).to_ascii_lowercase()
 }
 
-/// The disk-full error, if `message` is one: ENOSPC or EDQUOT in the OS's words
-/// ([`crate::files::DISK_FULL_ERRNOS`], the errnos `files::disk_full` reads by kind).
-/// Read outside the quoted paths, like the socket check: a path is a repository's or
-/// Claude's choice, and "No space left on device" as a folder's name is no full disk
-/// (rev28-4).
-pub fn disk_full(message: &str) -> Option<RepoError> {
-    let lower = unquoted(&message.to_ascii_lowercase());
-    crate::files::DISK_FULL_ERRNOS
-        .iter()
-        .any(|&errno| lower.contains(&os_words(errno)))
-        .then(|| RepoError::DiskFull { detail: message.to_string(), needed: None })
+/// Whether `text` (in lower case) ends in the OS's words for `errno` ([`os_words`]): as
+/// libgit2 ends a message of its OS class (": " and `strerror`), and std an `io::Error`
+/// (the words, then " (os error N)"). Read at the end only: what comes before is libgit2's
+/// words and the paths it names, which may hold anything — an errno's words, quotes of
+/// their own around them (rev28-4, rev31-4).
+fn ends_in_os_words(text: &str, errno: i32) -> bool {
+    let text = text.trim_end();
+    let text = text.strip_suffix(format!(" (os error {errno})").as_str()).unwrap_or(text);
+    text.strip_suffix(os_words(errno).as_str()).is_some_and(|before| before.is_empty() || before.ends_with(": "))
 }
 
-/// `text` without what libgit2 quotes in it (`'…'`: the paths it names), the rest joined
-/// by spaces: the words libgit2 and the OS wrote, read for what failed.
-fn unquoted(text: &str) -> String {
-    text.split('\'').step_by(2).collect::<Vec<_>>().join(" ")
+/// The disk-full error, if `message` (an OS's error, or words that end in one) is one: it
+/// ends in the OS's words for ENOSPC or EDQUOT ([`crate::files::DISK_FULL_ERRNOS`], the
+/// errnos `files::disk_full` reads by kind). A libgit2 error is read so only when of its
+/// OS class ([`git`], [`Talk::error`]): another class's words end in what it quotes, a
+/// server's words, a path.
+pub fn disk_full(message: &str) -> Option<RepoError> {
+    let lower = message.to_ascii_lowercase();
+    crate::files::DISK_FULL_ERRNOS
+        .iter()
+        .any(|&errno| ends_in_os_words(&lower, errno))
+        .then(|| RepoError::DiskFull { detail: message.to_string(), needed: None })
 }
 
 /// Text from outside (a git server's words, a path Claude chose) as one line.
 pub use shared::text::one_line;
 
-/// A local git or file-system step that failed (no server involved).
+/// A local git or file-system step that failed (no server involved): an OS's error
+/// (`io::Error`), or words that end in one.
 pub fn local(action: &'static str, message: impl ToString) -> RepoError {
     let message = one_line(&message.to_string());
     disk_full(&message).unwrap_or(RepoError::Git { action: action.into(), detail: message })
+}
+
+/// A local libgit2 step that failed: a full disk only when of libgit2's OS class (a
+/// checkout's refusal of a path quotes the path, which may hold any words: rev31-4).
+pub fn git(action: &'static str, e: &git2::Error) -> RepoError {
+    let message = one_line(e.message());
+    match e.class() {
+        ErrorClass::Os => disk_full(&message),
+        _ => None,
+    }
+    .unwrap_or(RepoError::Git { action: action.into(), detail: message })
 }
 
 #[cfg(test)]
@@ -338,5 +360,30 @@ mod tests {
         assert!(matches!(e, RepoError::Git { .. }), "{e}");
         let e = local("check out", "failed to write 'a/b': No space left on device");
         assert!(matches!(e, RepoError::DiskFull { .. }), "{e}");
+    }
+
+    /// Words from outside never make a full disk of the runner's (hostile review rev31, 3
+    /// and 4): a git server's (libgit2's Net and Http classes: "remote error: …", a status
+    /// line), nor a path with quotes of its own, which a reading "outside the quotes"
+    /// split at each of them, taking the path's words for libgit2's. Nor do a path's
+    /// words make a server out of reach.
+    #[test]
+    fn outside_words_never_make_a_full_disk_nor_a_server_out_of_reach() {
+        let t = talk(AuthSeen::default());
+        let full = "No space left on device";
+        for class in [ErrorClass::Net, ErrorClass::Http] {
+            let e = t.error(ErrorCode::GenericError, class, &format!("remote error: fatal: unable to create temporary file: {full}"));
+            assert!(!matches!(e, RepoError::DiskFull { .. }), "{class:?}: {e}");
+        }
+        let path = format!("cannot checkout to invalid path 'x'{full}'y/.git'");
+        assert!(matches!(local("check out", &path), RepoError::Git { .. }), "{path}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, &format!("failed to make directory '/m/x'{full}'y': Permission denied"));
+        assert!(matches!(e, RepoError::Git { .. }), "{e}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to make directory '/m/x'connection refused'y': Permission denied");
+        assert!(matches!(e, RepoError::Git { .. }) && !e.retryable(), "{e}");
+        // The OS's own words, where libgit2 and std put them: last.
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, &format!("failed to write 'x'{full}'y': {full}"));
+        assert!(matches!(e, RepoError::DiskFull { .. }), "{e}");
+        assert!(matches!(local("check out", format!("'a/b': {}", std::io::Error::from_raw_os_error(libc::ENOSPC))), RepoError::DiskFull { .. }));
     }
 }
