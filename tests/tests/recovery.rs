@@ -1131,6 +1131,67 @@ async fn an_allow_stale_job_whose_fetch_finds_the_disk_full_is_handed_back_as_wi
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// `long`: 2000 one-byte files at paths of 1.2 KB (four folders of 240-byte names), whose
+/// index is 2.5 MB, beside 8 MB of file blocks (hostile review rev31, 5).
+fn seed_long_paths(git: &harness::git_server::GitServer) {
+    let deep = ["a", "b", "c", "d"].map(|c| c.repeat(240)).join("/");
+    let names: Vec<String> = (0..2000).map(|i| format!("{deep}/{i:0>240}")).collect();
+    let mut files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    files.push(("README.md", b"# long\n"));
+    git.seed("long", &files);
+}
+
+/// A checkout's index (62 bytes and the file's path for each file) and its folders' entries
+/// were not counted in what it needs: `seed_long_paths`'s repository was measured to fit
+/// a 10 MiB disk, filled it as it wrote its index, and the job was told another process
+/// had filled the disk, "retry" — at every retry (hostile review rev31, 5). It is refused
+/// before anything is written, not retryable, and the agent goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_whose_index_would_fill_the_disk_is_refused_before_it_is_written() {
+    let git = harness::git_server::GitServer::start(None);
+    seed_long_paths(&git);
+    let (_edge, agent, client) = agent_on_small_disk_with_git(&git, "10m").await;
+    let answer = client.execute(json!({"prompt": "must not run", "repo_url": git.url("long"), "timeout_ms": 120000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}", answer.text);
+    let said = answer.body["error"].as_str().unwrap_or_default();
+    assert!(said.contains("refused before anything was written"), "{said}");
+    assert_eq!(answer.body["retryable"], false, "{}", answer.text);
+    assert!(agent.claude_runs().is_empty(), "claude ran");
+    let answer = client.execute(json!({"prompt": "runs", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+}
+
+/// libgit2 loses the error of a write that fails as it writes a checkout's index (its
+/// buffered file says only that it failed): a checkout whose index met a full disk was
+/// told "could not check out the repository: no error" (hostile review rev31, 5). The
+/// disk is asked, and a full one is judged as any full disk. Here the job's own folder is
+/// a disk of 9 MiB (mounted before the agent starts, the job queued first) while the
+/// workspaces' disk has room: the files fit, the index does not, and the job is told its
+/// checkout filled the disk, which has room again — retryable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_whose_index_meets_a_full_disk_is_told_so_never_no_error() {
+    let git = harness::git_server::GitServer::start(None);
+    seed_long_paths(&git);
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let client = Client::new(&edge.url());
+    let queued = client.submit(json!({"prompt": "must not run", "repo_url": git.url("long"), "timeout_ms": 120000})).await;
+    assert_eq!(queued.status, 202, "{}", queued.text);
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk(&format!("$DATA_DIR/workspaces/{job_id}"), "9m");
+    let agent = AgentProc::start(opts);
+    let job = client.wait_job(&job_id, Duration::from_secs(120)).await;
+    let said = job["result"]["error"].as_str().unwrap_or_default();
+    assert_eq!(job["result"]["error_code"], "REPO_ERROR", "{job}\n{}", agent.log());
+    assert!(!said.contains("no error"), "{said}");
+    assert!(said.contains("filled the disk holding DATA_DIR"), "{said}");
+    assert_eq!(job["result"]["retryable"], true, "{job}");
+    assert!(agent.claude_runs().is_empty(), "claude ran");
+}
+
 /// The agent's launcher, found among its children.
 fn launcher_of(agent: &AgentProc) -> Option<u32> {
     process_tree(agent.pid().unwrap()).into_iter().find(|pid| {

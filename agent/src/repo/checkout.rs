@@ -144,26 +144,43 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     let workspaces = dir.parent().unwrap_or(dir);
     let space = crate::workspace::disk_space(workspaces).map_err(|e| local(action, e))?;
     room(measured, space, url)?;
-    std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
+    // From here the checkout is written. A full disk met room that was measured free
+    // (`room`): what the checkout needs goes with it, for the verdict once it is removed
+    // (`runner::full_disk`).
+    let filled = |e: RepoError| match e {
+        RepoError::DiskFull { detail, .. } => RepoError::DiskFull { detail, needed: Some(measured.needed(space.block)) },
+        other => other,
+    };
+    let io = |e: std::io::Error| filled(local(action, e));
+    // libgit2 loses the error of a write refused in one of its buffered files (its
+    // `filebuf`: the index, written last, or the config): it fails without a word ("no
+    // error", of no class), and the disk is asked instead ([`unsaid`]).
+    let failed = |e: git2::Error| {
+        filled(match e.class() {
+            ErrorClass::None => unsaid(dir, measured),
+            _ => reading(action, url, e),
+        })
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
     // No template folder: git's system one is a dozen sample hooks written for nothing.
     let mut init = git2::RepositoryInitOptions::new();
     init.external_template(false);
-    let repo = Repository::init_opts(dir, &init).map_err(|e| local(action, e.message()))?;
-    let fs = FileSystem::detected(repo.path()).map_err(|e| local(action, e.message()))?;
-    let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
-    std::fs::write(repo.path().join("objects/info/alternates"), format!("{}\n", objects.display())).map_err(|e| local(action, e))?;
+    let repo = Repository::init_opts(dir, &init).map_err(failed)?;
+    let fs = FileSystem::detected(repo.path()).map_err(failed)?;
+    let objects = mirror_dir.canonicalize().map_err(io)?.join("objects");
+    std::fs::write(repo.path().join("objects/info/alternates"), format!("{}\n", objects.display())).map_err(io)?;
     // Opened again: a repository reads its alternates when opened.
     drop(repo);
-    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let repo = Repository::open(dir).map_err(failed)?;
     let commit = match &start {
         Start::Branch(name, commit) => {
             let refname = format!("refs/heads/{name}");
-            repo.reference(&refname, *commit, true, "claude-runner checkout").map_err(|e| local(action, e.message()))?;
-            repo.set_head(&refname).map_err(|e| local(action, e.message()))?;
+            repo.reference(&refname, *commit, true, "claude-runner checkout").map_err(failed)?;
+            repo.set_head(&refname).map_err(failed)?;
             *commit
         }
         Start::Detached(commit) => {
-            repo.set_head_detached(*commit).map_err(|e| local(action, e.message()))?;
+            repo.set_head_detached(*commit).map_err(failed)?;
             *commit
         }
     };
@@ -173,42 +190,92 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     // converted file twice would not bound it either. Unconverted files read back as they
     // were (staging cleans LF and an unexpanded `$Id$` to themselves): no change is seen
     // that the job did not make.
-    // A full disk here met room that was measured free (`room`): what the checkout needs
-    // goes with it, for the verdict once it is removed (`runner::full_disk`).
-    let filled = |e| match reading(action, url, e) {
-        RepoError::DiskFull { detail, .. } => RepoError::DiskFull { detail, needed: Some(measured.needed(space.block)) },
-        other => other,
-    };
-    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(filled)?;
+    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(failed)?;
     Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
-/// What a checkout of a commit writes, as [`fits`] measured it from the objects' headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The error of a libgit2 step of the checkout into `dir` that failed without a word
+/// (see [`create`]), never "no error": the disk holding `dir` has less free than the
+/// checkout's index needs — the index is written last, and its buffered file gives back,
+/// removed, all it held — then the disk is full ([`RepoError::DiskFull`], judged as any:
+/// `runner::full_disk`); else what is known (hostile review rev31, 5: a checkout whose
+/// index met a full disk was told "could not check out the repository: no error").
+fn unsaid(dir: &Path, measured: Measured) -> RepoError {
+    let action = "check out the repository";
+    let why = "libgit2 stopped writing the checkout without saying why";
+    match crate::workspace::disk_space(dir) {
+        Ok(space) if space.free < whole_blocks(measured.index, space.block).saturating_add(space.block) => RepoError::DiskFull {
+            detail: format!("{why}, and the disk holding it has {} bytes free, less than its index needs ({} bytes)", space.free, measured.index),
+            needed: None,
+        },
+        Ok(space) => local(action, format!("{why}, with {} bytes free on the disk holding it", space.free)),
+        Err(e) => local(action, format!("{why}, and the disk holding it could not be asked for its free space ({e})")),
+    }
+}
+
+/// `bytes` rounded up to whole `block`s.
+fn whole_blocks(bytes: u64, block: u64) -> u64 {
+    bytes.div_ceil(block.max(1)).saturating_mul(block.max(1))
+}
+
+/// What a checkout of a commit writes, as [`fits`] measured it from the objects' headers
+/// and its tree's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Measured {
     /// The files' bytes.
     pub bytes: u64,
     /// Files and folders (each an inode, and at least a block on most disks).
     pub entries: u64,
+    /// The bytes of its index (`.git/index`): [`INDEX_ENTRY_BYTES`] and the path of each
+    /// file, padded to 8 bytes, a tree cache entry per folder, header and trailer. 2000
+    /// files at paths of 1.2 KB make an index of 2.5 MB (hostile review rev31, 5).
+    pub index: u64,
+    /// The bytes the names of its files and folders take in their folders' entries
+    /// ([`DIRENT_BYTES`] and the name, padded to 4 bytes; "." and ".." in each folder).
+    pub names: u64,
 }
 
 impl Measured {
     /// The bytes the checkout takes on a disk of `block`-byte blocks: the files' bytes, a
-    /// block for each file and folder (sizes round up to whole blocks), and the `.git`
-    /// folder ([`GIT_DIR_BLOCKS`]).
+    /// block for each file and folder (sizes round up to whole blocks), the index, the
+    /// folders' entries beyond the folder's first block — twice: a folder of many entries
+    /// is a tree of blocks indexed by hash on ext4 (htree), each block split in two as it
+    /// fills, so as little as half of each is used — and the rest of the `.git` folder
+    /// ([`GIT_DIR_BLOCKS`]).
     pub fn needed(&self, block: u64) -> u64 {
-        self.bytes.saturating_add(self.entries.saturating_mul(block)).saturating_add(GIT_DIR_BLOCKS.saturating_mul(block))
+        self.bytes
+            .saturating_add(self.entries.saturating_mul(block))
+            .saturating_add(whole_blocks(self.index, block))
+            .saturating_add(self.names.saturating_mul(2))
+            .saturating_add(GIT_DIR_BLOCKS.saturating_mul(block))
     }
 }
 
-/// Blocks a checkout writes besides its files: its `.git` (config, HEAD, refs, the index,
-/// a dozen files from no template) and a margin for what the job writes first.
+/// Blocks a checkout writes besides its files and index: the rest of its `.git` (config,
+/// HEAD, refs, a dozen files and folders from no template) and a margin for what the job
+/// writes first.
 const GIT_DIR_BLOCKS: u64 = 32;
+
+/// An index entry before its path (git's version 2, which libgit2 writes: times, device,
+/// inode, mode, owner, size, object id, flags); the path follows, then 1 to 8 NULs up to a
+/// multiple of 8 bytes.
+const INDEX_ENTRY_BYTES: u64 = 62;
+
+/// The index's header (12 bytes) and trailer (a hash: 32 bytes with SHA-256).
+const INDEX_ENDS_BYTES: u64 = 44;
+
+/// A folder's entry in the index's tree cache beside its name: its counts of entries and
+/// subfolders in decimal, and its tree's id (32 bytes at most).
+const TREE_CACHE_BYTES: u64 = 64;
+
+/// A folder entry before its name (ext4's: inode, entry length, name length, type); the
+/// whole padded to 4 bytes.
+const DIRENT_BYTES: u64 = 8;
 
 /// Refuses ([`RepoError::NoRoom`]) a checkout that would not leave `space`'s disk (the
 /// workspaces') with a reserve — a twentieth of the disk, at most 256 MiB — for the
-/// agent's own records and the job's first writes: the files' bytes, a block for each
-/// file and folder (sizes round up to whole blocks), and the `.git` folder. A checkout that
+/// agent's own records and the job's first writes: what [`Measured::needed`] counts (the
+/// files, their folders, the index, the `.git` folder). A checkout that
 /// filled the disk failed half-written, and one kept by `KEEP_FAILED_WORKSPACES` left the
 /// disk full for every later job, across restarts (hostile review rev25, 2). Other writers
 /// (a job beside it) can still fill the disk during the checkout: then it fails
@@ -241,6 +308,8 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
     let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| reading(action, url, e))?;
     let odb = repo.odb().map_err(|e| local(action, e.message()))?;
     let (mut total, mut entries, mut refused) = (0u64, 0u64, None);
+    // The root folder's "." and "..", and the index's ends.
+    let (mut index, mut names) = (INDEX_ENDS_BYTES + TREE_CACHE_BYTES, 2 * (DIRENT_BYTES + 4));
     let walked = tree.walk(TreeWalkMode::PreOrder, |folder, entry| {
         // Entries are counted too: a tree may name one subtree many times, so a few
         // kilobytes made millions of empty files (inodes, and a walk of days).
@@ -249,6 +318,16 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
             let what = format!("it has more than {max_entries} files and folders");
             refused = Some(RepoError::CheckoutTooBig { url: url.to_string(), commit: commit.to_string(), what });
             return TreeWalkResult::Abort;
+        }
+        let name = entry.name_bytes().len() as u64;
+        names = names.saturating_add((DIRENT_BYTES + name).next_multiple_of(4));
+        match entry.kind() {
+            Some(ObjectType::Tree) => {
+                index = index.saturating_add(name + 1 + TREE_CACHE_BYTES);
+                names = names.saturating_add(2 * (DIRENT_BYTES + 4));
+            }
+            // A file, a link, or a submodule's commit (an empty folder): an index entry.
+            _ => index = index.saturating_add((INDEX_ENTRY_BYTES + folder.len() as u64 + name + 8) & !7),
         }
         if entry.kind() != Some(ObjectType::Blob) {
             return TreeWalkResult::Ok;
@@ -276,7 +355,7 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
     match (refused, walked) {
         (Some(e), _) => Err(e),
         (None, Err(e)) => Err(reading(action, url, e)),
-        (None, Ok(())) => Ok(Measured { bytes: total, entries }),
+        (None, Ok(())) => Ok(Measured { bytes: total, entries, index, names }),
     }
 }
 

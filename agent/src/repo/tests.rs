@@ -1769,20 +1769,60 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
 fn a_checkout_that_does_not_fit_the_free_space_is_refused_naming_what_it_needs() {
     use crate::workspace::DiskSpace;
     let disk = |free: u64, free_inodes: Option<u64>| DiskSpace { free, size: 6 << 20, free_inodes, block: 4096 };
-    let zeros = checkout::Measured { bytes: 20_000_000, entries: 2 };
+    let zeros = checkout::Measured { bytes: 20_000_000, entries: 2, ..Default::default() };
     let err = checkout::room(zeros, disk(6 << 20, Some(1000)), "https://h/r.git").unwrap_err();
     let said = err.to_string();
     assert!(matches!(err, RepoError::NoRoom { .. }) && !err.retryable(), "{said}");
     assert!(said.contains("needs about 20139264 bytes") && said.contains("has 6291456 bytes free") && said.contains("314572 in reserve"), "{said}");
-    let small = checkout::Measured { bytes: 10_000, entries: 5 };
+    let small = checkout::Measured { bytes: 10_000, entries: 5, ..Default::default() };
     checkout::room(small, disk(6 << 20, Some(1000)), "https://h/r.git").unwrap();
     // Within the reserve: refused too.
     assert!(checkout::room(small, disk(400_000, None), "u").is_err());
     // Inodes: a disk that counts them must have room for every file and folder.
-    let many = checkout::Measured { bytes: 0, entries: 10_000 };
+    let many = checkout::Measured { bytes: 0, entries: 10_000, ..Default::default() };
     let err = checkout::room(many, DiskSpace { free: 1 << 40, size: 1 << 40, free_inodes: Some(5_000), block: 4096 }, "u").unwrap_err();
     assert!(err.to_string().contains("10000 files and folders") && err.to_string().contains("room for 5000 more"), "{err}");
     checkout::room(many, DiskSpace { free: 1 << 40, size: 1 << 40, free_inodes: None, block: 4096 }, "u").unwrap();
+}
+
+/// What a checkout is measured to need before it is written (`Measured::needed`) is at
+/// least what it takes of the disk: its files, its folders (one of many long names is many
+/// blocks) and its `.git`, whose index holds 62 bytes and the path of each file. Neither
+/// the index nor the folders' entries were counted: 2000 one-byte files at paths of 1.2 KB
+/// were measured at 8.3 MB and took 11, and a checkout measured to fit filled the disk
+/// (hostile review rev31, 5).
+#[tokio::test]
+async fn a_checkout_takes_no_more_of_the_disk_than_it_was_measured_to_need() {
+    use std::os::unix::fs::MetadataExt;
+    fn taken(path: &Path) -> u64 {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        let inside = match meta.is_dir() {
+            true => std::fs::read_dir(path).unwrap().map(|e| taken(&e.unwrap().path())).sum(),
+            false => 0,
+        };
+        meta.blocks() * 512 + inside
+    }
+    let tmp = TempDir::new("checkout-need");
+    let (bare, work) = (tmp.path().join("long.git"), tmp.path().join("long"));
+    git(tmp.path(), &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    let deep = work.join(["a", "b", "c", "d"].map(|c| c.repeat(240)).join("/"));
+    std::fs::create_dir_all(&deep).unwrap();
+    for i in 0..2000 {
+        std::fs::write(deep.join(format!("{i:0>240}")), "x").unwrap();
+    }
+    std::fs::write(work.join("README.md"), "# long\n").unwrap();
+    git(&work, &["init", "-q"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "long"]);
+    git(&work, &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://long", u64::MAX).unwrap();
+    let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
+    let measured = checkout::fits(&mirror, co.commit, (u64::MAX, u64::MAX, u64::MAX), "file://long").unwrap();
+    let needed = measured.needed(crate::workspace::disk_space(&co.dir).unwrap().block);
+    let taken = taken(&co.dir);
+    assert!(needed >= taken, "measured to need {needed} bytes, took {taken}");
 }
 
 /// The checkout ran `.gitattributes` conversions after `fits` measured the objects: with
