@@ -814,9 +814,7 @@ impl Agent {
             held.cannot.disk
         };
         if disk {
-            let (workspaces, records) = (self.workspaces.to_path_buf(), self.spool.records().to_path_buf());
-            let probed = tokio::task::spawn_blocking(move || runner::job_folders_take_writes(&workspaces, Some(&records))).await;
-            if let Err(e) = probed.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+            if let Err(e) = runner::job_folders_take_writes(&self.workspaces, Some(self.spool.records())).await {
                 debug!(agent_id = %self.cfg.agent_id, error = %e, "DATA_DIR still takes no writes: no work yet");
                 return;
             }

@@ -364,10 +364,16 @@ async fn run_in(
 /// Whether the folders every job needs take a write now (its workspace's, and its started
 /// record's when it has one): an agent held back for want of disk takes work again once
 /// they do ([`crate::agent::Agent::check_start`]), and a job whose checkout filled the disk
-/// is handed back while they do not ([`full_disk`]).
-pub fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std::io::Result<()> {
-    crate::files::probe_write(workspaces)?;
-    records.map_or(Ok(()), crate::files::probe_write)
+/// is handed back while they do not ([`full_disk`]). The one test write of both: on the
+/// blocking pool, as a file is made, synced and removed in each.
+pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std::io::Result<()> {
+    let (workspaces, records) = (workspaces.to_path_buf(), records.map(Path::to_path_buf));
+    tokio::task::spawn_blocking(move || {
+        crate::files::probe_write(&workspaces)?;
+        records.as_deref().map_or(Ok(()), crate::files::probe_write)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 /// A full disk met by a job's fetch or checkout of `url`. What the checkout wrote goes
@@ -436,15 +442,10 @@ async fn local_fault(ctx: &JobContext, workspace: &Path, e: RepoError, cannot_st
 /// [`job_folders_take_writes`]: whether it took. Refused, the agent is held back for want
 /// of disk (`cannot_start`: the job goes back unstarted) until one does.
 async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Option<CannotStart>) -> bool {
-    let (leftover, workspaces) = (workspace.to_path_buf(), Arc::clone(&ctx.workspaces));
-    let records = ctx.spool.as_ref().map(|s| s.records().to_path_buf());
-    let probed = tokio::task::spawn_blocking(move || {
-        let _ = workspace::remove(&leftover);
-        job_folders_take_writes(&workspaces, records.as_deref())
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    let Err(e) = probed else { return true };
+    let leftover = workspace.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
+    let records = ctx.spool.as_ref().map(|s| s.records());
+    let Err(e) = job_folders_take_writes(&ctx.workspaces, records).await else { return true };
     let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
     *cannot_start = Some(CannotStart { why, disk: true });
     false
