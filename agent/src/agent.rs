@@ -1269,6 +1269,58 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A leftover of the job (sent again) that cannot be removed — EBUSY here, a folder in
+    /// it a mount point; EPERM alike — is no want of the agent's disk: the job fails alone,
+    /// unstarted, and the agent keeps taking work. Every error but the few the workspace
+    /// code wrapped as the job's was taken for the disk's (the rule was inverted): the job
+    /// went back and the agent held itself back — until its next write test, which
+    /// succeeded at once, so the job went round (final read of session 40). The mount is in
+    /// a mount namespace of this thread's own (root: CAP_SYS_ADMIN), gone with it.
+    #[test]
+    fn a_leftover_that_cannot_be_removed_fails_its_job_alone() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-leftover-{}", std::process::id()));
+        let in_namespace = dir.clone();
+        std::thread::spawn(move || {
+            let dir = in_namespace;
+            // SAFETY: unshare and mount with NUL-terminated strings; this thread alone moves
+            // to the new namespace (CLONE_NEWNS unshares its file system information too).
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    eprintln!("skipped: no mount namespace of its own ({}): run as root", std::io::Error::last_os_error());
+                    return;
+                }
+                let private = libc::mount(c"none".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null());
+                assert_eq!(private, 0, "{}", std::io::Error::last_os_error());
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let ran = dir.join("ran");
+                let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+                let held = agent.workspaces.join("j").join("held");
+                std::fs::create_dir_all(&held).unwrap();
+                let target = std::ffi::CString::new(held.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: as above.
+                let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) };
+                assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
+                agent.link.welcomed(Some(60_000));
+                let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+                let ctx = agent.job_context("j:2", "default", Some(false));
+                let (_stop, stop_rx) = oneshot::channel();
+                let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+                // SAFETY: as above.
+                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+                ended.leftover.clean_up().await;
+                assert!(!ran.exists(), "Claude ran in a workspace that was not fresh");
+                assert!(ended.cannot_start.is_none(), "held the agent back for a leftover of the job's own: {:?}", ended.cannot_start);
+                let error = ended.result.error.unwrap_or_default();
+                assert!(error.contains("could not prepare the job's workspace") && error.contains("busy"), "{error}");
+            });
+        })
+        .join()
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The window after that check: the agent cut off and given up while the job's started
     /// record was written and Claude spawned. Checked again right before the prompt, the job
     /// still does not start: its Claude is killed unprompted, the result says "not started",

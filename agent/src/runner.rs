@@ -257,15 +257,23 @@ async fn run_in(
         None => match workspace::prepare(&ctx.workspaces, job_id, spec.working_dir.as_deref()) {
             Ok(dir) => (dir, None),
             Err(e) => {
-                let why = format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display());
-                // The disk (full, read-only, its folder's permissions): no fault of the
-                // job's, which goes back unstarted. Anything else is the job's own.
-                if e.kind() != std::io::ErrorKind::Other {
+                // The agent's want (the disk, or its own folder): no fault of the job's,
+                // which goes back unstarted. Anything else is the job's own, and it fails
+                // alone: a leftover of it that cannot be removed (EPERM, EBUSY), a
+                // `working_dir` the file system refuses (rev26-1: ENAMETOOLONG).
+                if agents_want(ctx, &e).await {
                     let root = workspace.parent().unwrap_or(&workspace);
                     let why = format!("it cannot make a job's workspace in {} ({e}): free space on that folder's disk (or make it writable)", root.display());
                     *cannot_start = Some(CannotStart { why, disk: true });
+                    let error = format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display());
+                    return (JobResult::failure(ErrorCode::InternalError, error, 0), None);
                 }
-                return (JobResult::failure(ErrorCode::InternalError, why, 0), None);
+                warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %e, "the job's workspace could not be prepared: the job fails alone");
+                let error = format!(
+                    "could not prepare the job's workspace {}: {e}; check its working_dir, or remove by hand what an earlier run of the job left there",
+                    workspace.display()
+                );
+                return (JobResult::failure(ErrorCode::InternalError, error, 0), None);
             }
         },
         Some(url) => {
@@ -359,6 +367,25 @@ async fn run_in(
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
     (result, session)
+}
+
+/// Whether `e` is the disk's failing, whatever folder met it: full or over quota
+/// ([`crate::files::disk_full`]: ENOSPC, EDQUOT), read-only (EROFS), or failing (EIO).
+/// Named here, by the runner, the one side that tells the agent's want from the job's:
+/// any other error is the disk's only when the agent's own folders take no write either
+/// ([`agents_want`]).
+fn the_disks(e: &std::io::Error) -> bool {
+    crate::files::disk_full(e) || e.kind() == std::io::ErrorKind::ReadOnlyFilesystem || e.raw_os_error() == Some(libc::EIO)
+}
+
+/// Whether a failure `e` on the way to a job's start is the agent's want, not the job's:
+/// the disk's ([`the_disks`]), or any error while the folders every job needs take no
+/// write ([`job_folders_take_writes`]: their permissions, a file in their place, a folder
+/// gone). Then the job goes back unstarted and the agent takes no work until they do
+/// ([`CannotStart`]). Anything else — EPERM or EBUSY on a leftover of the job, a name the
+/// file system refuses — is the job's own: it fails alone, and the agent takes the next.
+async fn agents_want(ctx: &JobContext, e: &std::io::Error) -> bool {
+    the_disks(e) || job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref().map(|s| s.records())).await.is_err()
 }
 
 /// Whether the folders every job needs take a write now (its workspace's, and its started
@@ -641,21 +668,19 @@ async fn run_claude(
     // Claude its prompt (process::run).
     // Set when the edge gave the job up while the record was written and Claude spawned.
     let gave_up = Arc::new(std::sync::OnceLock::new());
-    // Set when the record could not be written for want of the agent's disk (full,
-    // read-only, its folder's permissions): only that holds the agent back. A record
-    // refused for the job's own id or nonce, or a start cut short, fails the job alone.
-    let no_disk = Arc::new(std::sync::OnceLock::new());
+    // Set when the record could not be written: only the agent's want ([`agents_want`]:
+    // its disk, its folders) holds the agent back. A record refused for the job's own id
+    // or nonce, or a start cut short, fails the job alone.
+    let unrecorded = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, accepted, gave_up, no_disk) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up), Arc::clone(&no_disk));
+        let (spool, link, accepted, gave_up, unrecorded) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up), Arc::clone(&unrecorded));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
                 spool.started(&job_id, &nonce).map_err(|e| {
-                    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
-                    if crate::files::disk_full(&e) || matches!(e.kind(), ReadOnlyFilesystem | PermissionDenied) {
-                        let _ = no_disk.set(());
-                    }
-                    format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
+                    let why = format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry");
+                    let _ = unrecorded.set(e);
+                    why
                 })?;
             }
             // The last moment before the prompt (written by this thread as this returns,
@@ -709,8 +734,12 @@ async fn run_claude(
     // Claude never ran, for want of what the agent needs to start any job: the job goes
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
     if ctx.uplink.is_some() {
+        let agents_record = match (&finished.ending, unrecorded.get()) {
+            (Ending::NotStarted(_), Some(e)) => agents_want(ctx, e).await,
+            _ => false,
+        };
         match &finished.ending {
-            Ending::NotStarted(e) if no_disk.get().is_some() => {
+            Ending::NotStarted(e) if agents_record => {
                 *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
             }
             Ending::NoRoom(e) => {
@@ -783,7 +812,26 @@ async fn send_on_ticks(
 
 #[cfg(test)]
 mod tests {
-    use super::{full_disk_verdict, FullDisk};
+    use super::{full_disk_verdict, the_disks, FullDisk};
+
+    /// The disk's own failings are named by their kind (errno, or the kind a wrapped error
+    /// keeps): full, over quota, read-only, failing. Any other error — EPERM or EBUSY on a
+    /// leftover, a name the file system refuses, a folder closed to its user — is not, and
+    /// is the agent's only if its own folders take no write (`agents_want`).
+    #[test]
+    fn the_disks_failings_are_named_by_their_kind() {
+        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EROFS, libc::EIO] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(the_disks(&e), "{e}");
+        }
+        assert!(the_disks(&std::io::Error::new(std::io::ErrorKind::StorageFull, "named: no room")));
+        assert!(the_disks(&std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "named: read-only")));
+        for errno in [libc::EPERM, libc::EBUSY, libc::EACCES, libc::ENAMETOOLONG, libc::ENOTDIR, libc::ELOOP, libc::EISDIR, libc::ENOTEMPTY] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(!the_disks(&e), "{e}");
+        }
+        assert!(!the_disks(&std::io::Error::other("the job id is not a plain name")));
+    }
 
     /// A checkout is measured before a byte is written, and refused when it does not fit
     /// the free space: one that still filled the disk, with room for it once removed, met

@@ -56,7 +56,9 @@ pub fn disk_space(dir: &Path) -> std::io::Result<DiskSpace> {
 /// cannot be a symlink (a `mkdir` follows none) and, in a `root` with symlinks resolved, it
 /// is its own real path. Only a leftover of the same name (a job sent again) is removed
 /// first, and only a `working_dir` — made inside it, where a job of the same user could
-/// race in a symlink — is resolved and checked.
+/// race in a symlink — is resolved and checked. Its errors come as the system gave them
+/// (kind and errno): whether one is the agent's want or the job's own, the runner tells
+/// (`runner::agents_want`).
 pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     if !shared::ids::plain_id(job_id, shared::ids::MAX_JOB_ID) {
@@ -68,7 +70,8 @@ pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io:
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             // A leftover (a folder, or anything else: a link goes, not what it points to).
-            remove(&workspace).or_else(|_| std::fs::remove_file(&workspace))?;
+            // A folder that stays says why (EBUSY, EPERM), not the `unlink`'s EISDIR.
+            remove(&workspace).or_else(|e| std::fs::remove_file(&workspace).map_err(|_| e))?;
             fresh()?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -82,24 +85,12 @@ pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io:
     let Some(dir) = working_dir else { return Ok(workspace) };
     let dir = shared::contract::checked_working_dir(dir).map_err(|e| std::io::Error::other(e.body.error))?;
     let cwd = workspace.join(&dir);
-    std::fs::create_dir_all(&cwd).map_err(the_jobs_unless_the_disks)?;
-    let real = cwd.canonicalize().map_err(the_jobs_unless_the_disks)?;
+    std::fs::create_dir_all(&cwd)?;
+    let real = cwd.canonicalize()?;
     if !real.starts_with(&workspace) {
         return Err(std::io::Error::other("working_dir leaves the workspace"));
     }
     Ok(real)
-}
-
-/// An error on the path the caller chose (`working_dir`, inside a fresh workspace) is the
-/// job's own ([`std::io::ErrorKind::Other`]: it fails alone) unless it is the disk's — full,
-/// over quota ([`crate::files::disk_full`]), read-only — which the runner takes as the
-/// agent's want, handing the job back and taking no work until a write succeeds. Rev26-1: a folder name too long for the file
-/// system (ENAMETOOLONG) held every agent of the pool back, one send after another.
-fn the_jobs_unless_the_disks(e: std::io::Error) -> std::io::Error {
-    if crate::files::disk_full(&e) || e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
-        return e;
-    }
-    std::io::Error::other(format!("the job's `working_dir` cannot be made: {e}"))
 }
 
 /// Removes a finished job's workspace. Most jobs leave it empty, and one `rmdir` removes
@@ -223,18 +214,6 @@ pub const MAX_TRANSCRIPT_BYTES: u64 = 256 << 20;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    #[test]
-    fn a_working_dir_the_file_system_refuses_is_the_jobs_fault_and_a_full_disk_the_agents() {
-        for errno in [libc::ENAMETOOLONG, libc::ENOTDIR, libc::ELOOP, libc::EACCES] {
-            let e = the_jobs_unless_the_disks(std::io::Error::from_raw_os_error(errno));
-            assert_eq!(e.kind(), std::io::ErrorKind::Other, "{e}");
-        }
-        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EROFS] {
-            let e = the_jobs_unless_the_disks(std::io::Error::from_raw_os_error(errno));
-            assert_ne!(e.kind(), std::io::ErrorKind::Other, "{e}");
-        }
-    }
 
     #[test]
     fn sessions_follow_the_job_to_its_new_workspace() {
