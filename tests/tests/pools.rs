@@ -602,4 +602,8 @@ async fn get_pools_lists_a_misconfigured_default_pool_offline() {
     // Still the admin's alone: without its secret, refused as before.
     let a = client.send("GET", "/pools", Some(GPU_SECRET), None).await;
     assert_eq!(a.status, 403, "{}", a.text);
+    // Another method is the core's 405, answered as the list is: not handed to the
+    // default pool, whose bad setting answered it 500.
+    let a = client.send("POST", "/pools", Some(ADMIN), None).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (405, Some("METHOD_NOT_ALLOWED")), "{}", a.text);
 }

@@ -138,9 +138,15 @@ fn carries_admin(admin_secret: Option<&str>, secret_header: Option<&str>, author
 
 /// The gate of `/pools`, from `ADMIN_SECRET` alone ([`crate::config::admin_secret`] reads
 /// it without any pool's settings, so the Worker can list a pool whose own settings do
-/// not read): handled for its holder, else refused.
-pub fn pools_gate(admin_secret: Option<&str>, secret_header: Option<&str>, authorization: Option<&str>) -> Gate {
+/// not read): a `GET` handled for its holder, another method a `405` (as any route's,
+/// after the secret), anything else refused. The whole decision: a host answers what it
+/// says, and lists the pools only on [`Gate::Handle`].
+pub fn pools_gate(method: &str, admin_secret: Option<&str>, secret_header: Option<&str>, authorization: Option<&str>) -> Gate {
     if carries_admin(admin_secret, secret_header, authorization) {
+        let segments = ["pools"];
+        if !methods_of(&segments).contains(&method) {
+            return Gate::Answer(Response::error(method_not_allowed(method, "/pools", &segments)));
+        }
         return Gate::Handle { read_body: false };
     }
     // Said plainly (the holder of the right runner secret was told it was wrong), and
@@ -272,7 +278,7 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         _ => {}
     }
     if segments.as_slice() == ["pools"] {
-        return pools_gate(config.admin_secret.as_deref(), secret_header, authorization);
+        return pools_gate(method, config.admin_secret.as_deref(), secret_header, authorization);
     }
     // Pausing agents, logging the machine into an account, and reading its login and
     // its counters are the operator's: a named caller's own secret reaches its own jobs
@@ -620,8 +626,9 @@ fn method_not_allowed(method: &str, path: &str, segments: &[&str]) -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, error)
 }
 
-/// The methods a route the edge knows takes ([`preflight`] answers any other `405`), as
-/// its `405` names them. `/health`, `/` and `/pools` have their own gates.
+/// The methods a route the edge knows takes ([`preflight`] answers any other `405`, and
+/// [`pools_gate`] `/pools`'s), as its `405` names them. `/health` and `/` have their own
+/// gate.
 fn methods_of(segments: &[&str]) -> &'static [&'static str] {
     match segments {
         ["jobs"] => &["GET", "POST"],

@@ -110,15 +110,14 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             Ok(admin) => admin,
             Err(e) => return exchange::respond(edge_core::http::unavailable(&path, &crate::object::misconfigured(&e))),
         };
-        match edge_core::http::pools_gate(admin.as_deref(), secret.as_deref(), authorization.as_deref()) {
+        // The core decides (the secret, then the method); this host only lists.
+        return match edge_core::http::pools_gate(&method, admin.as_deref(), secret.as_deref(), authorization.as_deref()) {
             Gate::Answer(refused) => {
                 exchange::drain_refused(&mut req).await;
-                return exchange::respond(refused);
+                exchange::respond(refused)
             }
-            _ if method == "GET" => return pools(&env).await,
-            // Another method: answered by the pool's object, as any route's.
-            _ => {}
-        }
+            _ => pools(&env).await,
+        };
     }
     let config = match SETTINGS.with_borrow_mut(|read| read.config(|name| crate::object::setting(&env, name), &pool)) {
         Ok(config) => config,

@@ -693,6 +693,30 @@ fn pools_needs_the_admin_secret() {
 
 /// Whose connections a host counts a request's against: the secret's holder — the pool
 /// (all its callers as one), a named caller, the admin — or none without a secret. Each
+/// `/pools` takes GET alone, and the core's gate says so (405, naming GET) once the admin
+/// secret is shown, as it does for any route: a host answers what the gate says and
+/// decides no method itself. The Worker listed the pools for a GET and handed any other
+/// method on to the default pool's object, past that pool's settings (a bad one answered
+/// 500 where the admin asked a wrong method).
+#[test]
+fn pools_takes_get_alone_and_the_cores_gate_answers_the_rest() {
+    use crate::http::{pools_gate, preflight, Gate};
+    let admin = "admin-secret-0123456789";
+    let cfg = Config { admin_secret: Some(admin.into()), ..pool_config() };
+    for method in ["POST", "DELETE", "PUT", "HEAD"] {
+        for gate in [pools_gate(method, Some(admin), Some(admin), None), preflight(&cfg, method, "/pools", Some(admin), None)] {
+            let Gate::Answer(refused) = gate else { panic!("{method} /pools with the admin secret: not answered") };
+            assert_eq!(refused.status, 405, "{method}: {}", refused.body);
+            assert!(refused.body.contains("METHOD_NOT_ALLOWED") && refused.body.contains("use GET"), "{method}: {}", refused.body);
+        }
+        // Without the admin secret, refused for that first, whatever the method.
+        let Gate::Answer(refused) = preflight(&cfg, method, "/pools", Some(SECRET), None) else { panic!("{method} /pools with the pool's secret") };
+        assert_eq!(refused.status, 403, "{method}: {}", refused.body);
+    }
+    assert_eq!(pools_gate("GET", Some(admin), Some(admin), None), Gate::Handle { read_body: false });
+    assert_eq!(preflight(&cfg, "GET", "/pools", Some(admin), None), Gate::Handle { read_body: false });
+}
+
 /// is one of `holders`, what a host's share is divided by.
 #[test]
 fn a_requests_holder_is_whose_secret_it_carries() {
