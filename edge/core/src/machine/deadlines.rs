@@ -134,7 +134,7 @@ impl Edge {
             // Its caller falls back, told why: as a new `/execute` would be refused.
             let gone = match (job.mode, self.unfit_since.contains_key(&id), self.is_online()) {
                 (Mode::Wait, true, false) => Some(ApiError::offline()),
-                (Mode::Wait, true, true) => self.unplaceable(&job.placement),
+                (Mode::Wait, true, true) => self.unplaceable(now, &job.placement),
                 _ => None,
             };
             let result = match gone {

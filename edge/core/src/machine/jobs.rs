@@ -1,7 +1,7 @@
 //! Jobs: submission, dispatch to agents with credit in queue order, cancel, requeue, and
 //! [`Edge::finish`] — the one way a job ends, which stores it and tells its callers.
 
-use super::waiting::{Held, Hindrance};
+use super::waiting::Hindrance;
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::{Job, Mode};
@@ -362,49 +362,37 @@ impl Edge {
         self.active.insert(job_id.to_string());
     }
 
-    /// [`Edge::unplaceable`]'s refusal when agents fit the job and every one is paused or
-    /// stopping: a queued `/execute` job then ends. (With none connected that fits, a queued
-    /// one waits `LOST_AFTER_MS` for one to come back: [`Edge::note_unfit`].)
-    pub(super) fn held_back_only(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        matches!(self.unplaced(placement), Some(Hindrance::HeldBack(_))).then(|| self.unplaceable(placement)).flatten()
+    /// [`Edge::unplaceable`]'s refusal when agents fit the job and every one is paused,
+    /// stopping or unable to start jobs: a queued `/execute` job then ends. (With none
+    /// connected that fits, a queued one waits `LOST_AFTER_MS` for one to come back:
+    /// [`Edge::note_unfit`].)
+    pub(super) fn held_back_only(&self, now: Now, placement: &shared::placement::Placement) -> Option<ApiError> {
+        matches!(self.unplaced(placement), Some(Hindrance::HeldBack(_))).then(|| self.unplaceable(now, placement)).flatten()
     }
 
     /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
-    /// its `agent_id` and labels, or every one that does is paused or stopping. Its caller falls back
-    /// at once rather than wait for an agent that may never come. (Fitting agents that
-    /// are there but cannot work — their login, their usage window — are
-    /// [`Edge::refusal`]'s.) Judged by [`Edge::unplaced`], as a queued job's `waiting_for` is.
-    pub(super) fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        let unplaced = self.unplaced(placement)?;
-        let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
-        // Paused (the operator's), stopping (the agent's own), unable to start jobs (its
-        // disk, its process limit: each says why), or some of each.
-        let unable = || -> String {
-            let fitting = self.fitting_agents(placement);
-            fitting.iter().filter_map(|a| Some(format!("{}: {}", a.agent_id, a.cannot_start.as_deref()?))).collect::<Vec<_>>().join("; ")
+    /// its `agent_id` and labels, or every one that does is paused, stopping or unable to
+    /// start jobs — each named with its reason, worded once ([`Edge::fitting_reasons`]).
+    /// Its caller falls back at once rather than wait for an agent that may never come.
+    /// (Fitting agents that are there but cannot work — their login, their usage window —
+    /// are [`Edge::refusal`]'s.) Judged by [`Edge::unplaced`], as a queued job's
+    /// `waiting_for` is.
+    pub(super) fn unplaceable(&self, now: Now, placement: &shared::placement::Placement) -> Option<ApiError> {
+        let needs = placement.needs();
+        let why = match self.unplaced(placement)? {
+            Hindrance::HeldBack(held) => {
+                let who = match needs.is_empty() {
+                    true => "every connected agent".to_string(),
+                    false => format!("every agent that offers {needs}"),
+                };
+                format!("{who} is {} ({})", held.said(), self.fitting_reasons(now, placement))
+            }
+            _ => {
+                let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
+                format!("no connected agent offers {needs} (connected: {})", offered.join(", "))
+            }
         };
-        let held = match unplaced {
-            Hindrance::HeldBack(Held::Paused) => "paused (by the pool's operator, who resumes it: POST /agents/<id>/resume with the pool's RUNNER_SECRET)".to_string(),
-            Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)".to_string(),
-            Hindrance::HeldBack(Held::CannotStart) => format!("unable to start jobs ({})", unable()),
-            Hindrance::HeldBack(Held::StoppingOrCannotStart) => format!("stopping or unable to start jobs ({})", unable()),
-            _ => match unable() {
-                none if none.is_empty() => "paused or stopping".to_string(),
-                some => format!("paused, stopping or unable to start jobs ({some})"),
-            },
-        };
-        let why = match (unplaced, placement.needs()) {
-            (Hindrance::NoneFits, needs) => format!("no connected agent offers {needs}"),
-            (_, needs) if needs.is_empty() => format!("every connected agent is {held}"),
-            (_, needs) => format!("every agent that offers {needs} is {held}"),
-        };
-        Some(ApiError::new(
-            ErrorCode::RunnerOffline,
-            format!(
-                "{why} (connected: {}); run the task elsewhere, or submit it with POST /jobs to wait for such an agent",
-                offered.join(", ")
-            ),
-        ))
+        Some(ApiError::new(ErrorCode::RunnerOffline, format!("{why}; run the task elsewhere, or submit it with POST /jobs to wait for such an agent")))
     }
 
     pub(super) fn send_cancel(&mut self, now: Now, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {

@@ -84,14 +84,14 @@ fn verdict<'a>(now: Now, agents: impl Iterator<Item = &'a Agent>) -> Availabilit
     }
 }
 
+/// The log line of a queued `/execute` job ended because every agent that fits it is held
+/// back; its `reason` field (the refusal) says how, agent by agent.
+const HELD_BACK_ENDED: &str = "queued job ended: every agent that fits it is held back (see reason)";
+
 /// A refusal that says, before its own sentence, which agents fit the job and why none
 /// of them can take it now.
-fn explained(mut err: ApiError, fitting: Vec<&Agent>, now: Now) -> ApiError {
-    let each: Vec<String> = fitting
-        .iter()
-        .map(|a| format!("{}: {}", shown_agent(a), why_not(a, now).unwrap_or_else(|| "busy".into())))
-        .collect();
-    err.body.error = format!("no agent that fits this job can take it now ({}); {}", each.join("; "), err.body.error);
+fn explained(mut err: ApiError, reasons: String) -> ApiError {
+    err.body.error = format!("no agent that fits this job can take it now ({reasons}); {}", err.body.error);
     err
 }
 
@@ -179,7 +179,7 @@ impl Edge {
             Availability::UsageLimited { until } => ApiError::usage_limit(until),
             _ => return None,
         };
-        Some(explained(err, self.fitting_agents(placement), now))
+        Some(explained(err, self.fitting_reasons(now, placement)))
     }
 
     /// The connected agents that fit a placement.
@@ -258,31 +258,33 @@ impl Edge {
         self.dispatch(now, effects);
     }
 
-    /// Ends queued jobs, each with its refusal as its result (its `retry_at` kept).
+    /// Ends queued jobs, each with its refusal as its result (its `retry_at` kept), logged
+    /// with it: the refusal names each agent that fits the job and its true reason.
     fn end_queued(&mut self, now: Now, ended: Vec<(String, ApiError)>, why: &'static str, effects: &mut Vec<Effect>) {
         for (id, err) in ended {
-            info!(job_id = %id, error_code = ?err.body.error_code, "{why}");
+            info!(job_id = %id, error_code = ?err.body.error_code, reason = %err.body.error, "{why}");
             let mut result = JobResult::failure(err.body.error_code, err.body.error, 0);
             result.retry_at = err.body.retry_at;
             self.finish(now, &id, result, effects);
         }
     }
 
-    /// Ends the queued `/execute` jobs whose fitting agents are now all paused or stopping,
-    /// their callers told to fall back as a new one is (one queued behind the running job
-    /// before a drain waited the whole drain out). Called as an agent becomes held back —
-    /// a pause, a heartbeat that says it stops — not at every heartbeat: a walk of 20,000
-    /// queued jobs took 8 ms, at each beat of each agent for a whole drain.
+    /// Ends the queued `/execute` jobs whose fitting agents are now all held back (paused,
+    /// stopping, unable to start jobs), their callers told to fall back as a new one is
+    /// (one queued behind the running job before a drain waited the whole drain out).
+    /// Called as an agent becomes held back — a pause, a heartbeat that says it stops or
+    /// cannot start jobs — not at every heartbeat: a walk of 20,000 queued jobs took 8 ms,
+    /// at each beat of each agent for a whole drain.
     pub(super) fn end_held_back_waits(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        let ended = self.queued_waits_judged(|placement| self.held_back_only(placement));
-        self.end_queued(now, ended, "queued job ended: every agent that fits it is paused or stopping", effects);
+        let ended = self.queued_waits_judged(|placement| self.held_back_only(now, placement));
+        self.end_queued(now, ended, HELD_BACK_ENDED, effects);
     }
 
     /// [`Edge::end_held_back_waits`] for the one job `job_id`, just queued again.
     pub(super) fn end_held_back_wait(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
         let Some(job) = self.jobs.get(job_id).filter(|j| j.state == JobState::Queued && j.mode == Mode::Wait) else { return };
-        if let Some(err) = self.held_back_only(&job.placement) {
-            self.end_queued(now, vec![(job_id.to_string(), err)], "queued job ended: every agent that fits it is paused, stopping or cannot start jobs", effects);
+        if let Some(err) = self.held_back_only(now, &job.placement) {
+            self.end_queued(now, vec![(job_id.to_string(), err)], HELD_BACK_ENDED, effects);
         }
     }
 

@@ -47,7 +47,29 @@ pub(crate) enum Held {
     StoppingOrCannotStart,
 }
 
+impl Held {
+    /// How the agents that fit a job are held back, as its refusal and its `waiting_for`
+    /// say it before naming each one's reason ([`Edge::fitting_reasons`]).
+    pub(crate) fn said(self) -> &'static str {
+        match self {
+            Held::Paused => "paused",
+            Held::Stopping => "stopping",
+            Held::CannotStart => "unable to start jobs",
+            Held::SomePaused => "paused, stopping or unable to start jobs",
+            Held::StoppingOrCannotStart => "stopping or unable to start jobs",
+        }
+    }
+}
+
 impl Edge {
+    /// Each connected agent that fits the placement, with why it cannot take a job now
+    /// ([`why_not`]; `busy`: it could, but has no free slot), as every refusal and
+    /// `waiting_for` lists them: one wording of the agents' reasons.
+    pub(crate) fn fitting_reasons(&self, now: Now, placement: &Placement) -> String {
+        let each: Vec<String> = self.fitting_agents(placement).iter().map(|a| format!("{}: {}", shown_agent(a), why_not(a, now).unwrap_or_else(|| "busy".into()))).collect();
+        each.join("; ")
+    }
+
     /// What keeps a job of this placement from starting now, if anything but busy agents
     /// does: no agent at all, none that fits, all that fit paused or stopping
     /// ([`Edge::unplaced`]), or their logins or usage windows ([`Edge::availability_for`]).
@@ -92,7 +114,7 @@ impl Edge {
     pub(super) fn refused_at_once(&self, now: Now, placement: &Placement, hindrance: Hindrance) -> Option<ApiError> {
         match hindrance {
             Hindrance::NoAgent => Some(ApiError::offline()),
-            Hindrance::NoneFits | Hindrance::HeldBack(_) => self.unplaceable(placement),
+            Hindrance::NoneFits | Hindrance::HeldBack(_) => self.unplaceable(now, placement),
             Hindrance::Login | Hindrance::Usage { .. } => self.unrunnable(now, placement),
             Hindrance::LoginFinishing => None,
         }
@@ -130,11 +152,6 @@ impl Edge {
                 )
             }
             Some(Hindrance::HeldBack(held)) => {
-                let each: Vec<String> = self
-                    .fitting_agents(placement)
-                    .iter()
-                    .map(|a| format!("{}: {}", shown_agent(a), why_not(a, now).unwrap_or_else(|| "held back".into())))
-                    .collect();
                 let (code, what) = match held {
                     Held::Stopping => (WaitCode::Stopping, "the job starts once one is started again"),
                     // The stopping ones do not come back by themselves: the one that cannot
@@ -147,7 +164,7 @@ impl Edge {
                         "the pool's operator resumes one (POST /agents/<id>/resume with the pool's RUNNER_SECRET, or the edge's page): ask them; the job starts then",
                     ),
                 };
-                (code, format!("every agent that fits it is paused, stopping or unable to start jobs ({}): {what}", each.join("; ")))
+                (code, format!("every agent that fits it is {} ({}): {what}", held.said(), self.fitting_reasons(now, placement)))
             }
             Some(Hindrance::Login) => {
                 let agents = fitting();

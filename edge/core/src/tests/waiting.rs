@@ -156,3 +156,38 @@ fn a_job_behind_busy_agents_says_it_waits_for_a_slot() {
 fn shown_view(edge: &mut Edge, now: u64, id: &str) -> Value {
     answer(&request(edge, now, SECRET, "GET", &format!("/jobs/{id}"), Value::Null)).1
 }
+
+/// One wording of why each agent cannot take work (`login::why_not`): an `/execute`
+/// refused because every agent that fits it is held back names each one as a queued job's
+/// `waiting_for` does, and a queued `/execute` ended so is logged with that reason. The
+/// refusal listed its own words (a paused agent's resume route with `<id>` in it, a
+/// reason to start jobs bare), and the log line said "paused or stopping" of an agent
+/// that could not start jobs.
+#[test]
+fn a_held_back_agents_reason_is_worded_alike_in_refusals_waits_and_the_log() {
+    let (mut edge, sid) = ready_edge();
+    let running = super::routing::submit(&mut edge, 1, SECRET, json!({"prompt": "x"}));
+    say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: running.clone() });
+    let behind = call(&mut edge, 3, "POST", "/execute", json!({"prompt": "behind it"}));
+    // It says it cannot start jobs: the `/execute` queued behind its job ends, logged.
+    let why = "it cannot make a job's workspace in /data/workspaces (No space left on device): free space on that folder's disk";
+    let said = format!("spark: cannot start jobs: {why}");
+    let logs = super::logs::capture();
+    let effects = pulse(&mut edge, 4, &sid, Beat { cannot_start: Some(why.into()), ..beat(&[&running], 0, 1) });
+    let (status, body) = answer_to(&effects, behind.caller).expect("the queued /execute ends");
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("RUNNER_OFFLINE")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&said), "{body}");
+    let lines = logs.lines();
+    let ended = lines.iter().find(|l| l.contains("queued job ended")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(ended.contains(&said) && !ended.contains("paused or stopping"), "{ended}");
+    let (queued_id, waiting) = queued(&mut edge, 5, json!({"prompt": "x"}));
+    assert!(message(&waiting).contains(&said), "{waiting}");
+    // Paused by the operator too: said as `why_not` says it, the agent's own route named.
+    assert_eq!(answer(&request(&mut edge, 6, SECRET, "POST", "/agents/spark/pause", Value::Null)).0, 200);
+    let said = "spark: paused (by the pool's operator, who resumes it: POST /agents/spark/resume";
+    let (status, body) = answer(&request(&mut edge, 7, SECRET, "POST", "/execute", json!({"prompt": "x"})));
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(said), "{body}");
+    let waiting = shown(&mut edge, 8, &queued_id);
+    assert!(message(&waiting).contains(said), "{waiting}");
+}
