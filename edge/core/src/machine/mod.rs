@@ -51,7 +51,7 @@ pub use jobs::Submitted;
 pub use operator::AgentControl;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
 pub use notices::Post;
-pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, MAX_SENDS_REFUSED, MAX_STRAY_CANCELS};
+pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_JOB_SENDS, MAX_PENDING_PER_SOURCE, MAX_STRAY_CANCELS};
 pub use spent::MIN_SPENT_KEYS;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};

@@ -28,11 +28,13 @@ pub const MAX_PENDING_PER_SOURCE: usize = 16;
 /// Jobs an agent holds that the edge has no record of, cancelled at most in one hello or
 /// heartbeat (the rest in the next ones, in turn; see [`Edge::stop_ended`]).
 pub const MAX_STRAY_CANCELS: usize = 8;
-/// A job whose order is refused (with `retry`) once it has been sent this many times ends
-/// instead of being sent again: agents that cannot start it (a full disk, a process limit)
-/// hand it back ([`shared::protocol::Beat::cannot_start`]), and each holds itself back
-/// first, but one that heals between tries, or several, could pass it round for ever.
-pub const MAX_SENDS_REFUSED: u32 = 16;
+/// A job sent this many times ([`crate::record::Job::attempts`]: every order of it counts,
+/// one lost with its connection and sent again too, not only those refused) ends at its
+/// next refusal (with `retry`) instead of being sent again: agents that cannot start it (a
+/// full disk, a process limit) hand it back ([`shared::protocol::Beat::cannot_start`]), and
+/// each holds itself back first, but one that heals between tries, or several, could pass
+/// it round for ever.
+pub const MAX_JOB_SENDS: u32 = 16;
 
 /// Why a hello or heartbeat (`what`) naming `running` jobs as running, from an agent that
 /// states `capacity`, closes its connection, if it does. No agent runs more jobs than its
@@ -833,14 +835,18 @@ impl Edge {
                     return;
                 }
                 warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
-                if retry && self.job(&id).is_some_and(|j| j.attempts >= MAX_SENDS_REFUSED) {
+                let sends = self.job(&id).map_or(0, |j| j.attempts);
+                if retry && sends >= MAX_JOB_SENDS {
                     // Handed back by agent after agent (each holds itself back before it
                     // does: see `Beat::cannot_start`), or refused for want of a slot again
                     // and again: it ends with the last agent's words rather than go round.
-                    let sends = MAX_SENDS_REFUSED;
+                    // Its sends as counted: some may have been lost with a connection.
                     let result = JobResult::failure(
                         ErrorCode::RunnerOffline,
-                        format!("the job was sent to agents {sends} times and never started; the last refused it: {}. Submit it again later, or run it elsewhere", shared::text::peer_words(&reason)),
+                        format!(
+                            "the job was sent to agents {sends} times (an order lost with its connection counts too) and never started; the last one refused it: {}. Submit it again later, or run it elsewhere",
+                            shared::text::peer_words(&reason)
+                        ),
                         0,
                     );
                     self.finish(now, &id, result, effects);

@@ -1331,7 +1331,7 @@ fn an_agent_that_cannot_start_jobs_hands_them_back_and_takes_none_until_it_can()
 }
 
 /// A job refused with `retry` again and again (agents that each hand it back, healing in
-/// between) does not go round for ever: at [`crate::machine::MAX_SENDS_REFUSED`] sends it
+/// between) does not go round for ever: at [`crate::machine::MAX_JOB_SENDS`] sends it
 /// ends, RUNNER_OFFLINE, with the last refusal's words.
 #[test]
 fn a_job_handed_back_again_and_again_ends_rather_than_go_round() {
@@ -1348,7 +1348,32 @@ fn a_job_handed_back_again_and_again_ends_rather_than_go_round() {
         let effects = say(&mut edge, received, &sid, credit(1, received));
         assert_eq!(order_of(&effects, &sid, "spark", received).header.job_id, "j1");
     };
-    assert_eq!(edge.job("j1").unwrap().attempts, crate::machine::MAX_SENDS_REFUSED);
+    assert_eq!(edge.job("j1").unwrap().attempts, crate::machine::MAX_JOB_SENDS);
     assert_eq!(done.2["error_code"], "RUNNER_OFFLINE", "{done:?}");
     assert!(done.2["error"].as_str().unwrap().contains("its disk is full"), "{done:?}");
+}
+
+/// The bound counts a job's sends, whatever became of them ([`crate::machine::MAX_JOB_SENDS`],
+/// `Job::attempts`): orders lost on the way and sent again count as refused ones do, so a
+/// job sent past the bound ends at its first refusal — and its result says how often it
+/// was sent, not the bound ("16 times" of a job sent 19 times and refused once).
+#[test]
+fn a_job_sent_past_the_bound_ends_at_its_next_refusal_saying_how_often_it_was_sent() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    let past = crate::machine::MAX_JOB_SENDS + 3;
+    // Each order lost on the way: the agent's beat says it received it and holds nothing,
+    // and the edge sends it again.
+    for now in 1..u64::from(past) {
+        let sent = edge.job("j1").unwrap().attempts;
+        let effects = pulse(&mut edge, now, &sid, beat(&[], 1, u64::from(sent)));
+        assert_eq!(orders(&effects, &sid), vec!["j1".to_string()], "sent again");
+        assert_eq!(edge.job("j1").unwrap().attempts, sent + 1);
+    }
+    assert_eq!(edge.job("j1").unwrap().attempts, past);
+    let effects = refuse(&mut edge, 100, &sid, "j1", "the agent could not start the job: its disk is full", true);
+    let done = finished(&effects).pop().expect("ended at its first refusal past the bound");
+    assert_eq!(done.2["error_code"], "RUNNER_OFFLINE", "{done:?}");
+    let error = done.2["error"].as_str().unwrap();
+    assert!(error.contains(&format!("sent to agents {past} times")) && error.contains("its disk is full"), "{error}");
 }
