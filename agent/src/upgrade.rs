@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 /// A fresh nonce for one dial: the edge signs it in its challenge ([`edge_proven`]), and
 /// its welcome over it again.
 pub fn nonce() -> String {
-    shared::keys::encode(&runtime::entropy::<24>())
+    shared::envelope::agent_nonce(runtime::entropy())
 }
 
 /// The upgrade request to `url` for `agent_id` of `pool`, carrying a proof made now and

@@ -208,8 +208,15 @@ fn upgrade_payload(pool: &str, agent_id: &str, issued_at: Millis) -> String {
 /// `/agent/connect`, for the edge to sign in its challenge ([`ChallengeProof`]).
 pub const AGENT_NONCE_HEADER: &str = "x-runner-agent-nonce";
 
+/// The agent's nonce for one dial, from 24 fresh random bytes (32 characters of base64):
+/// what every dialer of `/agent/connect` sends — the agent, `doctor`, and the tests' and
+/// benchmark's scale agents.
+pub fn agent_nonce(entropy: [u8; 24]) -> String {
+    keys::encode(&entropy)
+}
+
 /// Whether `text` may be an agent's nonce: 16 to 64 characters of standard base64 (the
-/// agent sends 24 random bytes, 32 characters). Anything else — a header sent twice (its
+/// agent sends 24 random bytes, 32 characters, [`agent_nonce`]). Anything else — a header sent twice (its
 /// values joined with `, `), a newline — is refused unread: it would be signed.
 pub fn valid_agent_nonce(text: &str) -> bool {
     (16..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))

@@ -13,10 +13,10 @@
 //!    else: its hello names its labels, login, jobs, instance and mirrors, which whoever
 //!    answers at EDGE_URL without the edge's key (a wrong URL, a hijacked name) must not
 //!    learn; the agent's nonce is fresh, so a challenge signed for another dial fails. It
-//!    refuses an unsigned challenge (an edge of before it), saying to upgrade the edge. A
-//!    dial without a nonce (an agent of before it) gets the challenge unsigned, as before.
-//!    A hop that ends TLS and relays to the real edge still reads everything: nothing
-//!    here hides the frames from the path, only TLS does;
+//!    refuses an unsigned challenge, saying to upgrade the edge. A dial without a nonce
+//!    (an agent of before it, within protocol 10) is closed before any challenge, saying
+//!    to upgrade the agent. A hop that ends TLS and relays to the real edge still reads
+//!    everything: nothing here hides the frames from the path, only TLS does;
 //! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the
 //!    challenge — proof of identity that cannot be replayed on another connection — with
 //!    the agent's fresh X25519 key for this connection and the same nonce as its dial's;
@@ -45,7 +45,7 @@
 //! # Signed, MACed or plain
 //!
 //! Signed (ed25519, each side's long-term key): the agent's hello, the edge's challenge
-//! (when the agent sent a nonce), its welcome and its job, cancel and login orders (each bound to its connection's challenge). These are
+//! (over the agent's nonce), its welcome and its job, cancel and login orders (each bound to its connection's challenge). These are
 //! what anyone holding the signer's public key must be able to check, and an order is what
 //! runs code on the agent: it stays signed by `EDGE_SIGNING_KEY` alone.
 //!
@@ -84,8 +84,7 @@
 //!   heartbeats alone, so frames made up on the path cannot keep a gone agent
 //!   "connected" (its jobs never lost, `/health` saying it is there).
 //! - From the edge: the `Goodbye` (the path can close the socket anyway). The `Challenge`
-//!   is signed since the edge proves its key in it (above); only to an agent of before the
-//!   nonce is it plain (a made-up nonce only fails the handshake).
+//!   is signed since the edge proves its key in it (above).
 //!
 //! # What the agent hears
 //!
@@ -257,10 +256,9 @@ pub enum EdgeMessage {
         edge_version: String,
         server_time: Millis,
         /// The edge's signature over this challenge and the agent's nonce from the upgrade
-        /// request ([`crate::envelope::ChallengeProof`]), when the agent sent one. Added
-        /// within protocol 10: an agent of before sends no nonce and ignores the field; an
-        /// agent of now sends its hello only once the proof verifies, so it refuses an
-        /// edge of before (saying to upgrade it).
+        /// request ([`crate::envelope::ChallengeProof`]). The edge always sends it (it closes
+        /// a dial without a nonce); optional on the wire so that a challenge without it is
+        /// read, and refused by the agent, which sends its hello only once it verifies.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         proof: Option<String>,
     },

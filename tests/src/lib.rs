@@ -192,11 +192,21 @@ impl Prover {
         shared::envelope::UpgradeProof::sign(&self.key, &self.pool, &self.agent_id, runtime::now_ms())
     }
 
-    /// The upgrade request to `url` (`ws://…/agent/connect`) with a fresh proof.
+    /// The upgrade request to `url` (`ws://…/agent/connect`) with a fresh proof and a fresh
+    /// nonce, for a dialer that does not check the challenge's proof ([`Prover::request_with`]).
     pub fn request(&self, url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        self.request_with(url, &shared::envelope::agent_nonce(runtime::entropy()))
+    }
+
+    /// The upgrade request to `url` with a fresh proof, carrying `agent_nonce` as the agent
+    /// does (`X-Runner-Agent-Nonce`, [`shared::envelope::agent_nonce`]): the edge closes a
+    /// dial without one, and signs it in its challenge — check that with
+    /// `shared::envelope::ChallengeProof::verify` before saying hello, as the agent does.
+    pub fn request_with(&self, url: &str, agent_nonce: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = url.into_client_request().expect("a WebSocket URL");
         request.headers_mut().insert(shared::envelope::AGENT_PROOF_HEADER, self.proof().parse().expect("a proof is header text"));
+        request.headers_mut().insert(shared::envelope::AGENT_NONCE_HEADER, agent_nonce.parse().expect("a nonce is header text"));
         request
     }
 }

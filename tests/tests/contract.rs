@@ -2087,9 +2087,10 @@ async fn an_agent_socket_needs_an_agents_proof(kind: EdgeKind) {
 /// The edge proves its key before the agent says anything more: a dial that carries the
 /// agent's nonce (`X-Runner-Agent-Nonce`) gets a challenge signed over it, this
 /// connection's challenge, the protocol and the pool, with the edge's key; a dial without
-/// one (an agent of before the nonce) gets an unsigned challenge, as before, and is still
-/// served (`a_silent_agent_is_reported_offline_within_two_heartbeats` dials so); one whose
-/// nonce is not a nonce's shape (sent twice, say) is closed saying so.
+/// one (an agent of before the nonce, within protocol 10) is closed before any challenge,
+/// saying to upgrade the agent (it got an unsigned challenge until protocol 12, a path no
+/// release since 11 reached); one whose nonce is not a nonce's shape (sent twice, say) is
+/// closed saying so.
 async fn the_challenge_is_signed_over_the_agents_nonce(kind: EdgeKind) {
     use futures_util::StreamExt;
     use shared::envelope::{ChallengeProof, AGENT_NONCE_HEADER};
@@ -2104,38 +2105,38 @@ async fn the_challenge_is_signed_over_the_agents_nonce(kind: EdgeKind) {
             other => panic!("a challenge first: {other:?}"),
         }
     };
-    let agent_nonce = shared::keys::encode(&[7; 24]);
-    let mut request = keys.prover("spark", "default").request(&url);
-    request.headers_mut().insert(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
+    let agent_nonce = shared::envelope::agent_nonce([7; 24]);
+    let request = keys.prover("spark", "default").request_with(&url, &agent_nonce);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
     let (nonce, proof) = first_challenge(&text);
     let proof = proof.unwrap_or_else(|| panic!("a signed challenge: {text}"));
     let edge_key = keys.edge.verifying_key();
     assert!(ChallengeProof::verify(&proof, &edge_key, PROTOCOL_VERSION, &nonce, &agent_nonce, "default"), "{text}");
-    assert!(!ChallengeProof::verify(&proof, &edge_key, PROTOCOL_VERSION, &nonce, &shared::keys::encode(&[8; 24]), "default"));
+    assert!(!ChallengeProof::verify(&proof, &edge_key, PROTOCOL_VERSION, &nonce, &shared::envelope::agent_nonce([8; 24]), "default"));
     drop(ws);
-    // Without a nonce: unsigned, as an agent of before expects.
-    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&url)).await.unwrap();
-    let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
-    assert_eq!(first_challenge(&text).1, None, "{text}");
-    drop(ws);
-    // A nonce sent twice (read joined) is no nonce: closed, saying which header.
-    let mut request = keys.prover("spark", "default").request(&url);
-    request.headers_mut().insert(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
-    request.headers_mut().append(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let mut said = String::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-        match m {
-            Message::Text(t) => assert!(!t.contains("\"challenge\""), "no challenge for a malformed nonce: {t}"),
-            Message::Close(frame) => {
-                said = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                break;
+    // Closed, no challenge, and the close frame's code and reason.
+    let closed = |request| async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            match m {
+                Message::Text(t) => assert!(!t.contains("\"challenge\""), "no challenge for a dial without a nonce's shape: {t}"),
+                Message::Close(frame) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                _ => {}
             }
-            _ => {}
         }
-    }
+        None
+    };
+    // Without a nonce: closed, saying to upgrade the agent.
+    let mut request = keys.prover("spark", "default").request(&url);
+    request.headers_mut().remove(AGENT_NONCE_HEADER);
+    let (code, said) = closed(request).await.expect("a close frame");
+    assert_eq!(code, shared::protocol::close::VERSION_MISMATCH, "{said}");
+    assert!(said.contains("X-Runner-Agent-Nonce") && said.contains("upgrade claude-runner on the agent"), "{said:?}");
+    // A nonce sent twice (read joined) is no nonce: closed, saying which header.
+    let mut request = keys.prover("spark", "default").request_with(&url, &agent_nonce);
+    request.headers_mut().append(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
+    let (_, said) = closed(request).await.expect("a close frame");
     assert!(said.contains("X-Runner-Agent-Nonce") || said.contains("x-runner-agent-nonce"), "{said:?}");
 }
 

@@ -163,9 +163,11 @@ async fn a_process_of_the_edges_own_user_cannot_read_its_environment() {
 fn mute_agent_socket(port: u16, proof: Option<&str>) -> std::net::TcpStream {
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let proof = proof.map(|p| format!("X-Runner-Agent-Proof: {p}\r\n")).unwrap_or_default();
+    // A nonce as the agent sends one: without it the edge closes the socket at once.
+    let nonce = shared::envelope::agent_nonce(runtime::entropy());
     let request = format!(
         "GET /agent/connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proof}\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proof}X-Runner-Agent-Nonce: {nonce}\r\n\r\n"
     );
     tcp.write_all(request.as_bytes()).unwrap();
     tcp

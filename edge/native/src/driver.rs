@@ -321,7 +321,7 @@ impl Driver {
                 self.carry_out(effects);
             }
             Command::Connect { outbox, budget, conn, peer, agent_nonce, arrivals, reply } => {
-                let (session, effects) = self.edge.connect_with(now, entropy(), &peer, agent_nonce.as_deref());
+                let (session, effects) = self.edge.connect(now, entropy(), &peer, agent_nonce.as_deref());
                 self.arrivals.insert(session.clone(), (arrivals, 0));
                 self.outboxes.insert(session.clone(), outbox);
                 self.budgets.insert(session.clone(), budget);

@@ -58,7 +58,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     // An agent's socket from here on (marked before the 101 goes out, so it is never idle
     // in between): closed to make room at MAX_CONNECTIONS only while unproven and only
     // when no connection is idle; never once its agent proved itself (the driver pins it).
-    // The agent's nonce, for the challenge to sign (the core checks its shape): read as
+    // The agent's nonce, for the challenge to sign (the core refuses a dial without one, or of another shape): read as
     // the Worker reads it.
     let agent_nonce = crate::server::header(request.headers(), shared::envelope::AGENT_NONCE_HEADER);
     let conn = request.extensions().get::<Conn>().cloned();
@@ -99,7 +99,7 @@ const ARRIVING_EVERY: Duration = Duration::from_millis(500);
 type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Who dialled, as its upgrade request said: its address, and its nonce for the
-/// challenge to sign, if it sent one.
+/// challenge to sign (the core closes a dial without one).
 struct Dialer {
     peer: String,
     agent_nonce: Option<String>,

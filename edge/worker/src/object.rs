@@ -405,9 +405,9 @@ impl EdgeDurableObject {
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
         let pair = WebSocketPair::new()?;
-        // The agent's nonce, for the challenge to sign (the core checks its shape).
+        // The agent's nonce, for the challenge to sign (the core refuses a dial without one, or of another shape).
         let agent_nonce = req.headers().get(shared::envelope::AGENT_NONCE_HEADER).ok().flatten();
-        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect_with(now, seed, &peer, agent_nonce.as_deref())) else {
+        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed, &peer, agent_nonce.as_deref())) else {
             return exchange::respond(not_loaded("/agent/connect"));
         };
         if let Err(e) = self.sockets().accept(&pair.server, &session_id) {

@@ -68,6 +68,12 @@ const ME: Audience<'static> = Audience { agent_id: AGENT, pool: "default" };
 /// The address the scripted agent connects from.
 const PEER: &str = "192.0.2.1";
 
+/// The nonce the scripted agent dials with (`X-Runner-Agent-Nonce`), made as the agent
+/// makes its own: the edge closes a dial without one.
+fn agent_nonce() -> String {
+    shared::envelope::agent_nonce([6; 24])
+}
+
 // Keys and settings are made once: deriving a key costs more than most inputs.
 fn edge_key() -> &'static SigningKey {
     static KEY: OnceLock<SigningKey> = OnceLock::new();
@@ -132,7 +138,7 @@ pub fn http(data: &[u8]) {
     let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
     let mut edge = Edge::new(edge_config(), NOW);
     if flags & 2 == 2 {
-        let _ = edge.connect(NOW, [3; 64], PEER);
+        let _ = edge.connect(NOW, [3; 64], PEER, Some(&agent_nonce()));
     }
     // The contract's rule, stated apart from the code under test: the secret in
     // `X-Runner-Secret`, or as `Authorization: Bearer`.
@@ -172,15 +178,19 @@ pub fn http(data: &[u8]) {
     }
 }
 
-/// The challenge nonce the edge sent on a new connection.
-fn challenge_nonce(effects: &[Effect]) -> Option<String> {
-    effects.iter().find_map(|e| match e {
+/// The challenge nonce the edge sent on a new connection dialled with [`agent_nonce`], if
+/// the edge proved its key in it: checked as the agent checks it before its hello
+/// (`ChallengeProof::verify`, which the agent's `upgrade::edge_proven` asks).
+fn proven_challenge(effects: &[Effect]) -> Option<String> {
+    let (nonce, proof) = effects.iter().find_map(|e| match e {
         Effect::Send { text, .. } => match shared::protocol::decode::<EdgeMessage>(text) {
-            Ok(EdgeMessage::Challenge { nonce, .. }) => Some(nonce),
+            Ok(EdgeMessage::Challenge { nonce, proof, .. }) => Some((nonce, proof)),
             _ => None,
         },
         _ => None,
-    })
+    })?;
+    let key = edge_key().verifying_key();
+    shared::envelope::ChallengeProof::verify(&proof?, &key, PROTOCOL_VERSION, &nonce, &agent_nonce(), "default").then_some(nonce)
 }
 
 /// A connection that passed the handshake (and the job `j1`, queued before it), made
@@ -199,13 +209,13 @@ fn ready_records() -> &'static (Session, Job) {
             }),
             Err(e) => panic!("{e:?}"),
         };
-        let (session, effects) = edge.connect(NOW, [3; 64], PEER);
+        let (session, effects) = edge.connect(NOW, [3; 64], PEER, Some(&agent_nonce()));
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             agent_id: AGENT.into(),
             agent_version: "fuzz".into(),
-            challenge: challenge_nonce(&effects).expect("a challenge"),
-            agent_nonce: "agent-nonce".into(),
+            challenge: proven_challenge(&effects).expect("a challenge the edge proved"),
+            agent_nonce: agent_nonce(),
             ephemeral: shared::link::Ephemeral::new([4; 32]).public(),
             issued_at: NOW,
             capacity: 2,
@@ -252,7 +262,7 @@ pub fn agent_frames(data: &[u8]) {
             let (_, job) = ready_records().clone();
             edge = Edge::restore(edge_config(), vec![job], vec![], None, now).0;
         }
-        let (session, _) = edge.connect(now, [3; 64], PEER);
+        let (session, _) = edge.connect(now, [3; 64], PEER, Some(&agent_nonce()));
         (edge, session)
     };
     if flags & 7 == 7 {
@@ -324,7 +334,7 @@ pub fn connections(data: &[u8]) {
         assert!(source == "unknown" || source.parse::<std::net::IpAddr>().is_ok() || source.ends_with("::/64"), "{source}");
         let mut entropy = [0u8; 64];
         entropy[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let (session, effects) = edge.connect(now, entropy, &peer);
+        let (session, effects) = edge.connect(now, entropy, &peer, Some(&agent_nonce()));
         for effect in &effects {
             if let Effect::Close { session, .. } = effect {
                 unproven.remove(session);
@@ -340,13 +350,13 @@ pub fn connections(data: &[u8]) {
         assert!(per_source.values().all(|n| *n <= MAX_PENDING_PER_SOURCE), "{per_source:?}");
         if i % 7 == 3 {
             // The agent, from this peer: its hello right after its challenge gets it in.
-            let nonce = challenge_nonce(&effects).expect("a challenge");
+            let nonce = proven_challenge(&effects).expect("a challenge the edge proved");
             let hello = Hello {
                 protocol: PROTOCOL_VERSION,
                 agent_id: AGENT.into(),
                 agent_version: "fuzz".into(),
                 challenge: nonce,
-                agent_nonce: "n".into(),
+                agent_nonce: agent_nonce(),
                 ephemeral: shared::link::Ephemeral::new([4; 32]).public(),
                 issued_at: now,
                 capacity: 1,

@@ -66,20 +66,16 @@ const EVICTED: &str =
     "too many connections were waiting to prove themselves and this one had waited longest; reconnect and send the signed hello at once";
 
 impl Edge {
-    /// A WebSocket opened on `/agent/connect` by `peer` whose upgrade carried no agent
-    /// nonce (an agent of before [`Edge::connect_with`]): its challenge is not signed.
-    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 64], peer: &str) -> (String, Vec<Effect>) {
-        self.connect_with(now, entropy, peer, None)
-    }
-
     /// A WebSocket opened on `/agent/connect` by `peer` (its address, as the host knows
     /// it), whose upgrade request carried `agent_nonce` (the `X-Runner-Agent-Nonce`
     /// header, as the host read it). `entropy` makes the session id and the challenge
     /// nonce (its first 32 bytes) and the edge's X25519 key for this connection (the last
-    /// 32). With a nonce, the challenge carries the edge's signature over it
+    /// 32). The challenge carries the edge's signature over the nonce
     /// ([`shared::envelope::ChallengeProof`]): the agent says nothing more until it holds.
-    /// Without one (an agent of before), the challenge is sent unsigned, as it was.
-    pub fn connect_with(&mut self, now: impl Into<Now>, entropy: [u8; 64], peer: &str, agent_nonce: Option<&str>) -> (String, Vec<Effect>) {
+    /// Without a nonce (an agent of within protocol 10, before it: no release since 11
+    /// dials without one) the connection is closed, saying to upgrade the agent; it got an
+    /// unsigned challenge until protocol 12.
+    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 64], peer: &str, agent_nonce: Option<&str>) -> (String, Vec<Effect>) {
         let now = now.into();
         let id = hex(&entropy[..8]);
         self.begin(Origin::Session(id.clone()), Some(now));
@@ -88,13 +84,23 @@ impl Edge {
             return (id.clone(), vec![Effect::Close { session: id, code: close::SHUTTING_DOWN, reason }]);
         }
         // The peer's words, and they would be signed: only a nonce's shape is.
-        if agent_nonce.is_some_and(|n| !shared::envelope::valid_agent_nonce(n)) {
-            let source = session::source_of(peer);
-            warn!(session = %id, source = %source, "agent connection with a malformed agent nonce; closing it");
-            // Short enough for a close frame (123 bytes), which is all such a peer gets.
-            let reason = close::reason("X-Runner-Agent-Nonce is not 16-64 characters of base64, sent once: run an agent of the edge's release");
-            return (id.clone(), vec![Effect::Close { session: id, code: close::PROTOCOL_ERROR, reason }]);
-        }
+        let agent_nonce = match agent_nonce {
+            Some(n) if shared::envelope::valid_agent_nonce(n) => n,
+            Some(_) => {
+                let source = session::source_of(peer);
+                warn!(session = %id, source = %source, "agent connection with a malformed agent nonce; closing it");
+                // Short enough for a close frame (123 bytes), which is all such a peer gets.
+                let reason = close::reason("X-Runner-Agent-Nonce is not 16-64 characters of base64, sent once: run an agent of the edge's release");
+                return (id.clone(), vec![Effect::Close { session: id, code: close::PROTOCOL_ERROR, reason }]);
+            }
+            None => {
+                let source = session::source_of(peer);
+                warn!(session = %id, source = %source, "agent connection without an agent nonce (an agent older than the edge); closing it");
+                // A close frame's 123 bytes: the agent of before reads it as a refusal.
+                let reason = close::reason("no X-Runner-Agent-Nonce: this agent is older than the edge; upgrade claude-runner on the agent");
+                return (id.clone(), vec![Effect::Close { session: id, code: close::VERSION_MISMATCH, reason }]);
+            }
+        };
         let source = session::source_of(peer);
         let mut effects = Vec::new();
         if let Some(victim) = self.pending_victim(&source) {
@@ -113,9 +119,7 @@ impl Edge {
             waiting: None,
             phase: Phase::Challenged { nonce: nonce.clone(), ephemeral },
         };
-        let proof = agent_nonce.map(|agent_nonce| {
-            shared::envelope::ChallengeProof::sign(&self.cfg.signing_key, PROTOCOL_VERSION, &nonce, agent_nonce, &self.cfg.pool)
-        });
+        let proof = Some(shared::envelope::ChallengeProof::sign(&self.cfg.signing_key, PROTOCOL_VERSION, &nonce, agent_nonce, &self.cfg.pool));
         let challenge = EdgeMessage::Challenge {
             protocol: PROTOCOL_VERSION,
             nonce,

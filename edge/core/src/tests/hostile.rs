@@ -140,31 +140,31 @@ fn silent_connections_cannot_lock_the_agent_out() {
     let mut n = 0;
     for i in 0..MAX_PENDING_HANDSHAKES {
         n += 1;
-        let (_, effects) = edge.connect(i as u64, seed(n), &format!("198.51.100.{}", i % 8));
+        let (_, effects) = edge.connect(i as u64, seed(n), &format!("198.51.100.{}", i % 8), Some(AGENT_NONCE));
         assert!(closes(&effects).is_empty());
     }
     assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
     // …and renews them: each new one closes the oldest of the most crowded source.
     for i in 0..200u64 {
         n += 1;
-        let (_, effects) = edge.connect(100 + i, seed(n), &format!("198.51.100.{}", i % 8));
+        let (_, effects) = edge.connect(100 + i, seed(n), &format!("198.51.100.{}", i % 8), Some(AGENT_NONCE));
         assert_eq!(closes(&effects).len(), 1);
         assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
     }
     // The agent, from its own address or from one of the attacker's, still gets in.
     for (i, peer) in ["203.0.113.9", "198.51.100.3"].into_iter().enumerate() {
         n += 1;
-        let (sid, effects) = edge.connect(1_000, seed(n), peer);
+        let (sid, effects) = edge.connect(1_000, seed(n), peer, Some(AGENT_NONCE));
         assert_eq!(closes(&effects).len(), 1, "room is made for it");
         let effects = prove(&mut edge, 1_000, &sid, &effects);
         assert!(closed(&effects).is_none(), "{peer}: {effects:?}");
         assert!(edge.session(&sid).unwrap().agent().is_some());
         edge.disconnect(1_000 + i as u64, &sid);
         n += 1;
-        edge.connect(1_000, seed(n), "198.51.100.0");
+        edge.connect(1_000, seed(n), "198.51.100.0", Some(AGENT_NONCE));
     }
     // The evicted are told why.
-    let (_, effects) = edge.connect(2_000, seed(10_000), "198.51.100.1");
+    let (_, effects) = edge.connect(2_000, seed(10_000), "198.51.100.1", Some(AGENT_NONCE));
     let (code, reason) = closed(&effects).unwrap();
     assert_eq!(code, close::SILENT);
     assert!(reason.contains("waited longest"), "{reason}");
@@ -173,12 +173,12 @@ fn silent_connections_cannot_lock_the_agent_out() {
 
     // One source alone cannot hold more than its share: its own oldest goes first.
     let mut edge = Edge::new(config(), 0);
-    let (other, _) = edge.connect(0, seed(1), "203.0.113.1");
+    let (other, _) = edge.connect(0, seed(1), "203.0.113.1", Some(AGENT_NONCE));
     let mut flood = Vec::new();
     for i in 0..MAX_PENDING_PER_SOURCE as u64 {
-        flood.push(edge.connect(1 + i, seed(2 + i), "2001:db8:1:2::1").0);
+        flood.push(edge.connect(1 + i, seed(2 + i), "2001:db8:1:2::1", Some(AGENT_NONCE)).0);
     }
-    let (_, effects) = edge.connect(100, seed(500), "2001:db8:1:2::ffff");
+    let (_, effects) = edge.connect(100, seed(500), "2001:db8:1:2::ffff", Some(AGENT_NONCE));
     assert_eq!(closes(&effects), vec![flood[0].clone()], "the same /64 is one source");
     assert!(edge.session(&other).is_some());
 }
@@ -186,7 +186,7 @@ fn silent_connections_cannot_lock_the_agent_out() {
 #[test]
 fn a_frame_before_the_hello_is_verified_is_small() {
     let mut edge = Edge::new(config(), 0);
-    let (sid, _) = edge.connect(0, seed(1), PEER);
+    let (sid, _) = edge.connect(0, seed(1), PEER, Some(AGENT_NONCE));
     let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
     let (code, reason) = closed(&edge.message(1, &sid, &big)).unwrap();
     assert_eq!(code, close::PROTOCOL_ERROR);
@@ -202,7 +202,7 @@ fn a_frame_before_the_hello_is_verified_is_small() {
 fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
     let mut edge = Edge::new(config(), 0);
     for bad in ["spark\n2026-01-01T00:00:00Z INFO agent connected agent_id=spark", &"a".repeat(100), "", "sp ark"] {
-        let (sid, effects) = edge.connect(0, seed(1), PEER);
+        let (sid, effects) = edge.connect(0, seed(1), PEER, Some(AGENT_NONCE));
         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge") };
         let effects = edge.message(0, &sid, &hello_frame(bad, nonce, 0, &agent_key(1)));
         let (code, reason) = closed(&effects).unwrap();
@@ -872,7 +872,7 @@ fn a_probe_is_answered_and_closed_and_touches_no_agent_and_no_job() {
         envelope: Envelope::seal(domain, hello, key),
     };
     let challenge = |edge: &mut Edge, seed: u8| {
-        let (pid, effects) = edge.connect(2, [seed; 64], PEER);
+        let (pid, effects) = edge.connect(2, [seed; 64], PEER, Some(AGENT_NONCE));
         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &pid)[0] else { panic!("challenge first") };
         (pid, nonce.clone())
     };
@@ -985,7 +985,7 @@ fn a_heartbeat_naming_more_jobs_than_its_agent_can_hold_closes_the_connection() 
 #[test]
 fn a_hello_naming_more_jobs_than_its_agent_can_hold_is_refused() {
     let mut edge = Edge::new(config(), 0);
-    let (sid, effects) = edge.connect(0, [1; 64], PEER);
+    let (sid, effects) = edge.connect(0, [1; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let running: Vec<String> = (0..1_000).map(|n| format!("made-up-{n}")).collect();
     let hello = Hello { capacity: u32::MAX, running, ..hello("spark", nonce, 0) };

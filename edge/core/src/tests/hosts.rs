@@ -117,7 +117,7 @@ fn every_caller_of_a_job_gets_its_answer_once() {
 
 /// Connects `agent` at `now`, its hello stamped with the wall clock (as agents do).
 fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String>) -> String {
-    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, server_time, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*server_time, now.wall, "the agent is shown the wall clock");
     let hello = Hello { running, ..hello(agent, nonce, now.wall) };

@@ -52,6 +52,8 @@ pub(super) const HB: u64 = 1_000;
 pub(super) const LOST: u64 = 5_000;
 /// The address the scripted agent connects from.
 pub(super) const PEER: &str = "192.0.2.1";
+/// The nonce the scripted agent dials with (`X-Runner-Agent-Nonce`): base64, of a nonce's shape.
+pub(super) const AGENT_NONCE: &str = "YWdlbnQtbm9uY2UtZm9yLXRoZS10ZXN0cw==";
 /// Orders for `spark` in the default pool.
 pub(super) const SPARK: Audience<'static> = Audience { agent_id: "spark", pool: "default" };
 
@@ -181,7 +183,7 @@ pub(super) fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, run
 }
 
 pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
     let hello = Hello {
@@ -503,11 +505,11 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     assert!(!edge.is_online());
 
     // A hello captured from one connection, replayed on another.
-    let (sid1, effects) = edge.connect(0, [3; 64], PEER);
+    let (sid1, effects) = edge.connect(0, [3; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid1)[0] else { panic!() };
     let text = hello_frame("spark", nonce, 0, &agent_key(1));
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
-    let (sid2, _) = edge.connect(0, [4; 64], PEER);
+    let (sid2, _) = edge.connect(0, [4; 64], PEER, Some(AGENT_NONCE));
     let (code, reason) = closed(&edge.message(0, &sid2, &text)).unwrap();
     assert_eq!(code, close::UNAUTHORIZED);
     assert!(reason.contains("replay"), "{reason}");
@@ -517,7 +519,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
 fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
     let mut edge = Edge::new(config(), 0);
     // Swapped on the path for one whose secret the path would know: the signature breaks.
-    let (sid, effects) = edge.connect(0, [5; 64], PEER);
+    let (sid, effects) = edge.connect(0, [5; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
     let text = hello_frame("spark", nonce, 0, &agent_key(1));
     let mallory = Ephemeral::new([0x43; 32]).public();
@@ -529,7 +531,7 @@ fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
     assert!(reason.contains("failed to prove its identity"), "{reason}");
     // Signed by the agent, but a low-order point (no shared secret) or not a key at all.
     for (seed, bad) in [(6, shared::keys::encode(&[0; 32])), (8, shared::keys::encode(&[1; 31]))] {
-        let (sid, effects) = edge.connect(0, [seed; 64], PEER);
+        let (sid, effects) = edge.connect(0, [seed; 64], PEER, Some(AGENT_NONCE));
         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
         let hello = Hello { ephemeral: bad.clone(), ..hello("spark", nonce, 0) };
         let (code, reason) = closed(&edge.message(0, &sid, &hello_text(&hello, &agent_key(1)))).expect("refused");
@@ -549,7 +551,7 @@ fn refuses_another_protocol_version_by_name() {
     assert_eq!(shared::protocol::PROTOCOL_VERSION, 11);
     for old in [10, 9, 8, 7, 99] {
         let mut edge = Edge::new(config(), 0);
-        let (sid, _) = edge.connect(0, [1; 64], PEER);
+        let (sid, _) = edge.connect(0, [1; 64], PEER, Some(AGENT_NONCE));
         let env = Envelope { payload: "{}".into(), sig: String::new() };
         let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
         let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
@@ -559,27 +561,33 @@ fn refuses_another_protocol_version_by_name() {
 }
 
 /// The challenge carries the edge's signature over the agent's nonce from the upgrade
-/// (the agent sends its hello only once it holds); without a nonce (an agent of before it)
-/// it is unsigned and the agent is still served; a nonce not of a nonce's shape (a header
-/// sent twice, read joined) closes the connection saying so, and nothing of it is signed.
+/// (the agent sends its hello only once it holds). Without a nonce (an agent of before it,
+/// within protocol 10: no release since 11 dials so) the connection is closed, saying to
+/// upgrade the agent — it got an unsigned challenge, a path no release reached; a nonce
+/// not of a nonce's shape (a header sent twice, read joined) closes it too, saying so,
+/// and nothing of either is signed.
 #[test]
-fn the_challenge_is_signed_over_the_agents_nonce_when_it_sent_one() {
+fn the_challenge_is_signed_over_the_agents_nonce_and_a_dial_without_one_is_closed() {
     use shared::envelope::ChallengeProof;
     let mut edge = Edge::new(config(), 0);
     let agent_nonce = shared::keys::encode(&[5; 24]);
-    let (sid, effects) = edge.connect_with(0, [1; 64], PEER, Some(&agent_nonce));
+    let (sid, effects) = edge.connect(0, [1; 64], PEER, Some(&agent_nonce));
     let EdgeMessage::Challenge { nonce, proof, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let proof = proof.as_deref().expect("signed");
     let key = edge_key().verifying_key();
     assert!(ChallengeProof::verify(proof, &key, PROTOCOL_VERSION, nonce, &agent_nonce, "default"));
     assert!(!ChallengeProof::verify(proof, &key, PROTOCOL_VERSION, nonce, &shared::keys::encode(&[6; 24]), "default"));
-    // Without one: unsigned, and the hello is answered as before.
-    let (sid, effects) = edge.connect(0, [2; 64], PEER);
-    assert!(matches!(&sent(&effects, &sid)[0], EdgeMessage::Challenge { proof: None, .. }));
+    // Without one: closed before any challenge, naming the fix.
+    let (sid, effects) = edge.connect(0, [2; 64], PEER, None);
+    assert!(sent(&effects, &sid).is_empty(), "{effects:?}");
+    let (code, reason) = closed(&effects).expect("closed");
+    assert_eq!(code, close::VERSION_MISMATCH);
+    assert!(reason.contains("X-Runner-Agent-Nonce") && reason.contains("upgrade claude-runner on the agent") && !reason.ends_with("..."), "{reason}");
+    assert!(edge.session(&sid).is_none(), "no record kept of it");
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 3);
     assert!(edge.session(&sid).and_then(|s| s.agent()).is_some());
     for malformed in [format!("{agent_nonce}, {agent_nonce}"), "short".into(), "a\nb".repeat(10), "x".repeat(65)] {
-        let (sid, effects) = edge.connect_with(0, [4; 64], PEER, Some(&malformed));
+        let (sid, effects) = edge.connect(0, [4; 64], PEER, Some(&malformed));
         assert!(sent(&effects, &sid).is_empty(), "{malformed:?}: {effects:?}");
         let (code, reason) = closed(&effects).expect("closed");
         assert_eq!(code, close::PROTOCOL_ERROR);
@@ -750,7 +758,7 @@ fn a_silent_agent_is_dropped_within_two_heartbeats() {
 #[test]
 fn an_unfinished_handshake_is_dropped() {
     let mut edge = Edge::new(config(), 0);
-    let (_sid, _) = edge.connect(0, [1; 64], PEER);
+    let (_sid, _) = edge.connect(0, [1; 64], PEER, Some(AGENT_NONCE));
     assert_eq!(edge.next_deadline(), Some(10_000));
     assert!(closed(&edge.tick(10_000)).is_some());
 }

@@ -440,7 +440,7 @@ impl World {
         self.seed += 1;
         let mut random = [self.seed as u8; 64];
         random[..4].copy_from_slice(&self.seed.to_be_bytes());
-        let (sid, effects) = self.edge.connect(self.now, random, PEER);
+        let (sid, effects) = self.edge.connect(self.now, random, PEER, Some(AGENT_NONCE));
         let agent = &mut self.agents[a];
         agent.session = Some(sid.clone());
         agent.received = 0;

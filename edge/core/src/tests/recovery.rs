@@ -8,7 +8,7 @@ use crate::Config;
 /// Connects `agent` with a hello that names the jobs it runs and those whose results it
 /// still holds.
 fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         running: running.iter().map(|s| s.to_string()).collect(),
@@ -78,7 +78,7 @@ fn a_hello_that_cannot_name_every_result_leaves_the_others_to_come() {
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     edge.disconnect(2, &sid);
-    let (sid2, effects) = edge.connect(4, [2; 64], PEER);
+    let (sid2, effects) = edge.connect(4, [2; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid2)[0] else { panic!("challenge first") };
     let named: Vec<String> = (0..MAX_HELLO_FINISHED).map(|n| format!("old-{n}")).collect();
     let cut = Hello { finished: named, more_finished: true, ..hello("spark", nonce, 4) };
@@ -95,7 +95,7 @@ fn a_hello_that_cannot_name_every_result_leaves_the_others_to_come() {
     say(&mut edge, 6, &sid2, credit(1, 0));
     say(&mut edge, 7, &sid2, AgentMessage::Accepted { job_id: "j2".into() });
     edge.disconnect(8, &sid2);
-    let (sid3, effects) = edge.connect(9, [3; 64], PEER);
+    let (sid3, effects) = edge.connect(9, [3; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid3)[0] else { panic!("challenge first") };
     let mut named: Vec<String> = (0..MAX_HELLO_FINISHED).map(|n| format!("old-{n}")).collect();
     named.push("j2".into());
@@ -757,7 +757,7 @@ fn join_instance(edge: &mut Edge, now: u64, instance: Option<&str>, running: &[&
 
 /// [`join_instance`], the hello naming `finished` too: the results the agent holds.
 fn join_holding(edge: &mut Edge, now: u64, instance: Option<&str>, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         running: running.iter().map(|s| s.to_string()).collect(),

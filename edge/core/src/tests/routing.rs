@@ -23,7 +23,7 @@ pub(super) fn pool_config() -> Config {
 /// Agent `agent` (key `key`) joins with `capacity` slots, these labels and mirrors, and
 /// states its slots free.
 pub(super) fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels: &str, mirrors: &[&str]) -> String {
-    let (sid, effects) = edge.connect(now, [key + 100; 64], PEER);
+    let (sid, effects) = edge.connect(now, [key + 100; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         capacity,
@@ -858,7 +858,7 @@ proptest! {
                         }
                         out.extend(edge.disconnect(now, &sids[a]));
                         // As `enter`, keeping what its first credit sends.
-                        let (sid, effects) = edge.connect(now, [200 + a as u8; 64], PEER);
+                        let (sid, effects) = edge.connect(now, [200 + a as u8; 64], PEER, Some(AGENT_NONCE));
                         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
                         let mirrors: &[&str] = if a == 1 { &["github.com/o/r"] } else { &[] };
                         let hello = Hello {
@@ -1103,7 +1103,7 @@ fn whether_a_caller_is_proven_is_decided_when_its_job_is_submitted() {
     }
     let after = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("x".into(), X_SECRET.into())], ..pool_config() };
     let (mut edge, _) = Edge::restore(after, saved.into_values().collect(), vec![], None, 10);
-    let (sid, effects) = edge.connect(10, [101; 64], PEER);
+    let (sid, effects) = edge.connect(10, [101; 64], PEER, Some(AGENT_NONCE));
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let effects = edge.message(10, &sid, &hello_text(&Hello { capacity: 3, ..hello("spark", nonce, 10) }, &agent_key(1)));
     assert!(closed(&effects).is_none(), "{effects:?}");

@@ -1,6 +1,7 @@
 //! `bench --scale`: one pool with many agents. The agents are light and in-process — one
-//! tokio task each — but speak the real protocol with real signatures: each answers the
-//! edge's challenge with a signed hello, checks the edge's signed welcome and every job
+//! tokio task each — but speak the real protocol with real signatures: each dials with a
+//! fresh nonce, checks the edge's signature over it in the challenge, answers the
+//! challenge with a signed hello, checks the edge's signed welcome and every job
 //! order's signature, and answers each job at once with `Accepted`, a signed result and a
 //! new statement of its slots. So what is measured is the edge: its dispatch and the
 //! bookkeeping of each job's end.
@@ -27,7 +28,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use futures_util::{SinkExt, StreamExt};
 use harness::{EdgeKind, EdgeServer, Keys, SECRET};
 use serde_json::{json, Value};
-use shared::envelope::{open_order, Audience, Domain, Envelope};
+use shared::envelope::{open_order, Audience, ChallengeProof, Domain, Envelope};
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -352,11 +353,15 @@ impl Sim {
     /// A proven connection, its challenge (the heartbeats are bound to it) and its keys.
     async fn handshake(&self) -> anyhow::Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String, LinkKeys)> {
         let prover = harness::Prover { agent_id: self.id.clone(), pool: "default".into(), key: self.key.clone() };
-        let (mut ws, _) = tokio_tungstenite::connect_async(prover.request(&self.url)).await?;
+        // A fresh nonce on each dial, as the agent's: the edge signs it in its challenge.
+        let agent_nonce = shared::envelope::agent_nonce(runtime::entropy());
+        let (mut ws, _) = tokio_tungstenite::connect_async(prover.request_with(&self.url, &agent_nonce)).await?;
         let challenge = next_text(&mut ws).await?;
-        let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&challenge)? else { anyhow::bail!("no challenge: {challenge}") };
+        let EdgeMessage::Challenge { nonce, proof, .. } = serde_json::from_str(&challenge)? else { anyhow::bail!("no challenge: {challenge}") };
+        // Nothing more is said until the edge proved its key for this dial, as the agent does.
+        let proven = proof.is_some_and(|proof| ChallengeProof::verify(&proof, &self.edge_public, PROTOCOL_VERSION, &nonce, &agent_nonce, "default"));
+        anyhow::ensure!(proven, "the challenge is not signed by the edge's key for this dial: {challenge}");
         let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-        let agent_nonce = format!("{}-{wall}", self.id);
         let ephemeral = Ephemeral::new(runtime::entropy());
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
