@@ -322,7 +322,6 @@ impl Agent {
             gate: self.gate.clone(),
             progress: self.progress.job(),
             link: self.link.clone(),
-            accepted: self.link.epoch(),
             reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
@@ -647,11 +646,9 @@ impl Agent {
         // every registered job's task in the queue.
         let agent = Arc::clone(self);
         let id = job_id.clone();
-        // Taken now, as the job is accepted on this connection, not when its task runs.
-        let accepted = self.link.epoch();
         let task = async move {
             let job_id = id;
-            let ctx = JobContext { accepted, ..agent.job_context(&order.header.nonce, &order.caller, order.caller_proven) };
+            let ctx = agent.job_context(&order.header.nonce, &order.caller, order.caller_proven);
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
@@ -1230,7 +1227,7 @@ mod tests {
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0));
+        agent.link.welcomed(Some(0), Vec::new());
         agent.link.away();
         // Any time at all away is longer than LOST_AFTER_MS 0.
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -1239,9 +1236,9 @@ mod tests {
         assert_eq!(result.error_code, Some(ErrorCode::RunnerLost), "{result:?}");
         assert_eq!(result.retryable, Some(true));
         let said = result.error.unwrap_or_default();
-        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
-        // Connected again: the job runs.
-        agent.link.welcomed(Some(0));
+        assert!(said.starts_with("not started: this agent heard nothing from the edge") && said.contains("longer than the 0 ms (LOST_AFTER_MS)") && said.ends_with("run it again"), "{said}");
+        // Connected again, the welcome naming none of its jobs: the job runs.
+        agent.link.welcomed(Some(0), Vec::new());
         run(Arc::clone(&agent), spec).await;
         assert!(ran.exists(), "a connected agent did not start the job");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1257,7 +1254,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(60_000));
+        agent.link.welcomed(Some(60_000), Vec::new());
         let nonce = format!("j:{}", "9".repeat(64 * 1024));
         let ctx = agent.job_context(&nonce, "default", Some(false));
         let (_stop, stop_rx) = oneshot::channel();
@@ -1302,7 +1299,7 @@ mod tests {
                 // SAFETY: as above.
                 let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) };
                 assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
-                agent.link.welcomed(Some(60_000));
+                agent.link.welcomed(Some(60_000), Vec::new());
                 let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
                 let ctx = agent.job_context("j:2", "default", Some(false));
                 let (_stop, stop_rx) = oneshot::channel();
@@ -1331,7 +1328,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(0));
+        agent.link.welcomed(Some(0), Vec::new());
         // The check before the started record passes (connected); the next finds it given up.
         agent.link.away_at_check(1);
         let ctx = agent.job_context("j:1", "default", Some(false));
@@ -1343,7 +1340,7 @@ mod tests {
         assert!(ended.cannot_start.is_none(), "handed back as if the agent could not start jobs");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
         let said = result.error.unwrap_or_default();
-        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
+        assert!(said.starts_with("not started: this agent heard nothing from the edge") && said.ends_with("run it again"), "{said}");
         // A restart finds no started record of it: nothing reports it run and lost.
         drop((ctx, agent, queues));
         let (agent, _queues) = agent_in(&dir);
@@ -1351,38 +1348,40 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A job accepted on one connection, then the link cut past LOST_AFTER_MS (the edge ended
-    /// the job `lost` and told its `/execute` caller to fall back), then a reconnection
-    /// before the job's checkout or refresh gate let it start: connected again, the agent
-    /// forgot it had been away and started the job before the edge's stray-cancel for it
-    /// was read — the task ran twice. The welcome after such an absence is remembered for
-    /// the jobs accepted before it; a job accepted after it runs.
+    /// Jobs accepted on one connection, then the link cut past LOST_AFTER_MS by the agent's
+    /// count, then a reconnection before their checkout or refresh gate let them start.
+    /// The welcome says which the edge gave up (ended `lost`, its `/execute` caller told to
+    /// fall back): that one never starts, although the agent is connected again and the
+    /// edge's stray-cancel for it is not read yet — started, the task would run twice. The
+    /// other the edge took over: it starts. rev29-2: the agent judged by its own count,
+    /// which starts at its last frame heard, before the edge saw the loss, and after a blip
+    /// the edge had not given up it ended both "not started: the edge had given the job up".
     #[tokio::test(flavor = "current_thread")]
-    async fn a_job_the_edge_gave_up_is_not_started_once_the_agent_is_back() {
+    async fn once_back_only_a_job_the_welcome_names_is_not_started() {
         let dir = std::env::temp_dir().join(format!("cr-agent-away-back-{}", std::process::id()));
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        let run = |ctx: JobContext, spec: shared::job::JobSpec| async move {
+        let run = |ctx: JobContext, id: &'static str, spec: shared::job::JobSpec| async move {
             let (_stop, stop_rx) = oneshot::channel();
-            let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+            let ended = runner::run(&ctx, id, spec, stop_rx).await;
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0));
-        let accepted = agent.job_context("j:1", "default", Some(false));
+        agent.link.welcomed(Some(0), Vec::new());
+        let (gone, kept) = (agent.job_context("gone:1", "default", Some(false)), agent.job_context("kept:1", "default", Some(false)));
         agent.link.away();
         // Any time at all away is longer than LOST_AFTER_MS 0.
         std::thread::sleep(std::time::Duration::from_millis(2));
-        agent.link.welcomed(Some(0));
-        let result = run(accepted, spec.clone()).await;
+        agent.link.welcomed(Some(0), vec!["gone".into()]);
+        let result = run(gone, "gone", spec.clone()).await;
         assert!(!ran.exists(), "Claude was started after the edge gave the job up, once the agent was back");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
         let said = result.error.unwrap_or_default();
-        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
-        // A job accepted on the new connection runs.
-        run(agent.job_context("j:2", "default", Some(false)), spec).await;
-        assert!(ran.exists(), "a job accepted after the reconnection did not start");
+        assert!(said.starts_with("not started: the edge had given the job up while this agent was away (its welcome said so") && said.ends_with("run it again if it did not end"), "{said}");
+        // The job the welcome does not name: the edge still has it for this agent.
+        let result = run(kept, "kept", spec).await;
+        assert!(ran.exists(), "a job the edge took over on the new connection did not start: {result:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

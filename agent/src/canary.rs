@@ -52,7 +52,6 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         // login, only one of the two lets a Claude refresh it.
         gate: RefreshGate::default(),
         progress: progress.job(),
-        accepted: link.epoch(),
         link: link.clone(),
         reporter,
         repos: Arc::new(repos),

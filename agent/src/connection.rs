@@ -59,7 +59,8 @@ pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::
         // bounded line before they reach the log or the status file.
         let ended = session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await;
         // Away from the edge from here (counted from its last frame): a job accepted on the
-        // connection that ended does not start once the edge has given it up.
+        // connection that ended does not start once away past the edge's LOST_AFTER_MS, nor,
+        // once back, if the welcome names it as given up.
         agent.link.away();
         let end = match ended {
             End::Lost(why) => End::Lost(peer_words(&why)),
@@ -599,7 +600,8 @@ async fn session(
         // Our edges refuse such a setting at their start: an edge of another release.
         warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
     }
-    agent.link.welcomed(welcome.lost_after_ms);
+    // The jobs the edge gave up while this agent was away never start; the others may.
+    agent.link.welcomed(welcome.lost_after_ms, welcome.given_up.clone());
     if reconnect.welcomed(welcome.lost_after_ms) {
         if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
             // Written again at the next welcome, saying the same or not.
@@ -945,17 +947,16 @@ mod tests {
         // The link: heard as of the beat — an old one moves nothing back, and an absence
         // counts from the beat, however late its ack came.
         let link = crate::link::Link::default();
-        link.welcomed(Some(20));
-        let accepted = link.epoch();
+        link.welcomed(Some(20), Vec::new());
         link.heard_at(at.into_std());
         link.away();
-        assert!(link.given_up(accepted).is_none(), "heard at the welcome, not moved back to beat 1");
+        assert!(link.given_up("j").is_none(), "heard at the welcome, not moved back to beat 1");
         let link = crate::link::Link::default();
-        link.welcomed(Some(20));
+        link.welcomed(Some(20), Vec::new());
         std::thread::sleep(Duration::from_millis(30));
         link.heard_at(std::time::Instant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2.into_std()));
         link.away();
-        assert!(link.given_up(accepted).is_some(), "an ack arriving now of a beat 25 ms old: away past 20 ms");
+        assert!(link.given_up("j").is_some(), "an ack arriving now of a beat 25 ms old: away past 20 ms");
     }
 
     /// The silence bound counts what was written after the last beat the edge answered:

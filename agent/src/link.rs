@@ -12,9 +12,14 @@
 //! agent's one runtime thread a frame is made and queued with no yield in between, so
 //! this holds by construction there; the check keeps it for any frame made off that
 //! thread, or under a runtime with more threads (the agent had two until 7d208e4).
+//!
+//! It also keeps what the away rule reads ([`Link::given_up`]): whether a welcomed
+//! connection is up, when the edge last proved it was there, and the jobs the last welcome
+//! said the edge gave up.
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -33,24 +38,25 @@ struct Current {
     last_heard: Option<Instant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
-    /// Counts the welcomes that ended an absence the edge gave the agent's jobs up for, and
-    /// the last such absence with the `LOST_AFTER_MS` it outlasted: connected again, a job
-    /// accepted before it still must not start ([`Link::given_up`]).
-    epoch: Epoch,
-    gave_up: (Duration, u64),
+    /// The jobs the last welcome said the edge gave up ([`shared::protocol::Welcome::given_up`]):
+    /// never started, connected or not. Replaced at each welcome: a job still held is in
+    /// the next hello, and the next welcome names it again if the edge still will not have
+    /// it run.
+    welcome_gave_up: HashSet<String>,
     /// Tests: the checks [`Link::given_up`] answers as it is before the link is cut off and
     /// given up ([`Link::away_at_check`]).
     #[cfg(test)]
     away_at_check: Option<u32>,
 }
 
-/// How long the agent has been away from the edge at `now`, if the edge has given up the
-/// jobs it holds by then: no welcomed connection, and nothing heard from the edge for
+/// How long the agent has been away from the edge at `now`, if the edge may have given up
+/// the jobs it holds by then: no welcomed connection, and nothing heard from the edge for
 /// longer than its `LOST_AFTER_MS`. The edge counts its wait from when it lost the agent,
-/// which is no earlier than the agent's last frame from it, so this never says "given up"
-/// before the edge has (or is about to). While a connection is up nothing is given up,
-/// whatever the heartbeat interval is against `LOST_AFTER_MS`.
-pub fn given_up(connected: bool, last_heard: Option<Instant>, lost_after_ms: Option<u64>, now: Instant) -> Option<Duration> {
+/// which is no earlier than the agent's last frame from it (later by up to a heartbeat and
+/// its silence detection), so this may say it a little before the edge does, never after:
+/// a job then does not start, and ends "not started", never run twice. While a connection
+/// is up nothing is judged so: the welcome said which jobs the edge gave up.
+pub fn away_past(connected: bool, last_heard: Option<Instant>, lost_after_ms: Option<u64>, now: Instant) -> Option<Duration> {
     if connected {
         return None;
     }
@@ -58,10 +64,15 @@ pub fn given_up(connected: bool, last_heard: Option<Instant>, lost_after_ms: Opt
     (away > Duration::from_millis(lost_after_ms?)).then_some(away)
 }
 
-/// Which absences the edge gave up a job has lived through ([`Link::epoch`] as it was
-/// accepted, compared at its start).
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-pub struct Epoch(u64);
+/// Why a job must not start ([`Link::given_up`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GivenUp {
+    /// Away from the edge, no connection up: nothing heard from it for `away`, longer than
+    /// its `lost_after_ms` — after which it gives the job up.
+    Away { away: Duration, lost_after_ms: u64 },
+    /// The edge's welcome named the job: it ended it, or has it elsewhere.
+    Named,
+}
 
 /// A frame MACed with one connection's key, for [`Link::send`].
 pub struct Sealed {
@@ -89,25 +100,17 @@ impl Link {
         current.connection += 1;
     }
 
-    /// The edge welcomed the agent, saying its `LOST_AFTER_MS`. Away until now past the
-    /// last welcome's (judged before either is replaced), the edge has given up the jobs
-    /// the agent held: the epoch moves on, so those not started yet never do, although the
-    /// agent is connected again (the edge's stray-cancel for them may come late: it is read
-    /// after the results resent, a few a heartbeat).
-    pub fn welcomed(&self, lost_after_ms: Option<u64>) {
+    /// The edge welcomed the agent, saying its `LOST_AFTER_MS` and the jobs of the hello
+    /// it gave up (`given_up`): those never start, although the agent is connected again
+    /// (the edge's stray-cancel for them may come late: it is read after the results
+    /// resent, a few a heartbeat). Every other job held may: the edge took it over. The
+    /// agent's own count of the absence is not asked (rev29-2: it counts from its last
+    /// frame heard, the edge from when it saw the loss, later, and after a blip the edge
+    /// had not given up the agent took jobs for given up).
+    pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>) {
         let mut current = self.lock();
-        let now = Instant::now();
-        if let Some(away) = given_up(current.connected, current.last_heard, current.lost_after_ms, now) {
-            current.epoch.0 += 1;
-            current.gave_up = (away, current.lost_after_ms.unwrap_or_default());
-        }
-        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(now), lost_after_ms);
-    }
-
-    /// Where the link is now among the absences the edge gave up: a job takes it as it is
-    /// accepted, for [`Link::given_up`].
-    pub fn epoch(&self) -> Epoch {
-        self.lock().epoch
+        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
+        current.welcome_gave_up = given_up.into_iter().collect();
     }
 
     /// Heard now (tests: as [`Link::heard_at`] with an ack's beat written now).
@@ -132,13 +135,13 @@ impl Link {
         self.lock().connected = false;
     }
 
-    /// [`given_up`] now, or an absence the edge gave up since `accepted` (the job's
-    /// [`Link::epoch`]) that a welcome has ended: checked before a job accepted while
-    /// connected starts (its repository checkout or the refresh gate may have outlasted a
-    /// cut link). The edge ended such a job `lost` and told an `/execute` caller to fall
-    /// back: started now, the task would run twice. How long the agent was away, and the
-    /// `LOST_AFTER_MS` that was.
-    pub fn given_up(&self, accepted: Epoch) -> Option<(Duration, u64)> {
+    /// Whether job `job_id` must not start: the last welcome named it ([`GivenUp::Named`]),
+    /// or no connection is up and the agent has heard nothing from the edge for longer than
+    /// its `LOST_AFTER_MS` ([`away_past`], [`GivenUp::Away`]). Checked before a job starts
+    /// (its repository checkout or the refresh gate may have outlasted a cut link). The
+    /// edge ended such a job `lost` and told an `/execute` caller to fall back (or is about
+    /// to): started now, the task would run twice.
+    pub fn given_up(&self, job_id: &str) -> Option<GivenUp> {
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut current = self.lock();
         #[cfg(test)]
@@ -153,10 +156,11 @@ impl Link {
                 }
             }
         }
-        match given_up(current.connected, current.last_heard, current.lost_after_ms, Instant::now()) {
-            Some(away) => Some((away, current.lost_after_ms.unwrap_or_default())),
-            None => (current.epoch != accepted).then_some(current.gave_up),
+        if current.welcome_gave_up.contains(job_id) {
+            return Some(GivenUp::Named);
         }
+        let away = away_past(current.connected, current.last_heard, current.lost_after_ms, Instant::now())?;
+        Some(GivenUp::Away { away, lost_after_ms: current.lost_after_ms.unwrap_or_default() })
     }
 
     /// Tests: the link is cut off and given up (away a second past `LOST_AFTER_MS` 0) as
@@ -233,44 +237,50 @@ mod tests {
         let heard = Instant::now();
         let after = |ms| heard + Duration::from_millis(ms);
         // Away longer than LOST_AFTER_MS: given up, and for how long it was away.
-        assert_eq!(given_up(false, Some(heard), Some(8_000), after(8_001)), Some(Duration::from_millis(8_001)));
+        assert_eq!(away_past(false, Some(heard), Some(8_000), after(8_001)), Some(Duration::from_millis(8_001)));
         // Away less, or just that long: the edge may still wait for it.
-        assert_eq!(given_up(false, Some(heard), Some(8_000), after(7_999)), None);
-        assert_eq!(given_up(false, Some(heard), Some(8_000), after(8_000)), None);
+        assert_eq!(away_past(false, Some(heard), Some(8_000), after(7_999)), None);
+        assert_eq!(away_past(false, Some(heard), Some(8_000), after(8_000)), None);
         // Connected: nothing changes, however long since the last frame (a heartbeat
         // interval longer than LOST_AFTER_MS).
-        assert_eq!(given_up(true, Some(heard), Some(8_000), after(20_000)), None);
+        assert_eq!(away_past(true, Some(heard), Some(8_000), after(20_000)), None);
         // An edge that does not say its LOST_AFTER_MS, or never heard (the canary's link).
-        assert_eq!(given_up(false, Some(heard), None, after(1_000_000)), None);
-        assert_eq!(given_up(false, None, Some(8_000), after(1_000_000)), None);
-        assert!(Link::local().given_up(Epoch::default()).is_none());
+        assert_eq!(away_past(false, Some(heard), None, after(1_000_000)), None);
+        assert_eq!(away_past(false, None, Some(8_000), after(1_000_000)), None);
+        assert!(Link::local().given_up("j").is_none());
     }
 
-    /// Given up only after a connection ended, and for good for the jobs accepted before:
-    /// connected again, a job accepted on the ended connection still must not start (the
-    /// edge ended it `lost`); one accepted on the new connection may.
+    /// Away, the agent's own clock says whether the edge gave its jobs up; welcomed again,
+    /// only the welcome does. rev29-2: after a blip the edge did not give the agent up for
+    /// (it counts from when it saw the loss, up to a heartbeat and its silence detection
+    /// after the agent's last frame heard), the agent's count of the absence had passed
+    /// LOST_AFTER_MS, and a job accepted before it ended "not started: the edge had given
+    /// the job up" — untrue: the edge had taken the job over on the new connection.
     #[test]
-    fn a_link_is_given_up_only_after_its_connection_ended() {
+    fn once_welcomed_again_only_the_jobs_the_welcome_names_are_given_up() {
         let link = Link::default();
         link.set(keys(1));
-        link.welcomed(Some(0));
+        link.welcomed(Some(0), Vec::new());
         link.heard();
-        let accepted = link.epoch();
-        assert!(link.given_up(accepted).is_none(), "connected");
+        assert!(link.given_up("kept").is_none(), "connected");
         link.away();
         // LOST_AFTER_MS 0: given up once any time at all has passed away.
         std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(link.given_up(accepted).map(|(_, lost)| lost), Some(0));
-        // Welcomed again, saying another LOST_AFTER_MS: the absence was judged by the last.
-        link.welcomed(Some(60_000));
-        let (away, lost) = link.given_up(accepted).expect("given up for a job accepted before the absence");
-        assert!(away >= Duration::from_millis(2) && lost == 0, "{away:?} {lost}");
-        let now = link.epoch();
-        assert!(link.given_up(now).is_none(), "a job accepted once connected again");
-        // Away less than LOST_AFTER_MS, then back: nothing was given up.
+        let Some(GivenUp::Away { away, lost_after_ms: 0 }) = link.given_up("kept") else { panic!("away past LOST_AFTER_MS") };
+        assert!(away >= Duration::from_millis(2), "{away:?}");
+        // Welcomed again: the edge took `kept` over and gave `ended` up. By the agent's
+        // count both were given up; only the edge knows.
+        link.welcomed(Some(60_000), vec!["ended".into()]);
+        assert_eq!(link.given_up("kept"), None, "the edge did not give it up: it starts");
+        assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
+        // Cut off again: the job named still never starts; the other only once away past
+        // the new LOST_AFTER_MS.
         link.away();
-        link.welcomed(Some(60_000));
-        assert!(link.given_up(now).is_none(), "back within LOST_AFTER_MS");
+        assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
+        assert_eq!(link.given_up("kept"), None, "away less than LOST_AFTER_MS");
+        // Each welcome says anew (a job still held is in the hello it answers).
+        link.welcomed(Some(60_000), Vec::new());
+        assert_eq!(link.given_up("ended"), None);
     }
 
     /// The race of a job ending while the agent reconnects: its result MACed with the

@@ -6,6 +6,7 @@
 
 use crate::claude::{self, Ending, Session, Transcript};
 use crate::config::AgentConfig;
+use crate::link::GivenUp;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
 use crate::progress_clock::ProgressClock;
@@ -95,9 +96,6 @@ pub struct JobContext {
     pub uplink: Option<tokio::sync::mpsc::UnboundedSender<shared::protocol::AgentMessage>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
-    /// The link's [`crate::link::Epoch`] as the job was accepted: an absence the edge gave
-    /// up after it keeps the job from starting, also once the agent is connected again.
-    pub accepted: crate::link::Epoch,
     /// The nonce of the job's order: every progress batch is MACed bound to it.
     pub order_nonce: String,
     /// When waiting progress batches go (one clock for all jobs).
@@ -478,23 +476,34 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
     false
 }
 
-/// The end of a job the edge has given up, if it has: away from the edge past its
-/// LOST_AFTER_MS ([`crate::link::Link::given_up`]) now or since the job was accepted (back
-/// since: the edge's stray-cancel may not be read yet), the edge ended the job `lost` and
-/// told an `/execute` caller to fall back. Started now, the task would run twice; the
-/// result says it never started (an edge that ended it keeps its own end, as of any late
-/// result). Checked before the job's started record is written and again right before
-/// Claude gets its prompt: a lock and two comparisons.
+/// The end of a job the edge has given up, if it has ([`crate::link::Link::given_up`]):
+/// the welcome that ended the agent's absence named it, or, no connection up, the agent
+/// has heard nothing from the edge for longer than its LOST_AFTER_MS. The edge ended such
+/// a job `lost` (or is about to) and told an `/execute` caller to fall back. Started now,
+/// the task would run twice; the result says it never started (an edge that ended it
+/// keeps its own end, as of any late result). Checked before the job's started record is
+/// written and again right before Claude gets its prompt: a lock, a look-up and two
+/// comparisons.
 fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
-    let (away, lost_after_ms) = ctx.link.given_up(ctx.accepted)?;
-    Some(gave_up_result(ctx, job_id, started, away, lost_after_ms))
+    let why = ctx.link.given_up(job_id)?;
+    Some(gave_up_result(ctx, job_id, started, &why))
 }
 
-/// The end of a job the edge gave up ([`given_up`]), away `away` past its `lost_after_ms`.
-fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, away: Duration, lost_after_ms: u64) -> JobResult {
-    let away_ms = away.as_millis() as u64;
-    warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
-    let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms while the job waited to start); run it again");
+/// The end of a job the edge gave up ([`given_up`]), and why it is taken for given up.
+fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenUp) -> JobResult {
+    let why = match *why {
+        GivenUp::Named => {
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, "job not started: the edge gave it up while this agent was away (its welcome said so)");
+            "not started: the edge had given the job up while this agent was away (its welcome said so: it ended the job, or sent it elsewhere); run it again if it did not end".to_string()
+        }
+        GivenUp::Away { away, lost_after_ms } => {
+            let away_ms = away.as_millis() as u64;
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away (it heard nothing from the edge for longer than LOST_AFTER_MS)");
+            format!(
+                "not started: this agent heard nothing from the edge for {away_ms} ms while the job waited to start, longer than the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives the job up; run it again"
+            )
+        }
+    };
     // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
     JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }
 }
@@ -673,7 +682,7 @@ async fn run_claude(
     // or nonce, or a start cut short, fails the job alone.
     let unrecorded = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, accepted, gave_up, unrecorded) = (ctx.spool.clone(), ctx.link.clone(), ctx.accepted, Arc::clone(&gave_up), Arc::clone(&unrecorded));
+        let (spool, link, gave_up, unrecorded) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up), Arc::clone(&unrecorded));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
@@ -686,8 +695,8 @@ async fn run_claude(
             // The last moment before the prompt (written by this thread as this returns,
             // with no wait between): given up meanwhile, Claude is killed unprompted, as
             // when the record failed.
-            if let Some(away) = link.given_up(accepted) {
-                let _ = gave_up.set(away);
+            if let Some(why) = link.given_up(&job_id) {
+                let _ = gave_up.set(why);
                 return Err("given up by the edge".to_string());
             }
             Ok(())
@@ -723,8 +732,8 @@ async fn run_claude(
     }
     // Given up before the prompt: Claude was killed unprompted. Its started record goes,
     // so a restart does not report the job lost as if it had run; the result says why.
-    if let Some(&(away, lost_after_ms)) = gave_up.get() {
-        let result = gave_up_result(ctx, job_id, started, away, lost_after_ms);
+    if let Some(why) = gave_up.get() {
+        let result = gave_up_result(ctx, job_id, started, why);
         if let Some(spool) = ctx.spool.clone() {
             let id = job_id.to_string();
             let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;

@@ -24,7 +24,9 @@
 //!    agent's nonce, with the edge's fresh X25519 key for this connection (the signature
 //!    binds that key, on which the connection's MAC keys rest, to this dial, and names the
 //!    pool the edge took the hello into: the challenge's proof came before the hello was
-//!    checked, so the welcome is what says it was taken). Both sides now hold this connection's two MAC keys
+//!    checked, so the welcome is what says it was taken). It lists the jobs of the hello's
+//!    `running` the edge will not have this agent run ([`Welcome::given_up`]): the agent
+//!    never starts those, and may start the others. Both sides now hold this connection's two MAC keys
 //!    ([`crate::link`]): one for what the agent sends, one for what the edge sends
 //!    (`claude-runner doctor` sends an [`AgentMessage::Probe`] in step 2 instead, and the
 //!    edge closes after its welcome);
@@ -99,8 +101,8 @@
 //! does not know, a `Goodbye` — is counted, and at [`MAX_UNPROVEN_FRAMES`] the agent hangs
 //! up (close `4002`) and dials again. So whoever writes into the connection (a hop that
 //! ends TLS, plain `ws://`) cannot keep an agent "connected" to an edge that has given it
-//! up: cut off, the agent's away rule (no job starts once the edge has ended it `lost`)
-//! applies (hostile review rev26, 2). A new edge → agent kind therefore needs a new
+//! up: cut off, the agent's away rule (no job starts once it has heard nothing the edge
+//! proved for longer than the edge's `LOST_AFTER_MS`) applies (hostile review rev26, 2). A new edge → agent kind therefore needs a new
 //! version; the edge still ignores agent kinds it does not know.
 //!
 //! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
@@ -164,17 +166,23 @@ use serde::{Deserialize, Serialize};
 /// every result, as before.
 /// 10, unchanged: the challenge signed by the edge over the agent's nonce from the dial
 /// ([`crate::envelope::ChallengeProof`]), checked by the agent before its hello. No new
-/// version: an agent of before sends no nonce, and an edge of now sends it an unsigned
-/// challenge, as before (no worse: whoever answers at its EDGE_URL hears its hello, as
-/// before — a new version would not change that, since whoever answers chooses the
-/// version it says); an agent of now refuses an edge of before, whose challenge is
-/// unsigned, saying to upgrade the edge (security over compatibility: it would send its
-/// hello before any proof).
+/// version: an agent of before sent no nonce and got an unsigned challenge (until 12); an
+/// agent of now refuses an edge of before, whose challenge is unsigned, saying to upgrade
+/// the edge (security over compatibility: it would send its hello before any proof).
 /// 11: heartbeat acks MACed with the connection's edge→agent key ([`BeatAck`]), and the
 /// agent hears the edge only in proven frames (see "What the agent hears"): a version-10
 /// edge's plain acks would never be heard, and the agent would drop every connection to it
 /// after two heartbeat intervals; a version-10 agent hears any frame, made up or not.
-pub const PROTOCOL_VERSION: u32 = 11;
+/// 12: the welcome lists the jobs of the hello the edge will not have the agent run
+/// ([`Welcome::given_up`]), and the agent, once welcomed, refuses exactly those: it no
+/// longer judges by its own clock whether an absence it came back from outlasted the
+/// edge's `LOST_AFTER_MS` (it counted from its last frame heard, the edge from when it saw
+/// the loss, up to a heartbeat and its silence detection later, so after a blip the edge
+/// did not give up the agent still ended waiting jobs "not started", rev29-2). A
+/// version-11 edge's welcome names none, and this agent would start a job that edge had
+/// ended `lost`. The edge also closes a dial that carries no agent nonce (no release since
+/// 11 sends none) rather than challenge it unsigned.
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -708,6 +716,16 @@ pub struct Welcome {
     /// its reconnect backoff. `None` (absent: an edge of before it): no such bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_after_ms: Option<u64>,
+    /// The jobs of the hello's `running` that the edge will not have this agent run: it
+    /// ended them (lost while the agent was away, cancelled, timed out), sent them again
+    /// (queued, or on another agent), or has no record of them. The agent never starts
+    /// these — a caller told to fall back may be running the task elsewhere — and may
+    /// start every other job it holds: the edge took those over on this connection. The
+    /// edge's word, signed: the agent's own clock cannot say (it counts an absence from
+    /// its last frame heard, the edge from when it saw the loss). At most the hello's
+    /// `running`, so at most [`MAX_CAPACITY`]. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub given_up: Vec<String>,
     pub issued_at: Millis,
 }
 

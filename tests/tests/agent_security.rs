@@ -215,6 +215,7 @@ impl FakeEdge {
             session_id: "s1".into(),
             heartbeat_interval_ms: self.heartbeat_ms,
             lost_after_ms: self.lost_after_ms,
+            given_up: Vec::new(),
             issued_at: now(),
         };
         let envelope = seal(welcome);
@@ -617,9 +618,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 10: an edge from before heartbeat acks were MACed (this agent would hear none of its
-    // acks and drop every connection to it after two heartbeat intervals).
-    assert_eq!(PROTOCOL_VERSION, 11);
+    // 11: an edge from before its welcome named the jobs it gave up (this agent would start
+    // a job that edge had ended `lost`).
+    assert_eq!(PROTOCOL_VERSION, 12);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
@@ -1536,4 +1537,80 @@ async fn frames_a_hop_makes_up_neither_keep_the_agent_connected_nor_start_a_job_
     assert_eq!(result.error_code, Some(shared::contract::ErrorCode::RunnerLost), "{result:?}");
     assert!(result.error.as_deref().unwrap_or_default().contains("not started"), "{result:?}");
     assert!(agent.claude_runs().is_empty(), "{:?}", agent.claude_runs());
+}
+
+/// rev29-2: a blip the edge did not give the agent's jobs up for, but longer than its
+/// LOST_AFTER_MS by the agent's own count (which starts at the agent's last frame heard;
+/// the edge's at when it saw the loss, up to a heartbeat and its silence detection later).
+/// Two jobs wait at the refresh gate; the link is cut, and the agent is welcomed back only
+/// past LOST_AFTER_MS, by a welcome naming one of them as given up. That one never starts,
+/// and says why; the other, which the edge took over, starts and succeeds. The agent judged
+/// by its own count and ended both "not started: the edge had given the job up" — untrue
+/// for the second (seen failing so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_after_a_blip_the_agent_starts_the_jobs_the_welcome_does_not_name_as_given_up() {
+    const LOST_AFTER_MS: u64 = 1_500;
+    let edge = FakeEdge { lost_after_ms: Some(LOST_AFTER_MS), ..FakeEdge::with_heartbeat(1_000).await };
+    let agent = edge.start_agent_with(&[("CLAUDE_CODE_OAUTH_TOKEN", ""), ("MAX_CONCURRENT_JOBS", "2")]);
+    // A login due a refresh, which another process holds the lock to make: the jobs wait.
+    let config = agent.data.path().join("claude-config");
+    let mut other = stale_login_with_the_refresh_held(&config).await;
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    for id in ["kept", "gone"] {
+        let mut order = edge.order(id, "spark", t, t + 60_000, &format!("job {id}"));
+        order.spec.timeout_ms = 60_000;
+        send_job(&mut ws, Envelope::seal(Domain::Job, &order, &edge.edge_key)).await;
+    }
+    // The edge answers every beat until both wait at the gate.
+    let waits = |id: &str| agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains(id));
+    while !(waits("kept") && waits("gone")) {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
+            let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
+            ws.send(edge.ack(&beat)).await.unwrap();
+        }
+    }
+    // The link goes; no edge answers for longer than LOST_AFTER_MS by the agent's count.
+    drop(ws);
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains("connection to the edge lost")).await, "{}", agent.log());
+    edge.refuse_for(Duration::from_millis(LOST_AFTER_MS + 1_000)).await;
+    // Back: the edge gave `gone` up, and took `kept` over.
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| Envelope::seal(Domain::Welcome, &Welcome { given_up: vec!["gone".into()], ..welcome }, &edge.edge_key))
+        .await;
+    let hello = hello.unwrap_or_else(|| panic!("no hello\n{}", agent.log()));
+    assert_eq!(hello.running.len(), 2, "both still held: {:?}", hello.running);
+    // The other process is done: the login is fresh, the lock free, and both go on to
+    // their start.
+    let fresh = serde_json::json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh-0123456789", "refreshToken": "sk-ant-ort01-fresh-0123456789", "expiresAt": 4_000_000_000_000u64}});
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    let mut results = std::collections::HashMap::new();
+    while results.len() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        match serde_json::from_str::<AgentMessage>(&text) {
+            Ok(AgentMessage::Heartbeat { envelope }) => {
+                let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
+                ws.send(edge.ack(&beat)).await.unwrap();
+            }
+            Ok(AgentMessage::Result { envelope }) => {
+                let report = edge.report(&envelope);
+                results.insert(report.job_id, report.result);
+            }
+            _ => {}
+        }
+    }
+    let runs: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].to_string()).collect();
+    let kept = &results["kept"];
+    assert!(kept.success, "the job the edge took over did not run: {kept:?}\n{}", agent.log());
+    assert_eq!(runs.iter().filter(|p| p.contains("job kept")).count(), 1, "{runs:?}");
+    assert!(!runs.iter().any(|p| p.contains("job gone")), "the job the edge gave up started: {runs:?}\n{}", agent.log());
+    let gone = &results["gone"];
+    assert_eq!((gone.error_code, gone.retryable), (Some(shared::contract::ErrorCode::RunnerLost), Some(true)), "{gone:?}");
+    assert!(gone.error.as_deref().unwrap_or_default().contains("not started: the edge had given the job up while this agent was away (its welcome said so"), "{gone:?}");
 }

@@ -407,8 +407,9 @@ impl Edge {
     }
 
     /// The signed welcome answering a verified hello (or probe) on this connection: over
-    /// the agent's nonce, with the edge's X25519 key for it.
-    fn welcome_for(&self, now: Now, session_id: &str, hello: &Hello, edge_public: String) -> Effect {
+    /// the agent's nonce, with the edge's X25519 key for it, listing the jobs of the hello
+    /// the agent must not start (`given_up`, [`Edge::given_up`]).
+    fn welcome_for(&self, now: Now, session_id: &str, hello: &Hello, edge_public: String, given_up: Vec<String>) -> Effect {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
@@ -418,6 +419,7 @@ impl Edge {
             session_id: session_id.to_string(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             lost_after_ms: Some(self.cfg.lost_after_ms),
+            given_up,
             issued_at: now.wall,
         };
         let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);
@@ -429,7 +431,8 @@ impl Edge {
     /// closed. The session never becomes an agent's: no older connection is replaced, no
     /// job reconciled, nothing saved, the agent not counted as connected.
     fn answer_probe(&mut self, now: Now, session_id: &str, hello: &Hello, edge_public: String, effects: &mut Vec<Effect>) {
-        effects.push(self.welcome_for(now, session_id, hello, edge_public));
+        // A probe names no jobs (and settles none): nothing to list.
+        effects.push(self.welcome_for(now, session_id, hello, edge_public, Vec::new()));
         info!(agent_id = %hello.agent_id, session = session_id, "an agent's keys checked by a probe (claude-runner doctor); its connection, if any, is untouched");
         let done = Refused::new(close::PROBED, "probe answered: the keys agree; this connection was only a check");
         self.close(now, session_id, done, effects);
@@ -505,7 +508,9 @@ impl Edge {
         let hold = session.agent().and_then(|a| a.usage_hold_until);
         let saved = Effect::SaveSession(Box::new(session.clone()));
         effects.push(saved);
-        effects.push(self.welcome_for(now, session_id, &hello, edge_public));
+        // The welcome goes here, first on the connection, but is made once the hello's jobs
+        // are settled: it lists those the agent must not start.
+        let welcome_at = effects.len();
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
@@ -513,6 +518,11 @@ impl Edge {
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity.min(MAX_CAPACITY), "agent connected");
         let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
         self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);
+        let given_up = self.given_up(session_id, &hello.running);
+        if !given_up.is_empty() {
+            info!(agent_id = %agent_id, session = session_id, jobs = ?given_up, "the agent holds jobs the edge gave up or has elsewhere; its welcome tells it not to start them");
+        }
+        effects.insert(welcome_at, self.welcome_for(now, session_id, &hello, edge_public, given_up));
         self.stop_ended(now, session_id, &agent_id, &hello.running, 0, effects);
         if paused {
             // Back paused (restored after an edge restart, or paused while away).
@@ -520,6 +530,20 @@ impl Edge {
         }
         self.settle_queue(now, effects);
         self.observe(now, effects);
+    }
+
+    /// The jobs a hello names running (`running`) that the edge, its jobs settled
+    /// ([`Edge::reconcile`]), does not hold as this connection's: ended (lost while the
+    /// agent was away, cancelled, timed out), sent again (queued, or on another agent),
+    /// another instance's, or unknown to it. Its welcome lists them ([`Welcome::given_up`]),
+    /// and the agent never starts them: only the edge knows whether it gave a job up — the
+    /// agent counts an absence from its last frame heard, the edge from when it saw the
+    /// loss, up to a heartbeat and its silence detection later (rev29-2). Every other job
+    /// named is this connection's, and the agent may start it. At most the hello's
+    /// `running`, which [`overfull`] bounds.
+    fn given_up(&self, session_id: &str, running: &[String]) -> Vec<String> {
+        let ours = |id: &str| self.active.contains(id) && self.jobs.get(id).is_some_and(|job| job.session_id.as_deref() == Some(session_id));
+        running.iter().filter(|id| !ours(id)).cloned().collect()
     }
 
     /// Why a verified hello must be refused because another instance of its agent id

@@ -548,15 +548,17 @@ fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
 fn refuses_another_protocol_version_by_name() {
     // 10: the last version whose agents heard any frame (a hop's made-up ones too) as the
     // edge there; 9: the last whose orders named no caller (its agents resume any session).
-    assert_eq!(shared::protocol::PROTOCOL_VERSION, 11);
-    for old in [10, 9, 8, 7, 99] {
+    // 11: the last whose welcome named no job given up (its agents judged by their own
+    // clock, rev29-2).
+    assert_eq!(shared::protocol::PROTOCOL_VERSION, 12);
+    for old in [11, 10, 9, 8, 7, 99] {
         let mut edge = Edge::new(config(), 0);
         let (sid, _) = edge.connect(0, [1; 64], PEER, Some(AGENT_NONCE));
         let env = Envelope { payload: "{}".into(), sig: String::new() };
         let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
         let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
         assert_eq!(code, close::VERSION_MISMATCH);
-        assert!(reason.contains(&format!("v{old}")) && reason.contains("v11"), "{reason}");
+        assert!(reason.contains(&format!("v{old}")) && reason.contains("v12"), "{reason}");
     }
 }
 

@@ -6,9 +6,9 @@
 //! disconnections, reconnections, agents paused and resumed, agent crashes (which report
 //! their started jobs lost, as the started records make them, and forget the jobs they
 //! accepted and had not started; away from the edge past the last welcome's
-//! `lost_after_ms`, an agent starts no job it accepted then — nor once back, as a welcome
-//! ending such an absence is remembered — the agent's own rule, its result "not started"
-//! instead), time passing, failed store writes and edge restarts
+//! `lost_after_ms`, an agent starts no job it accepted then — nor once back, if the
+//! welcome names it as given up, and it starts one the welcome does not name — the
+//! agent's own rule, its result "not started" instead), time passing, failed store writes and edge restarts
 //! (a clean stop, or a crash, then a restore from what was stored; a start whose writes
 //! fail serves nothing, as the hosts do). Most submissions carry one idempotency key, so
 //! most are repeats. After every step:
@@ -99,11 +99,9 @@ struct ModelAgent {
     /// One clock for edge and agents: the real agent's is monotonic, at the same rate.
     heard_at: Option<u64>,
     lost_after_ms: Option<u64>,
-    /// The welcomes that ended an absence past `lost_after_ms` (`link.rs`'s `Epoch`), and
-    /// the count as each accepted job was accepted: one accepted before such a welcome
-    /// never starts, connected again or not.
-    epoch: u64,
-    accepted_in: HashMap<String, u64>,
+    /// The jobs the last welcome said the edge gave up (`Welcome::given_up`): never started,
+    /// connected again or not (`link.rs`, `Link::welcomed`).
+    welcome_gave_up: BTreeSet<String>,
     /// Jobs started (their durable started record written).
     running: BTreeSet<String>,
     /// Results kept until acknowledged (the spool).
@@ -136,10 +134,10 @@ impl ModelAgent {
         self.session.is_none() && self.heard_at.zip(self.lost_after_ms).is_some_and(|(heard, lost)| now.saturating_sub(heard) > lost)
     }
 
-    /// Whether accepted job `id` must not start at `now`: away past the rule, or a welcome
-    /// ended such an absence since it was accepted (`Link::given_up`).
+    /// Whether accepted job `id` must not start at `now`: the last welcome named it, or
+    /// away past the rule (`Link::given_up`).
     fn given_up(&self, id: &str, now: u64) -> bool {
-        self.away_past(now) || self.accepted_in.get(id) != Some(&self.epoch)
+        self.welcome_gave_up.contains(id) || self.away_past(now)
     }
 
     /// Whether it holds `job_id`: accepted, running, or with its result.
@@ -220,8 +218,7 @@ impl World {
             accepted: BTreeSet::new(),
             heard_at: None,
             lost_after_ms: None,
-            epoch: 0,
-            accepted_in: HashMap::new(),
+            welcome_gave_up: BTreeSet::new(),
             running: BTreeSet::new(),
             finished: BTreeMap::new(),
             nonces: HashMap::new(),
@@ -360,7 +357,6 @@ impl World {
                 } else {
                     assert!(agent.held_running().len() < agent.capacity as usize, "{} was sent {id} with no free slot", agent.id);
                     agent.accepted.insert(id.clone());
-                    agent.accepted_in.insert(id.clone(), agent.epoch);
                     agent.up.push_back(AgentMessage::Accepted { job_id: id });
                 }
             }
@@ -416,7 +412,6 @@ impl World {
             return false;
         }
         agent.accepted.remove(id);
-        agent.accepted_in.remove(id);
         let starts = self.starts.entry(id.to_string()).or_default();
         *starts += 1;
         assert_eq!(*starts, 1, "job {id} started twice");
@@ -434,9 +429,6 @@ impl World {
         if self.agents[a].session.is_some() {
             return;
         }
-        // Judged before the welcome replaces what the rule reads: away past the last one's
-        // `lost_after_ms`, the edge gave up the jobs the agent held.
-        let was_away = self.agents[a].away_past(self.now);
         self.seed += 1;
         let mut random = [self.seed as u8; 64];
         random[..4].copy_from_slice(&self.seed.to_be_bytes());
@@ -471,17 +463,15 @@ impl World {
         let agent = &mut self.agents[a];
         agent.link = link;
         if agent.session.is_some() {
-            // The welcome (heard now, with the edge's LOST_AFTER_MS), then the agent's
-            // statement and its kept results.
+            // The welcome (heard now, with the edge's LOST_AFTER_MS and the jobs it gave
+            // up), then the agent's statement and its kept results.
             let welcome = agent.down.iter().find_map(|m| match m {
                 EdgeMessage::Welcome { envelope } => serde_json::from_str::<shared::protocol::Welcome>(&envelope.payload).ok(),
                 _ => None,
             });
             let welcome = welcome.expect("a welcomed connection's welcome");
-            if was_away {
-                agent.epoch += 1;
-            }
             (agent.heard_at, agent.lost_after_ms) = (Some(self.now), welcome.lost_after_ms);
+            agent.welcome_gave_up = welcome.given_up.into_iter().collect();
             agent.down.retain(|m| !matches!(m, EdgeMessage::Welcome { .. }));
             agent.up.push_back(AgentMessage::Credit { slots: agent.slots() });
             let kept: Vec<(String, JobResult)> = agent.finished.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -595,8 +585,8 @@ impl World {
                 // heard no edge yet.
                 let agent = &mut self.agents[a];
                 agent.accepted.clear();
-                agent.accepted_in.clear();
                 (agent.heard_at, agent.lost_after_ms) = (None, None);
+                agent.welcome_gave_up.clear();
                 for id in std::mem::take(&mut agent.running) {
                     agent.finished.insert(id, JobResult::failure(ErrorCode::RunnerLost, "the agent restarted", 0));
                 }
@@ -795,13 +785,37 @@ fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
 
 /// The same, with the agent back before its job could start (a long checkout, the refresh
 /// gate): its welcome said it was connected again, and the job started before the edge's
-/// stray-cancel for it was read. The welcome after an absence past `lost_after_ms` is
-/// remembered for the jobs accepted before it (`link.rs`'s given-up count).
+/// stray-cancel for it was read. The welcome names the jobs of the hello the edge gave up
+/// (`Welcome::given_up`), and the agent never starts those.
 #[test]
 fn an_agent_back_after_the_orphan_deadline_does_not_start_a_job_it_accepted_before() {
     use Step::*;
     let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Rejoin(1), Start(1, 0)];
     not_started_after_its_fallback(&case);
+}
+
+/// rev29-2 in the model: the agent last heard the edge as its job's order came (at 0); the
+/// edge heard its beats until it lost the connection at 1,400; the agent is back at 5,600,
+/// past `lost_after_ms` (5,000) by its own count, within it by the edge's (6,400). The edge
+/// had not given the job up and took it over on the new connection: it starts, and the
+/// `/execute` caller gets its result. The agent judged by its own count, and ended the job
+/// "not started: the edge had given the job up" — untrue (seen failing so).
+#[test]
+fn a_job_the_edge_took_over_after_a_blip_starts_though_the_agents_count_passed_lost_after_ms() {
+    use Step::*;
+    let case = [
+        Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1),
+        Tick(700), Heartbeat(1), Up(1), Tick(700), Heartbeat(1), Up(1), Disconnect(1),
+        Tick(2_100), Tick(2_100), Rejoin(1), Start(1, 0),
+    ];
+    let mut world = World::new();
+    for s in &case {
+        world.run(s);
+    }
+    let id = world.jobs[0].clone();
+    assert!(!world.fell_back.contains(&id) && !world.ended.contains_key(&id), "the edge gave the job up: {:?}", world.ended.get(&id));
+    assert!(world.starts.contains_key(&id), "not started: {:?}", world.agents[1].finished.get(&id));
+    run_case(&case);
 }
 
 /// The review's case in the model: the first `spark`'s connection drops while it runs a

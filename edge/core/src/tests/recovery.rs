@@ -67,6 +67,50 @@ fn a_job_that_ended_while_the_agent_was_away_does_not_leave_it_idle() {
     assert!(orders(&effects, &sid2).is_empty(), "and never more than it has");
 }
 
+/// The welcome names the jobs of the hello the edge will not have the agent run, and comes
+/// before anything else on the connection: one it ended `lost` while the agent was away
+/// (its `/execute` caller told to fall back), one it has no record of — but not one it
+/// takes over after a blip shorter than its `LOST_AFTER_MS` by its own count. The agent
+/// never starts those it names, and judges no other by its own clock, which counts the
+/// absence from its last frame heard, before the edge saw the loss (rev29-2).
+#[test]
+fn the_welcome_names_the_jobs_of_the_hello_the_edge_gave_up() {
+    let mut edge = Edge::new(config(), 0);
+    let back = |edge: &mut Edge, now: u64, running: &[&str], seed: u8| {
+        let (sid, effects) = edge.connect(now, [seed; 64], PEER, Some(AGENT_NONCE));
+        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+        let hello = Hello { running: running.iter().map(|s| s.to_string()).collect(), capacity: 3, ..hello("spark", nonce, now) };
+        let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(1)));
+        let Some(EdgeMessage::Welcome { envelope }) = sent(&effects, &sid).into_iter().next() else { panic!("the welcome first: {effects:?}") };
+        let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+        (sid, effects, welcome.given_up)
+    };
+    let (sid, _, given_up) = back(&mut edge, 0, &[], 1);
+    assert!(given_up.is_empty());
+    edge.submit(0, "gone".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    assert_eq!(orders(&say(&mut edge, 1, &sid, credit(1, 0)), &sid), ["gone"]);
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "gone".into() });
+    edge.disconnect(100, &sid);
+    let done = finished(&edge.tick(100 + LOST));
+    assert_eq!((done[0].0.as_str(), &done[0].2["fallback"]), ("gone", &json!(true)), "{done:?}");
+    // Back, still holding it (held at the refresh gate, say), and a job the edge never knew.
+    let (sid, effects, given_up) = back(&mut edge, 200 + LOST, &["gone", "ghost"], 2);
+    assert_eq!(given_up, ["gone", "ghost"]);
+    assert_eq!(cancels(&effects, &sid), ["gone", "ghost"], "the stray-cancels follow the welcome");
+    // A job taken on this connection, then a blip: back within LOST_AFTER_MS by the edge's
+    // count, the job is taken over, not named; the one given up still is.
+    let t = 300 + LOST;
+    edge.submit(t, "kept".into(), submission("y", 60_000, None), Mode::Wait).unwrap();
+    assert_eq!(orders(&say(&mut edge, t, &sid, credit(1, 0)), &sid), ["kept"]);
+    say(&mut edge, t, &sid, AgentMessage::Accepted { job_id: "kept".into() });
+    edge.disconnect(t + 100, &sid);
+    let (sid, effects, given_up) = back(&mut edge, t + 100 + LOST - 1, &["gone", "kept"], 3);
+    assert_eq!(given_up, ["gone"]);
+    assert!(finished(&effects).is_empty(), "{effects:?}");
+    let kept = edge.job("kept").unwrap();
+    assert_eq!((kept.state, kept.session_id.as_deref()), (JobState::Running, Some(sid.as_str())), "taken over on the new connection");
+}
+
 /// An agent holding more results than a hello names ([`MAX_HELLO_FINISHED`]) says so: a
 /// job it did not name is not taken for lost at the hello — its result follows — and one
 /// it named is its, as in any hello. A hello naming more than the bound (another agent's,
