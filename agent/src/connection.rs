@@ -652,9 +652,12 @@ async fn session(
     }
 
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let mut last_heard = Instant::now();
     let mut reads_in_a_row = 0;
     loop {
+        // When the edge last proved it was there, as the link keeps it (its welcome, or the
+        // beat an ack answered): one clock for this bound and the away rule, which moved
+        // together and were kept twice.
+        let last_heard = agent.link.last_heard().map_or_else(Instant::now, Instant::from_std);
         let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered.bytes());
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
@@ -697,7 +700,6 @@ async fn session(
                             // carries no such time, so it moves neither clock.
                             Heard::Proven { beat } => {
                                 if let Some(sent) = beat.and_then(|beat| unanswered.answered(beat)) {
-                                    last_heard = last_heard.max(sent);
                                     agent.link.heard_at(sent.into_std());
                                 }
                             }
@@ -948,7 +950,9 @@ mod tests {
         // counts from the beat, however late its ack came.
         let link = crate::link::Link::default();
         link.welcomed(Some(20), Vec::new());
+        let welcomed = link.last_heard();
         link.heard_at(at.into_std());
+        assert_eq!(link.last_heard(), welcomed, "heard at the welcome, not moved back to beat 1");
         link.away();
         assert!(link.given_up("j").is_none(), "heard at the welcome, not moved back to beat 1");
         let link = crate::link::Link::default();

@@ -14,8 +14,9 @@
 //! thread, or under a runtime with more threads (the agent had two until 7d208e4).
 //!
 //! It also keeps what the away rule reads ([`Link::given_up`]): whether a welcomed
-//! connection is up, when the edge last proved it was there, and the jobs the last welcome
-//! said the edge gave up.
+//! connection is up, when the edge last proved it was there (the one clock of it: the
+//! connection's silence bound reads it too, [`Link::last_heard`]), and the jobs the last
+//! welcome said the edge gave up.
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
@@ -111,6 +112,12 @@ impl Link {
         let mut current = self.lock();
         (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
         current.welcome_gave_up = given_up.into_iter().collect();
+    }
+
+    /// When the edge last proved it was there (its welcome, or the writing of a beat its
+    /// ack answered): the away rule's clock and the connection's silence bound's, one.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.lock().last_heard
     }
 
     /// Heard now (tests: as [`Link::heard_at`] with an ack's beat written now).
