@@ -6,7 +6,8 @@
 //! Bodies being read are bounded together, not only each alone: every [`Intake`] of a
 //! request holds its bytes against the process's bodies in flight ([`Bound`]), so that a
 //! caller holding many uploads half sent — each one allowed, held until its time is up —
-//! cannot take the edge's memory (a Worker isolate's 128 MB), nor another caller's part.
+//! cannot take the edge's memory (a Worker isolate's 128 MB), nor another caller's part, nor
+//! another pool's.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
@@ -76,7 +77,6 @@ pub struct InFlight(Mutex<Held>);
 
 #[derive(Debug)]
 struct Held {
-    bytes: usize,
     /// By holder, as the host names it (pool and secret): only holders with bytes in flight.
     by_holder: BTreeMap<String, usize>,
     /// By pool (a Worker's isolate serves several): only pools with bytes in flight.
@@ -85,14 +85,12 @@ struct Held {
 
 impl Held {
     fn add(&mut self, pool: &str, holder: &str, bytes: usize) {
-        self.bytes = self.bytes.saturating_add(bytes);
         for (map, key) in [(&mut self.by_holder, holder), (&mut self.by_pool, pool)] {
             *map.entry(key.to_string()).or_default() += bytes;
         }
     }
 
     fn take(&mut self, pool: &str, holder: &str, bytes: usize) {
-        self.bytes = self.bytes.saturating_sub(bytes);
         for (map, key) in [(&mut self.by_holder, holder), (&mut self.by_pool, pool)] {
             if let Some(mine) = map.get_mut(key) {
                 *mine = mine.saturating_sub(bytes);
@@ -109,7 +107,7 @@ static IN_FLIGHT: InFlight = InFlight::new();
 
 impl InFlight {
     pub(crate) const fn new() -> InFlight {
-        InFlight(Mutex::new(Held { bytes: 0, by_holder: BTreeMap::new(), by_pool: BTreeMap::new() }))
+        InFlight(Mutex::new(Held { by_holder: BTreeMap::new(), by_pool: BTreeMap::new() }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Held> {
@@ -121,7 +119,7 @@ impl InFlight {
     #[cfg(test)]
     fn bytes(&self, holder: &str) -> (usize, usize) {
         let held = self.lock();
-        (held.bytes, held.by_holder.get(holder).copied().unwrap_or(0))
+        (held.by_pool.values().sum(), held.by_holder.get(holder).copied().unwrap_or(0))
     }
 }
 
@@ -129,17 +127,30 @@ impl InFlight {
 /// the jobs they become may hold too), each of the `holders` sharing it (the pool's
 /// callers as one and each named caller: [`crate::http::owners`], the secrets a body is
 /// read for) an equal share ([`crate::http::equal_share`]) — and always one body, if the
-/// whole has room for it (a share may be less than `MAX_BODY_BYTES`).
+/// whole has room for it (a share may be less than `MAX_BODY_BYTES`). The `pools` the edge
+/// serves ([`crate::config::Config::pools`]) share the process's bodies as they share its
+/// jobs not ended: `whole` in all, each its own part ([`crate::http::pool_past_its_share`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
     pub whole: usize,
     pub holders: usize,
+    pub pools: usize,
 }
 
 impl Bound {
     pub fn share(&self) -> usize {
         crate::http::equal_share(self.whole, self.holders)
     }
+
+    /// The pool's own part of the process's bodies in flight ([`crate::http::own_part`]).
+    pub fn own_part(&self) -> usize {
+        usize::try_from(crate::http::own_part(bytes(self.whole), self.pools)).unwrap_or(usize::MAX)
+    }
+}
+
+/// A count of bytes in memory, as the rule the pools share counts them.
+fn bytes(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 /// A body refused before any of it is read, for the bodies in flight: 429.
@@ -147,11 +158,25 @@ impl Bound {
 pub struct Crowded {
     /// What the body would hold ([`Intake::reserve`]).
     pub wanted: usize,
-    /// What its holder's bodies hold already (all bodies together, if `whole`).
-    pub held: usize,
-    /// All bodies together are at the bound, not its holder at its share.
-    pub whole: bool,
+    /// What its holder's bodies hold already.
+    pub mine: usize,
+    /// What its pool's bodies hold already.
+    pub ours: usize,
+    /// Which bound it would pass.
+    pub past: Past,
     pub bound: Bound,
+}
+
+/// The bound a body refused for the bodies in flight would pass ([`Crowded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Past {
+    /// Its holder's equal share ([`Bound::share`]).
+    Share,
+    /// Its pool's whole ([`Bound::whole`]).
+    Whole,
+    /// Its pool's own part of the process's bodies ([`Bound::own_part`]), the other pools
+    /// holding or keeping the rest.
+    Part,
 }
 
 /// What one body holds of the bodies in flight; given back when it is dropped (its body
@@ -237,23 +262,23 @@ impl Intake {
         let wanted = declared.map_or(limit, |d| usize::try_from(d).unwrap_or(usize::MAX).min(limit));
         let mut held = in_flight.lock();
         let mine = held.by_holder.get(holder).copied().unwrap_or(0);
+        let ours = held.by_pool.get(pool).copied().unwrap_or(0);
+        let crowded = |past: Past| Crowded { wanted, mine, ours, past, bound };
         // A holder with nothing in flight may always start one body, if its pool's whole
         // has room.
         if mine > 0 && mine.saturating_add(wanted) > bound.share() {
-            return Err(Crowded { wanted, held: mine, whole: false, bound });
+            return Err(crowded(Past::Share));
         }
-        let ours = held.by_pool.get(pool).copied().unwrap_or(0);
         if ours.saturating_add(wanted) > bound.whole {
-            return Err(Crowded { wanted, held: ours, whole: true, bound });
+            return Err(crowded(Past::Whole));
         }
-        // The pools of one process (a Worker's isolate) share it as its holders share a
-        // pool's whole ([`crate::http::pool_past_its_share`]; review rev27, 1: one pool's
-        // uploads filled it, and every other pool's bodies were refused).
-        let pools = held.by_pool.keys().filter(|p| *p != pool).count() + 1;
-        let bytes = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        let past = held.bytes.saturating_add(wanted);
-        if crate::http::pool_past_its_share(bytes(ours), bytes(past), bytes(bound.whole), pools).is_some() {
-            return Err(Crowded { wanted, held: held.bytes, whole: true, bound });
+        // The pools of one process (a Worker's isolate) share it as they share its jobs
+        // not ended ([`crate::http::pool_past_its_share`]; review rev27, 1: one pool's
+        // uploads filled it, and every other pool's bodies were refused; then the process
+        // held twice the whole).
+        let others: Vec<u64> = held.by_pool.iter().filter(|(p, _)| *p != pool).map(|(_, n)| bytes(*n)).collect();
+        if crate::http::pool_past_its_share(bytes(ours), &others, bytes(wanted), bytes(bound.whole), bound.pools).is_some() {
+            return Err(crowded(Past::Part));
         }
         held.add(pool, holder, wanted);
         drop(held);
@@ -347,12 +372,12 @@ mod tests {
     fn bodies_in_flight_are_held_to_the_bound_together() {
         static IN_FLIGHT: InFlight = InFlight::new();
         let limit = 1000;
-        let bound = Bound { whole: limit * 3 / 2, holders: 2 };
+        let bound = Bound { whole: limit * 3 / 2, holders: 2, pools: 1 };
         let reserve = |holder: &str, declared: Option<u64>| Intake::reserve_in(&IN_FLIGHT, limit, declared, "p", holder, bound);
         let mut first = reserve("a", Some(limit as u64)).expect("the first fits");
         assert_eq!(first.chunk(&vec![b' '; limit]), Next::Read);
         let crowded = reserve("b", Some(limit as u64)).expect_err("the second would pass the bound");
-        assert_eq!((crowded.wanted, crowded.held, crowded.whole), (limit, limit, true));
+        assert_eq!((crowded.wanted, crowded.ours, crowded.past), (limit, limit, Past::Whole));
         assert!(reserve("b", None).is_err(), "a chunked body holds the limit");
         let small = reserve("b", Some(400)).expect("a body within what is left fits");
         assert_eq!(first.finish(), Body::Bytes(vec![b' '; limit]));
@@ -369,41 +394,79 @@ mod tests {
     #[test]
     fn each_holder_holds_an_equal_share_and_always_one_body() {
         static IN_FLIGHT: InFlight = InFlight::new();
-        let bound = Bound { whole: 3000, holders: 3 };
+        let bound = Bound { whole: 3000, holders: 3, pools: 1 };
         let reserve = |holder: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), "p", holder, bound);
         let a = [reserve("a", 600).unwrap(), reserve("a", 400).unwrap()];
         let crowded = reserve("a", 1).expect_err("a holds its share");
-        assert_eq!((crowded.held, crowded.whole, crowded.bound.share()), (1000, false, 1000));
+        assert_eq!((crowded.mine, crowded.past, crowded.bound.share()), (1000, Past::Share, 1000));
         let b = reserve("b", 1000).expect("b's share is its own");
         let c = reserve("c", 1000).expect("c's share is its own");
         drop((a, b, c));
         let big = reserve("a", 1500).expect("a body past the share, with nothing else of a's in flight");
         assert!(reserve("a", 1).is_err());
         let b = reserve("b", 1000).expect("b's share is its own");
-        assert!(reserve("c", 1000).unwrap_err().whole, "the whole is full: 2500 held");
+        assert_eq!(reserve("c", 1000).unwrap_err().past, Past::Whole, "the whole is full: 2500 held");
         drop((big, b));
     }
 
     /// A Worker's isolate reads the bodies of every pool in it: one pool's uploads filled
-    /// the whole and every other pool's bodies were refused (review rev27, 1). Past the
-    /// whole a pool holding its even share is refused, one holding less is not, and one
-    /// with nothing in flight always starts a body.
+    /// the whole and every other pool's bodies were refused (review rev27, 1), then the
+    /// pools together held up to twice it. Each pool has its own part (here two pools,
+    /// 1,000 each of 4,000), the process holds the whole at most, and a pool's uploads
+    /// take the rest only as far as the other pools' parts are kept for them.
     #[test]
     fn the_pools_of_one_process_share_its_bodies_in_flight() {
         static IN_FLIGHT: InFlight = InFlight::new();
-        let bound = Bound { whole: 3000, holders: 1 };
+        let bound = Bound { whole: 4000, holders: 1, pools: 2 };
+        assert_eq!(bound.own_part(), 1000);
         let reserve = |pool: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), pool, &format!("{pool}/callers"), bound);
         let gpu = [reserve("gpu", 1500).unwrap(), reserve("gpu", 1500).unwrap()];
-        assert!(reserve("gpu", 1).is_err(), "gpu's bodies fill its whole");
-        let team = reserve("team-b", 1000).expect("team-b has nothing in flight");
-        let more = reserve("team-b", 500).expect("team-b holds less than its even share (1500)");
-        let crowded = reserve("team-b", 200).expect_err("team-b holds its even share");
-        assert_eq!((crowded.held, crowded.whole), (4500, true));
-        assert!(reserve("gpu", 1).is_err());
+        let crowded = reserve("gpu", 1).expect_err("team-b's part is kept for it");
+        assert_eq!((crowded.ours, crowded.past), (3000, Past::Part));
+        let team = reserve("team-b", 1000).expect("team-b's own part");
+        assert_eq!(IN_FLIGHT.bytes("team-b/callers"), (4000, 1000), "the whole, and no more");
+        assert_eq!(reserve("team-b", 1).unwrap_err().past, Past::Part, "past its part, and nothing left");
         drop(gpu);
-        let after = reserve("team-b", 1500).expect("gpu's bodies arrived");
-        drop((team, more, after));
+        let more = reserve("team-b", 1500).expect("gpu's bodies arrived");
+        let after = reserve("team-b", 500).expect("what gpu leaves of the rest");
+        assert_eq!(reserve("team-b", 1).unwrap_err().past, Past::Part, "gpu's part kept for it");
+        let back = reserve("gpu", 1000).expect("gpu's own part, whatever team-b holds");
+        drop((team, more, after, back));
         assert_eq!(IN_FLIGHT.bytes("team-b/callers"), (0, 0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+        /// Many pools sending bodies of any size up to the limit, and dropping them in any
+        /// order: the bodies in flight never hold more than the whole, and a pool within
+        /// its own part always starts a body that keeps it there.
+        #[test]
+        fn the_pools_bodies_in_flight_stay_within_the_whole(
+            pools in 2usize..8,
+            steps in proptest::collection::vec((0usize..8, 1usize..=1000, proptest::bool::ANY), 1..200),
+        ) {
+            static IN_FLIGHT: InFlight = InFlight::new();
+            let bound = Bound { whole: 3000, holders: 1, pools };
+            let own = bound.own_part();
+            let mut held: Vec<(usize, usize, Intake)> = Vec::new();
+            for (pool, size, drop_one) in steps {
+                let pool = pool % pools;
+                if drop_one && !held.is_empty() {
+                    held.remove(size % held.len());
+                    continue;
+                }
+                let name = format!("p{pool}");
+                let ours: usize = held.iter().filter(|(p, _, _)| *p == pool).map(|(_, n, _)| n).sum();
+                match Intake::reserve_in(&IN_FLIGHT, 1000, Some(size as u64), &name, &name, bound) {
+                    Ok(intake) => held.push((pool, size, intake)),
+                    Err(crowded) => proptest::prop_assert!(ours + size > own, "p{pool} refused {size} within its own part: {crowded:?}"),
+                }
+                let total: usize = held.iter().map(|(_, n, _)| n).sum();
+                proptest::prop_assert!(total <= bound.whole, "{total} bytes in flight, past {}", bound.whole);
+                proptest::prop_assert_eq!(IN_FLIGHT.bytes("").0, total);
+            }
+        }
     }
 
     /// A body's buffer grows to its declared length and no further: it never holds twice
@@ -411,7 +474,7 @@ mod tests {
     #[test]
     fn a_body_never_holds_more_than_it_declared() {
         static IN_FLIGHT: InFlight = InFlight::new();
-        let bound = Bound { whole: 1 << 20, holders: 1 };
+        let bound = Bound { whole: 1 << 20, holders: 1, pools: 1 };
         let mut body = Intake::reserve_in(&IN_FLIGHT, 1 << 20, Some(100_000), "p", "pool", bound).unwrap();
         for _ in 0..1000 {
             body.chunk(&[b'x'; 100]);

@@ -442,6 +442,14 @@ impl Config {
         self.caller_secrets.iter().find(|(name, _)| name == caller).map(|(_, secret)| secret.as_str())
     }
 
+    /// How many pools this edge serves: this one and [`Config::other_pools`] (one on the
+    /// native edge). A Worker's isolate may hold the objects of all of them, and they
+    /// share its memory: each has its own part of what the process holds
+    /// ([`crate::http::pool_past_its_share`]).
+    pub fn pools(&self) -> usize {
+        1 + self.other_pools.len()
+    }
+
     /// The default pool's settings (the native edge serves that pool alone).
     /// Every pool's settings are checked too ([`Pools::from_lookup`]): the native edge
     /// reads its settings once, at start, and does not start on any bad one, where an

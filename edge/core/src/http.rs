@@ -6,7 +6,7 @@
 //! the machine (a refusal before the body is read, no WebSocket upgrade, the edge gone)
 //! are made here too.
 
-use crate::body::{Body, Bound, Crowded, Intake};
+use crate::body::{Body, Bound, Crowded, Intake, Past};
 use crate::clock::Now;
 use crate::machine::{CallerId, Edge, Effect};
 use crate::progress;
@@ -208,32 +208,68 @@ pub fn owners(config: &Config) -> usize {
     1 + config.caller_secrets.len()
 }
 
-/// Which rule refuses a pool of one process (a Worker's isolate) more bytes, if one does
-/// (review rev27, 1): the pools share the process as the queue's owners share a queue.
-/// `ours`: what the pool holds; `past`: what the process would hold with the new bytes;
-/// `bound`: the pool's own bound; `pools`: the pools holding some, itself counted. Past
-/// twice the bound every pool holding some is refused ([`PastShare::Twice`]); past the
-/// bound, one holding its even share of it ([`PastShare::Even`], the share). A pool
-/// holding nothing always gets one in. Both bounds that pools share — the jobs not ended
-/// (`machine/pending.rs`) and the bodies being read ([`crate::body`]) — ask this.
-pub fn pool_past_its_share(ours: u64, past: u64, bound: u64, pools: usize) -> Option<PastShare> {
-    if ours == 0 || past <= bound {
+/// Whether a pool of one process (a Worker's isolate, whose memory every pool in it
+/// shares) may take `new` more bytes of a bound the pools share — the jobs not ended
+/// (`machine/pending.rs`) and the bodies being read ([`crate::body`]) both ask this — or
+/// the part it is refused past. `ours`: what the pool holds; `others`: what each other
+/// pool counted in the process holds; `bound`: the pool's own value, which the process
+/// holds in all; `pools`: the pools the edge serves ([`Config::pools`]: one on the native
+/// edge, where the rule is the bound alone).
+///
+/// Each pool has a part of its own, [`own_part`]: half the bound split evenly among the
+/// pools. A pool may always fill its own part, and past it take what the others leave,
+/// but never what the others have not filled of their own parts. So the process holds at
+/// most the bound (the pools' parts, filled or not, and what they took past them), and no
+/// pool's jobs or uploads shut another's out of its own part. Before (review rev27, then
+/// the session 40 note), the process held up to twice the bound — a pool holding nothing
+/// always got one more in — 64 MiB of jobs by default, and as much again of bodies, in a
+/// 128 MB isolate. What replaces "a pool holding nothing always gets a job in": a pool
+/// always gets jobs in up to its own part, and a larger one when the others leave room
+/// for it.
+///
+/// One exception keeps "a job always fits when none is pending": with nothing held in
+/// the process, one job fits whatever its size (its overhead may take it past the bound,
+/// or it may be larger than the rest the other pools' parts leave). While such a job is
+/// held the process is still held to the bound (or to that job alone), and the others get
+/// what is left of their parts.
+pub fn pool_past_its_share(ours: u64, others: &[u64], new: u64, bound: u64, pools: usize) -> Option<PastShare> {
+    let own = own_part(bound, pools);
+    // An edge of one pool (the native edge) shares its process with no other: what the
+    // process counts of others is not this edge's, and the pool's own bound is the rule.
+    let others = if pools > 1 { others } else { &[] };
+    let held = others.iter().copied().fold(ours, u64::saturating_add);
+    if held == 0 {
         return None;
     }
-    if past > bound.saturating_mul(2) {
-        return Some(PastShare::Twice);
-    }
-    let share = equal_share(bound, pools);
-    (ours >= share).then_some(PastShare::Even(share))
+    // What the other pools have not filled of their own parts: theirs less what those
+    // counted hold of them (one not counted holds nothing here, or is not in this process
+    // yet). Never more than the pools the edge serves: one of another setting (a test's, a
+    // pool since taken out of `POOLS`) keeps nothing.
+    let kept = own.saturating_mul(pools.saturating_sub(1) as u64);
+    let unfilled = kept.saturating_sub(others.iter().map(|theirs| (*theirs).min(own)).fold(0, u64::saturating_add));
+    let past = held.saturating_add(new);
+    // Within its own part a pool always has room — but for a job let in alone past the rest.
+    let fits = past <= bound && (ours.saturating_add(new) <= own || past.saturating_add(unfilled) <= bound);
+    (!fits).then_some(PastShare { own, unfilled })
 }
 
-/// The rule [`pool_past_its_share`] refused by.
+/// A pool's own part of a bound its process shares among `pools` ([`pool_past_its_share`]):
+/// half of it split evenly, the whole with one pool (whose own part is all it holds).
+pub fn own_part(bound: u64, pools: usize) -> u64 {
+    match pools {
+        0 | 1 => bound,
+        _ => equal_share(bound / 2, pools),
+    }
+}
+
+/// Why [`pool_past_its_share`] refused: the pool is past its own part, and the process
+/// would pass the bound with what the other pools have not filled of theirs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PastShare {
-    /// Past twice the bound.
-    Twice,
-    /// Past the bound, holding at least this even share of it.
-    Even(u64),
+pub struct PastShare {
+    /// The pool's own part ([`own_part`]).
+    pub own: u64,
+    /// What the other pools have not filled of their own parts, kept for them.
+    pub unfilled: u64,
 }
 
 /// One holder's share of `all` shared equally among `holders`, at least 1. Equal shares,
@@ -393,33 +429,40 @@ pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Optio
     // Pools of a Worker share its isolate: each counts its own holders, and the pools
     // share the bytes of all as its holders share a pool's (`Intake::reserve`).
     let name = format!("{}/{holder}", config.pool);
-    let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: owners(config) };
+    let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: owners(config), pools: config.pools() };
     Intake::reserve(config.max_body_bytes, declared, &config.pool, &name, bound).map_err(|crowded| {
-        tracing::debug!(pool = %config.pool, holder = %holder, held = crowded.held, whole = crowded.whole, "request body refused: the bodies in flight are at their bound");
+        tracing::debug!(pool = %config.pool, holder = %holder, mine = crowded.mine, ours = crowded.ours, past = ?crowded.past, "request body refused: the bodies in flight are at their bound");
         Response::error(ApiError::new(ErrorCode::RunnerBusy, bodies_crowded(&holder, &crowded))).with_header("connection", "close".into())
     })
 }
 
-/// What a caller refused for the bodies in flight ([`intake`]) is told.
+/// What a caller refused for the bodies in flight ([`intake`]) is told: a named caller its
+/// own bodies' bytes alone (as the jobs' 429s since review rev27, 4), the pool's callers
+/// (its holder is the pool's operator) the pool's; never the other pools'.
 fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
-    let Crowded { wanted, held, whole, bound } = crowded;
-    if *whole {
-        format!(
-            "the request bodies this edge is reading hold {held} bytes of its memory (a Worker's: this pool's, or every pool's \
-             in its isolate once this pool's hold its even share of it), and this one's {wanted} more would pass MAX_PENDING_BYTES ({}), \
-             which bounds them together; \
-             send this again once some have arrived (uploads left unfinished are let go when their time is up)",
-            bound.whole
-        )
-    } else {
-        format!(
-            "the request bodies of {holder} being read hold {held} bytes of this edge's memory, and this one's {wanted} more \
-             would pass its share: MAX_PENDING_BYTES ({}) split among {} secrets ({}); finish or close the uploads it \
-             leaves unfinished and send this again",
-            bound.whole,
+    let Crowded { wanted, mine, ours, past, bound } = crowded;
+    let whole = bound.whole;
+    let own = format!("the request bodies of {holder} being read hold {mine} bytes of this edge's memory");
+    let held = match holder {
+        Holder::Caller(_) => own.clone(),
+        Holder::Pool | Holder::Admin => format!("the request bodies this pool's callers are sending hold {ours} bytes of this edge's memory"),
+    };
+    let again = "send this again once some have arrived (uploads left unfinished are let go when their time is up)";
+    match past {
+        Past::Share => format!(
+            "{own}, and this one's {wanted} more would pass its share: MAX_PENDING_BYTES ({whole}) split among {} secrets ({}); \
+             finish or close the uploads it leaves unfinished and send this again",
             bound.holders,
             bound.share()
-        )
+        ),
+        Past::Whole => format!("{held}, and this one's {wanted} more would take this pool's bodies past MAX_PENDING_BYTES ({whole}), which bounds them together; {again}"),
+        Past::Part => format!(
+            "{held}, and this one's {wanted} more would take this pool's bodies past its own part ({}) of MAX_PENDING_BYTES ({whole}), which \
+             bounds the bodies of the {} pools this edge reads in one memory (a Worker isolate's) together, while the other pools \
+             hold or keep the rest; {again}",
+            bound.own_part(),
+            bound.pools
+        ),
     }
 }
 

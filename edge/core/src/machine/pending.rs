@@ -13,11 +13,12 @@
 //! taking out one that was not counted, changes nothing.
 //!
 //! A Worker's memory limit is its isolate's, and the objects of several pools (`POOLS`)
-//! may share one: so each pool's bytes are also counted for the whole process, and the
-//! pools share it as the queue's owners share the queue: past its pool's bound, a
-//! submission is also refused when its pool holds its even share of the bound, or any
-//! of it past twice the bound; a pool holding nothing always gets a job in
-//! ([`Edge::pending_full`]). (The native edge serves one pool: there the two counts agree.)
+//! may share one: so each pool's bytes are also counted for the whole process, which
+//! holds at most the bound in all. Each pool has its own part of it (half the bound split
+//! among the pools the edge serves), which it may always fill, and past it takes what the
+//! others leave of the rest, never what they have not filled of their own parts
+//! ([`crate::http::pool_past_its_share`], asked by [`Edge::pending_full`]). (The native
+//! edge serves one pool: there the two counts agree, and its part is the whole bound.)
 //!
 //! The process's count is kept by pool ([`Registry`]), each pool's entry written by its
 //! newest machine alone: a machine takes a fresh generation when it is built, and its
@@ -180,18 +181,16 @@ impl Pending {
         self.bytes
     }
 
-    /// The bytes of every pool's jobs not ended yet in this process at `now` — this
-    /// machine's, and those of the other pools whose machines handled an event lately —
-    /// and how many pools share them: those of the others holding some, and this one.
-    pub(super) fn process_bytes(&self, now: Millis) -> (u64, usize) {
+    /// The bytes of the other pools' jobs not ended yet in this process at `now`, each
+    /// pool's: those whose machines handled an event lately and hold some.
+    pub(super) fn others(&self, now: Millis) -> Vec<u64> {
         let registry = self.lock();
-        let others: Vec<u64> = registry
+        registry
             .pools
             .iter()
             .filter(|(pool, entry)| **pool != self.pool && entry.bytes > 0 && now <= entry.touched.saturating_add(entry.counted_for))
             .map(|(_, entry)| entry.bytes)
-            .collect();
-        (others.iter().copied().fold(self.bytes, u64::saturating_add), others.len() + 1)
+            .collect()
     }
 
     /// The bytes of one owner's jobs not ended yet.
@@ -229,39 +228,26 @@ impl Edge {
                 ),
             ));
         }
-        // The pools of one process share it as the queue's owners share the queue
-        // (`jobs.rs::queue_full`; review rev27, 1: one pool's jobs filled the bound and
-        // every other pool was refused, one holding nothing too). Past the bound a pool
-        // holding its even share of it — the bound among the pools holding some, itself
-        // counted — is refused, one holding less is not; and past twice the bound every
-        // pool holding some is. A pool holding nothing always gets a job in: each pool
-        // alone is held to its bound above, so what the process holds stays within twice
-        // the bound and one job for each pool.
-        let (process, pools) = self.pending.process_bytes(now);
-        let whole = "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's)";
-        let past = process.saturating_add(bytes);
-        let refused = crate::http::pool_past_its_share(all, past, cap, pools);
-        if refused == Some(crate::http::PastShare::Twice) {
-            return Some(ApiError::new(
-                ErrorCode::RunnerBusy,
-                format!(
-                    "{}, and this one {bytes} more would pass twice this pool's MAX_PENDING_BYTES ({cap}), the most they ever hold \
-                     together; retry when some have ended, or run the task elsewhere",
-                    told(process, whole)
-                ),
-            ));
-        }
-        if let Some(crate::http::PastShare::Even(share)) = refused {
-            let ours = match owner {
-                "" => format!(" (this pool's hold {all} bytes of them, at least its even share ({share}) among the {pools} pools holding some)"),
-                _ => String::new(),
+        // The pools of one process (a Worker's isolate) share its memory: each has its own
+        // part of the bound, and the process holds at most the bound in all
+        // ([`crate::http::pool_past_its_share`]; review rev27, 1: one pool's jobs filled
+        // it and every other pool was refused; then the process held twice the bound).
+        let others = self.pending.others(now);
+        let pools = self.cfg.pools();
+        if let Some(past) = crate::http::pool_past_its_share(all, &others, bytes, cap, pools) {
+            // The others' bytes are theirs (pools are units of isolation): a pool's
+            // operator is told its own pool's and the rule's numbers, a named caller its own.
+            let held = match owner {
+                "" => format!("this pool's jobs not ended yet hold {all} bytes of tasks"),
+                _ => format!("caller `{owner}`'s jobs not ended yet hold {} bytes of tasks", self.pending.bytes_of(owner)),
             };
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
-                    "{}{ours}, and this one {bytes} more would pass this pool's MAX_PENDING_BYTES ({cap}), which bounds them together; \
-                     retry when some have ended, or run the task elsewhere",
-                    told(process, whole)
+                    "{held}, and this one {bytes} more would take this pool past its own part ({}) of MAX_PENDING_BYTES ({cap}), \
+                     which bounds the jobs of the {pools} pools this edge serves from one memory (a Worker isolate's) together, \
+                     while the other pools hold or keep the rest; retry when some have ended, or run the task elsewhere",
+                    past.own
                 ),
             ));
         }

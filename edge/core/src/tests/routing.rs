@@ -1796,6 +1796,28 @@ fn a_body_past_its_holders_share_of_the_bodies_in_flight_is_refused_unread() {
     assert!(intake(&config, Some(A_SECRET), None, Some(1000)).is_ok(), "a's body done, its share is free again");
 }
 
+/// A named caller refused for the bodies in flight is told its own bodies' bytes alone, as
+/// its jobs' 429s tell it (review rev27, 4): the whole case told it every other caller's
+/// together. The pool's secret (the operator's) is told the pool's.
+#[test]
+fn a_named_caller_refused_for_the_bodies_in_flight_is_told_only_its_own() {
+    use crate::http::intake;
+    // Bodies up to 1,500 past shares of 1,000: b's and the pool's first bodies fill the whole.
+    let config = Config { pool: "bodies-told".into(), max_body_bytes: 1500, max_pending_bytes: 3000, ..pool_config() };
+    let others = [intake(&config, Some(B_SECRET), None, Some(1500)).expect("b's first body"), intake(&config, Some(SECRET), None, Some(1500)).expect("the pool's")];
+    let refused = intake(&config, Some(A_SECRET), None, Some(10)).expect_err("the pool's bodies are at the whole");
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.body.contains("caller a being read hold 0 bytes") && refused.body.contains("MAX_PENDING_BYTES (3000)"), "{}", refused.body);
+    assert!(!refused.body.contains("3000 bytes") && !refused.body.contains("1500"), "the others' bodies are not a's to read: {}", refused.body);
+    let operator = intake(&config, Some(SECRET), None, Some(10)).expect_err("the pool's share is held");
+    drop(others);
+    assert!(operator.body.contains("split among 3 secrets"), "{}", operator.body);
+    let full = [intake(&config, Some(B_SECRET), None, Some(1500)).unwrap(), intake(&config, Some(A_SECRET), None, Some(1500)).unwrap()];
+    let operator = intake(&config, None, Some(&format!("Bearer {SECRET}")), Some(10)).expect_err("the whole");
+    assert!(operator.body.contains("this pool's callers are sending hold 3000 bytes"), "{}", operator.body);
+    drop(full);
+}
+
 /// Jobs the pool's secret queued as `ci` before `ci` had a secret of its own stay the pool
 /// secret's: neither counted in ci's `/health` nor against its MAX_QUEUED_PER_CALLER.
 #[test]
