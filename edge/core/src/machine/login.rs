@@ -103,9 +103,28 @@ pub(crate) fn shown_agent(a: &Agent) -> String {
     }
 }
 
+/// Who reads what is said of a job's agents: its answers, its `waiting_for`, its end
+/// when it cannot be placed ([`Edge::told_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Told {
+    /// The pool's operator (the pool's `RUNNER_SECRET`, and the callers it sends for):
+    /// every agent's own words.
+    Operator,
+    /// A caller with its own secret (`RUNNER_SECRETS`): what its `/health` says of the
+    /// agents — their ids and labels, and whether they take work — and why in the words the
+    /// edge has for it, never an agent's own report (its folders, its errors: README "Who
+    /// may do what").
+    Caller,
+}
+
+/// Where the pool's operator reads why an agent cannot start jobs, as a caller with its
+/// own secret is told instead of the agent's own words ([`Told::Caller`]).
+pub(crate) const CANNOT_START_WHY: &str = "why is the pool's operator's to read: `cannot_start` in GET /health";
+
 /// Why one agent cannot take a job now, as a person reads it (`None`: it could, but has
-/// no free slot).
-pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
+/// no free slot), told to `to`: the agent's own words why it cannot start jobs (its disk,
+/// its folders, its process limit) to the operator alone.
+pub(crate) fn why_not(a: &Agent, now: Now, to: Told) -> Option<String> {
     if a.paused {
         return Some(format!("paused (by the pool's operator, who resumes it: POST /agents/{}/resume with the pool's RUNNER_SECRET)", a.agent_id));
     }
@@ -113,6 +132,10 @@ pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
         return Some("stopping: it finishes its running jobs and takes no new ones".into());
     }
     if let Some(why) = &a.cannot_start {
+        let why = match to {
+            Told::Operator => why,
+            Told::Caller => CANNOT_START_WHY,
+        };
         return Some(format!("cannot start jobs: {why}"));
     }
     if a.needs_login(now) {
@@ -182,6 +205,22 @@ impl Edge {
         Some(explained(err, self.fitting_reasons(now, placement)))
     }
 
+    /// Who reads what is said of a job of this placement's agents: a caller with its own
+    /// secret when the job is its own (it reads its own jobs alone; the operator, who may
+    /// read them too, reads the agents' words in `/health`), else the pool's operator.
+    pub(crate) fn told_to(&self, placement: &Placement) -> Told {
+        match self.cfg.has_own_secret(placement.caller()) {
+            true => Told::Caller,
+            false => Told::Operator,
+        }
+    }
+
+    /// What a judgement of a queued job's agents depends on, so one made for a job serves
+    /// every job with the same: what it needs (labels, `agent_id`) and who reads it.
+    pub(super) fn judged_as<'a>(&self, placement: &'a Placement) -> (&'a Labels, Option<&'a str>, Told) {
+        (&placement.labels, placement.agent_id.as_deref(), self.told_to(placement))
+    }
+
     /// The connected agents that fit a placement.
     /// The queued `/execute` jobs for which `judge`, given the job's placement, has a
     /// verdict, with it: judged once per (labels, `agent_id`) however many jobs share them,
@@ -189,7 +228,7 @@ impl Edge {
     /// Both walks that end or time waits as agents come and go use it
     /// ([`Edge::end_held_back_waits`], [`Edge::note_unfit`]).
     pub(super) fn queued_waits_judged<T: Clone>(&self, judge: impl Fn(&Placement) -> Option<T>) -> Vec<(String, T)> {
-        let mut judged: HashMap<(&Labels, Option<&str>), Option<T>> = HashMap::new();
+        let mut judged: HashMap<(&Labels, Option<&str>, Told), Option<T>> = HashMap::new();
         let mut found = Vec::new();
         for id in self.queue.ids() {
             let job = &self.jobs[id];
@@ -197,7 +236,7 @@ impl Edge {
                 continue;
             }
             let placement = &job.placement;
-            let need = (&placement.labels, placement.agent_id.as_deref());
+            let need = self.judged_as(placement);
             if let Some(verdict) = judged.entry(need).or_insert_with(|| judge(placement)) {
                 found.push((id.clone(), verdict.clone()));
             }
@@ -239,14 +278,14 @@ impl Edge {
         // [`Edge::end_held_back_waits`]).
         let all_work = self.ready().all(|(_, a)| a.held_back() || a.takes_work(now));
         if !all_work {
-            let mut verdicts: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
+            let mut verdicts: HashMap<(&Labels, Option<&str>, Told), Option<ApiError>> = HashMap::new();
             for id in self.queue.ids() {
                 let job = &self.jobs[id];
                 if job.mode == Mode::Detached && job.wait_for_usage {
                     continue;
                 }
                 let placement = &job.placement;
-                let need = (&placement.labels, placement.agent_id.as_deref());
+                let need = self.judged_as(placement);
                 let refused = verdicts.entry(need).or_insert_with(|| self.unrunnable(now, placement));
                 match refused {
                     Some(err) if job.mode == Mode::Wait || Self::impatient(err) => ended.push((id.clone(), err.clone())),

@@ -217,13 +217,13 @@ impl Edge {
             self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));
         let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).filter(listed).take(LISTED_FINISHED_JOBS);
-        // Why each queued job waits, judged once per (labels, agent_id) however many share them.
-        let mut judged: HashMap<(&Labels, Option<&str>), WaitingFor> = HashMap::new();
+        // Why each queued job waits, judged once per (labels, agent_id, reader) however many share them.
+        let mut judged: HashMap<(&Labels, Option<&str>, super::login::Told), WaitingFor> = HashMap::new();
         let mut shown = Vec::with_capacity(active.len());
         for j in active {
             let mut view = j.view(now);
             if j.state == JobState::Queued {
-                let need = (&j.placement.labels, j.placement.agent_id.as_deref());
+                let need = self.judged_as(&j.placement);
                 view.waiting_for = Some(judged.entry(need).or_insert_with(|| self.waiting_for(now, &j.placement)).clone());
             }
             shown.push(view);

@@ -4,7 +4,7 @@
 //! told only `queued` waited up to `QUEUE_TTL_MS` for a login nobody knew was needed
 //! (review rev22, 3).
 
-use super::login::{shown_agent, why_not};
+use super::login::{shown_agent, why_not, Told};
 use super::{Availability, Edge};
 use crate::clock::Now;
 use crate::record::Job;
@@ -65,8 +65,10 @@ impl Edge {
     /// Each connected agent that fits the placement, with why it cannot take a job now
     /// ([`why_not`]; `busy`: it could, but has no free slot), as every refusal and
     /// `waiting_for` lists them: one wording of the agents' reasons.
+    /// Told to whoever reads what is said of the job ([`Edge::told_to`]).
     pub(crate) fn fitting_reasons(&self, now: Now, placement: &Placement) -> String {
-        let each: Vec<String> = self.fitting_agents(placement).iter().map(|a| format!("{}: {}", shown_agent(a), why_not(a, now).unwrap_or_else(|| "busy".into()))).collect();
+        let to = self.told_to(placement);
+        let each: Vec<String> = self.fitting_agents(placement).iter().map(|a| format!("{}: {}", shown_agent(a), why_not(a, now, to).unwrap_or_else(|| "busy".into()))).collect();
         each.join("; ")
     }
 
@@ -156,7 +158,13 @@ impl Edge {
                     Held::Stopping => (WaitCode::Stopping, "the job starts once one is started again"),
                     // The stopping ones do not come back by themselves: the one that cannot
                     // start jobs is what the operator can see to.
-                    Held::CannotStart | Held::StoppingOrCannotStart => (WaitCode::CannotStart, "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again"),
+                    Held::CannotStart | Held::StoppingOrCannotStart => (
+                        WaitCode::CannotStart,
+                        match self.told_to(placement) {
+                            Told::Operator => "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again",
+                            Told::Caller => "the pool's operator sees to it: ask them; the job starts once one can start jobs again",
+                        },
+                    ),
                     // Named callers read this too, whose secret cannot resume an agent
                     // (review rev27, 4): the operator's part is said as such.
                     Held::Paused | Held::SomePaused => (

@@ -128,6 +128,42 @@ fn a_job_whose_agents_are_stopping_or_cannot_start_is_not_said_to_wait_for_a_res
     assert_eq!(code(&shown(&mut edge, 7, &id)), "paused");
 }
 
+/// What a caller with its own secret learns of the agents is what its `/health` says:
+/// their ids and labels, and whether they take work (README "Who may do what": no
+/// versions, logins, load). An agent's reason it cannot start jobs is its own report —
+/// its DATA_DIR's folders, the error its disk gave — and reached the caller in its
+/// `/execute` refusal, its job's `waiting_for` and the end of an `/execute` job left
+/// with no agent to take it. Now it is told where the operator reads why; the operator
+/// still reads the agent's words.
+#[test]
+fn a_caller_with_its_own_secret_is_not_told_an_agents_own_reason() {
+    use super::routing::A_SECRET;
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    let why = "it cannot make a job's workspace in /home/spark/.local/share/claude-runner/workspaces (No space left on device)";
+    pulse(&mut edge, 1, &spark, Beat { cannot_start: Some(why.into()), ..beat(&[], 0, 0) });
+    let told = |body: &Value, to: &str| {
+        let text = body.to_string();
+        assert!(!text.contains("/home/spark") && !text.contains("No space left"), "an agent's own words told to {to}: {text}");
+        assert!(text.contains("spark") && text.contains("`cannot_start` in GET /health"), "{to} is told which agent and where its operator reads why: {text}");
+    };
+    let (status, body) = answer(&request(&mut edge, 2, A_SECRET, "POST", "/execute", json!({"prompt": "x"})));
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("RUNNER_OFFLINE")), "{body}");
+    told(&body, "a's /execute");
+    let (status, body) = answer(&request(&mut edge, 3, A_SECRET, "POST", "/jobs", json!({"prompt": "x"})));
+    assert_eq!(status, 202, "{body}");
+    told(&body["waiting_for"], "a's POST /jobs");
+    assert!(message(&body["waiting_for"]).contains("the pool's operator sees to it"), "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    told(&answer(&request(&mut edge, 4, A_SECRET, "GET", &format!("/jobs/{id}"), Value::Null)).1, "a's GET /jobs/{id}");
+    told(&answer(&request(&mut edge, 4, A_SECRET, "GET", "/jobs", Value::Null)).1, "a's GET /jobs");
+    // The pool's secret is the operator's: the agent's words, as before.
+    let (_, body) = answer(&request(&mut edge, 5, SECRET, "POST", "/execute", json!({"prompt": "x"})));
+    assert!(body["error"].as_str().unwrap().contains(why), "{body}");
+    let (_, waiting) = queued(&mut edge, 6, json!({"prompt": "x"}));
+    assert!(message(&waiting).contains(why), "{waiting}");
+}
+
 #[test]
 fn a_job_queued_with_no_agent_connected_says_to_start_one() {
     let mut edge = Edge::new(config(), 0);
