@@ -19,7 +19,7 @@ use crate::sessions::{self, Owner, Sessions};
 use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
-use shared::protocol::ProgressEvent;
+use shared::protocol::{Nested, ProgressEvent, MAX_EVENT_DEPTH};
 use std::path::{Path, PathBuf};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,13 +35,6 @@ const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
 const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
 /// Most of an event's `type` a summary of it keeps.
 const MAX_SUMMARY_TYPE_BYTES: usize = 64;
-/// Deepest nesting (objects and arrays) of an event forwarded as it is; deeper ones are
-/// summarised. The edge reads a batch with serde_json, whose recursion limit lets 127
-/// levels through, and an event sits 3 levels down in its batch (the report, its
-/// `events`, the event's entry): a deeper one made the whole batch unreadable. Claude's
-/// own lines nest a few levels; a line a job wrote may nest as deep as the agent reads.
-const MAX_EVENT_DEPTH: usize = 100;
-
 /// What is forwarded of an event whose line is over [`MAX_EVENT_BYTES`], and its size: its
 /// `type` cut to [`MAX_SUMMARY_TYPE_BYTES`] (Claude's are short words; a line a job wrote
 /// may be all `type`, 16 MiB of it), and the line's size.
@@ -54,22 +47,14 @@ fn summarised(event: &serde_json::Value, line_bytes: usize) -> (serde_json::Valu
 
 /// What is forwarded of an event read from a line of `line_bytes`, and its size: the event,
 /// or its summary ([`summarised`]) when the line is over [`MAX_EVENT_BYTES`] or the event
-/// nested deeper than [`MAX_EVENT_DEPTH`].
+/// nested deeper than [`MAX_EVENT_DEPTH`]: the edge refuses a batch holding a deeper one
+/// (`ProgressReport::check`), and followers' parsers stop at some depth. Claude's own lines
+/// nest a few levels; a line a job wrote may nest as deep as the agent reads.
 fn forwarded(event: serde_json::Value, line_bytes: usize) -> (serde_json::Value, usize) {
-    if line_bytes > MAX_EVENT_BYTES || nesting(&event) > MAX_EVENT_DEPTH {
+    if line_bytes > MAX_EVENT_BYTES || event.nests_deeper_than(MAX_EVENT_DEPTH) {
         summarised(&event, line_bytes)
     } else {
         (event, line_bytes)
-    }
-}
-
-/// How many objects and arrays deep `value` nests (0 for a plain value). Recursion is
-/// bounded: the value was read by serde_json, which stops at 128 levels.
-fn nesting(value: &serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
-        serde_json::Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
-        _ => 0,
     }
 }
 

@@ -572,6 +572,69 @@ pub const MAX_PROGRESS_BYTES: usize = 256 * 1024;
 /// [`MAX_FRAME_BYTES`]. A larger one is refused before its MAC is checked.
 pub const MAX_PROGRESS_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 
+/// Deepest nesting of objects and arrays in a progress event: the agent sends a deeper
+/// one as a summary, and the edge refuses a batch holding one ([`ProgressReport::check`]).
+/// Followers read each event as a JSON value, many with a parser that stops at some depth
+/// (serde_json, `claude-runner submit`'s, at 128 levels); Claude's own lines nest a few
+/// levels, a line a job wrote may nest as deep as it likes.
+pub const MAX_EVENT_DEPTH: usize = 100;
+
+/// How deep a progress event nests, as each side holds it.
+pub trait Nested {
+    /// Whether it nests objects and arrays more than `max` levels deep.
+    fn nests_deeper_than(&self, max: usize) -> bool;
+}
+
+impl Nested for serde_json::Value {
+    /// Looked at no deeper than `max` + 1 levels: a value made in memory may nest deeper
+    /// than any parser lets through.
+    fn nests_deeper_than(&self, max: usize) -> bool {
+        match self {
+            serde_json::Value::Array(items) => max == 0 || items.iter().any(|child| child.nests_deeper_than(max - 1)),
+            serde_json::Value::Object(map) => max == 0 || map.values().any(|child| child.nests_deeper_than(max - 1)),
+            _ => false,
+        }
+    }
+}
+
+impl Nested for Box<serde_json::value::RawValue> {
+    /// Read from the text as sent, without parsing it again: the edge passes events on
+    /// raw, and serde_json checks a raw value's syntax without its recursion limit, so a
+    /// batch of events 100,000 levels deep read whole (review, session 40). One pass over
+    /// the bytes: brackets outside strings counted, a string skipped to its closing quote
+    /// (a backslash skips the byte after it; JSON's other escapes hold no quote).
+    fn nests_deeper_than(&self, max: usize) -> bool {
+        nests_deeper_than(self.get().as_bytes(), max)
+    }
+}
+
+/// Whether JSON text (one value, as serde_json checked it) nests objects and arrays more
+/// than `max` levels deep ([`Nested`] of a raw event).
+pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut at) = (0usize, 0usize);
+    while at < json.len() {
+        match json[at] {
+            b'"' => {
+                at += 1;
+                // To the closing quote: past each backslash and the byte it escapes.
+                while at < json.len() && json[at] != b'"' {
+                    at += if json[at] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    false
+}
+
 /// Why a progress batch is refused as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchFault {
@@ -581,11 +644,14 @@ pub enum BatchFault {
     TooMany(usize),
     #[error("a progress batch whose event {seq} does not follow event {after} (events go numbered up, each once)")]
     OutOfOrder { seq: u64, after: u64 },
+    #[error("a progress batch whose event {seq} nests deeper than {MAX_EVENT_DEPTH} levels (the agent sends such an event as a summary)")]
+    TooDeep { seq: u64 },
 }
 
-impl<E> ProgressReport<E> {
+impl<E: Nested> ProgressReport<E> {
     /// Whether the batch is one the agent could have made: 1 to [`MAX_PROGRESS_EVENTS`]
-    /// events, numbered strictly up from 1 or more.
+    /// events, numbered strictly up from 1 or more, none nesting deeper than
+    /// [`MAX_EVENT_DEPTH`].
     pub fn check(&self) -> Result<(), BatchFault> {
         if self.events.is_empty() {
             return Err(BatchFault::Empty);
@@ -600,7 +666,10 @@ impl<E> ProgressReport<E> {
             }
             after = e.seq;
         }
-        Ok(())
+        match self.events.iter().find(|e| e.event.nests_deeper_than(MAX_EVENT_DEPTH)) {
+            Some(e) => Err(BatchFault::TooDeep { seq: e.seq }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1252,6 +1321,64 @@ mod tests {
         assert_eq!(batch(&most).check(), Ok(()));
         let over: Vec<u64> = (1..=MAX_PROGRESS_EVENTS as u64 + 1).collect();
         assert_eq!(batch(&over).check(), Err(BatchFault::TooMany(MAX_PROGRESS_EVENTS + 1)));
+    }
+
+    /// An event nesting deeper than [`MAX_EVENT_DEPTH`] makes its batch one the agent never
+    /// sends, read raw as the edge reads it: the edge no longer read events into values
+    /// (serde_json's 128 levels), and passed on a hostile agent's 100,000 levels to every
+    /// follower, whose parser gave up on them.
+    #[test]
+    fn a_progress_batch_with_an_event_past_the_depth_is_refused_raw() {
+        let nested = |depth: usize| format!(r#"{{"type":"user","x":{}1{}}}"#, "[".repeat(depth - 1), "]".repeat(depth - 1));
+        let raw = |events: &[(u64, String)]| {
+            let events: Vec<String> = events.iter().map(|(seq, e)| format!(r#"{{"seq":{seq},"event":{e}}}"#)).collect();
+            serde_json::from_str::<RawProgressReport>(&format!(r#"{{"job_id":"j1","order_nonce":"j1:1","events":[{}]}}"#, events.join(","))).expect("read raw, as the edge does")
+        };
+        assert_eq!(raw(&[(1, nested(MAX_EVENT_DEPTH))]).check(), Ok(()));
+        assert_eq!(raw(&[(1, "{}".into()), (2, nested(MAX_EVENT_DEPTH + 1))]).check(), Err(BatchFault::TooDeep { seq: 2 }));
+        assert_eq!(raw(&[(1, nested(100_000))]).check(), Err(BatchFault::TooDeep { seq: 1 }), "read raw whatever its depth");
+        // Brackets inside strings are text, escaped quotes and backslashes included.
+        let quoted = format!(r#"{{"a":"{}\"{}\\","b":[[1]]}}"#, "[{".repeat(200), "]".repeat(50));
+        assert_eq!(raw(&[(1, quoted)]).check(), Ok(()));
+        let deep = MAX_EVENT_DEPTH + 1;
+        let keys = format!(r#"{{"[\"":{}0{}}}"#, r#"{"}]":"#.repeat(deep - 1), "}".repeat(deep - 1));
+        assert_eq!(raw(&[(1, keys)]).check(), Err(BatchFault::TooDeep { seq: 1 }));
+        // The agent's own events, as values: the same depth.
+        assert_eq!(batch_of(serde_json::from_str(&nested(MAX_EVENT_DEPTH)).unwrap()).check(), Ok(()));
+        assert_eq!(batch_of(serde_json::from_str(&nested(MAX_EVENT_DEPTH + 1)).unwrap()).check(), Err(BatchFault::TooDeep { seq: 1 }));
+    }
+
+    fn batch_of(event: serde_json::Value) -> ProgressReport {
+        ProgressReport { job_id: "j1".into(), order_nonce: "j1:1".into(), events: vec![ProgressEvent { seq: 1, event }] }
+    }
+
+    /// Any JSON value: the scan of its text, compact or pretty, says what its tree says,
+    /// at every depth asked.
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        // Strings full of what the scan must not take for structure.
+        let text = proptest::string::string_regex(r#"[\[\]{}"\\a ,:\n\u{e9}]{0,8}"#).unwrap().boxed();
+        let leaf = prop_oneof![Just(serde_json::Value::Null), any::<bool>().prop_map(serde_json::Value::from), any::<i32>().prop_map(serde_json::Value::from), text.clone().prop_map(serde_json::Value::from)];
+        leaf.prop_recursive(12, 64, 4, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::vec((text.clone(), inner), 0..4).prop_map(|pairs| serde_json::Value::Object(pairs.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+        #[test]
+        fn the_raw_depth_scan_agrees_with_the_value(value in json()) {
+            for text in [serde_json::to_string(&value).unwrap(), serde_json::to_string_pretty(&value).unwrap()] {
+                let raw: Box<serde_json::value::RawValue> = serde_json::from_str(&text).unwrap();
+                for max in 0..14 {
+                    proptest::prop_assert_eq!(raw.nests_deeper_than(max), value.nests_deeper_than(max), "at {}: {}", max, text);
+                }
+            }
+        }
     }
 
     #[test]

@@ -924,8 +924,11 @@ impl Edge {
                     Err(Unread::Refused) => return,
                 };
                 if let Err(fault) = report.check() {
-                    // The agent's own MAC over a batch it never makes: its bug, or its key
-                    // misused; none of its events is shown, and their loss is.
+                    // The agent's own MAC over a batch it never makes — numbered down or
+                    // twice, too many events, an event nesting past MAX_EVENT_DEPTH (read
+                    // raw, nothing else bounds its depth: a follower's parser would give up
+                    // on it) — its bug, or its key misused; none of its events is shown,
+                    // and their loss is.
                     warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused: its events are told to followers as dropped");
                     let last_seq = report.events.iter().map(|e| e.seq).max();
                     self.progress_lost(&agent_id, &report.job_id, &report.order_nonce, report.events.len(), last_seq, effects);

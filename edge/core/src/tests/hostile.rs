@@ -590,6 +590,34 @@ fn a_batch_of_the_agents_the_edge_cannot_show_is_told_to_followers_as_dropped() 
     assert!(edge.is_online());
 }
 
+/// Read raw (as the agent wrote them, session 40), progress events were no longer held to
+/// serde_json's 128 levels: an agent's event 100,000 levels deep went to every follower,
+/// whose parser gave up on it (`claude-runner submit`'s at 128 levels: the job's stream
+/// unreadable from there). A batch holding an event deeper than `MAX_EVENT_DEPTH` is one
+/// the agent never sends (it sends a summary), refused as the others are: told to
+/// followers as dropped. One at the depth goes through.
+#[test]
+fn a_batch_with_an_event_nested_past_the_depth_is_told_to_followers_as_dropped() {
+    use shared::protocol::MAX_EVENT_DEPTH;
+    let (mut edge, sid, follower) = followed_job();
+    let key = link(&edge, &sid);
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let nested = |depth: usize| format!(r#"{{"type":"user","x":{}1{}}}"#, "[".repeat(depth - 1), "]".repeat(depth - 1));
+    // Written out: a value that deep would overflow the stack of whatever wrote it.
+    let sealed = |seq: u64, event: String| {
+        let payload = format!(r#"{{"job_id":"j1","order_nonce":{},"events":[{{"seq":{seq},"event":{event}}}]}}"#, json!(nonce));
+        AgentMessage::Event { envelope: shared::envelope::Tagged::seal_text(Domain::Progress, payload, &key) }
+    };
+    for (seq, depth, shown) in [(1, MAX_EVENT_DEPTH, true), (2, MAX_EVENT_DEPTH + 1, false), (3, 100_000, false)] {
+        let (chunks, _) = streamed(&say(&mut edge, 2, &sid, sealed(seq, nested(depth))), follower);
+        assert_eq!(ids(&chunks), [format!("id: {seq}")], "{depth} levels");
+        let data = chunks[0].lines().find_map(|l| l.strip_prefix("data: ")).expect("a data line");
+        let event: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{depth} levels: a follower cannot read the event: {e}"));
+        assert_eq!((event["type"].as_str(), event["events"].as_u64()), if shown { (Some("user"), None) } else { (Some("progress_dropped"), Some(1)) }, "{depth} levels");
+    }
+    assert!(edge.is_online(), "the connection stays: the agent's next batches go through");
+}
+
 /// Whether these effects send a job order on any connection.
 fn any_order(effects: &[Effect]) -> bool {
     effects.iter().any(|e| matches!(e, Effect::Send { text, .. } if matches!(serde_json::from_str(text), Ok(EdgeMessage::Job { .. }))))
