@@ -4,6 +4,10 @@
 //! hostile or broken edge can choose, events of 7 bytes (`data:` and a blank line).
 //! Median of 7 runs after 2 warm-ups, in CPU time of the thread.
 //!
+//! Beside it, what the edge spends on each of the same events before it passes them on:
+//! the scan of its nesting (`shared::protocol::nests_deeper_than`, every byte looked at),
+//! per event, and on the largest event an agent may send, 256 KiB of brackets and strings.
+//!
 //!     cargo bench -p claude-runner --bench sse
 
 mod measure;
@@ -36,10 +40,28 @@ fn main() {
     let replay = median_mib_s(progress.len(), || {
         parse(progress.as_bytes(), CHUNK);
     });
-    let worst = median_mib_s(tiny.len(), || {
+    let tiny_mib_s = median_mib_s(tiny.len(), || {
         parse(tiny.as_bytes(), CHUNK);
+    });
+    // The edge's nesting check of each event's text (`data:` of the replay above).
+    let events: Vec<&str> = progress.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let event_bytes: usize = events.iter().map(|e| e.len()).sum();
+    let depth = shared::protocol::MAX_EVENT_DEPTH;
+    assert!(events.iter().all(|e| !shared::protocol::nests_deeper_than(e.as_bytes(), depth)));
+    let scanned = median_mib_s(event_bytes, || {
+        for e in &events {
+            std::hint::black_box(shared::protocol::nests_deeper_than(std::hint::black_box(e.as_bytes()), depth));
+        }
+    });
+    let per_event_ns = event_bytes as f64 / events.len() as f64 / (scanned * 1048576.0) * 1e9;
+    let largest: String = format!("[{}]", r#""a\"[{",[{"x":1}],"#.repeat(shared::protocol::MAX_PROGRESS_BYTES / 20));
+    let worst = median_mib_s(largest.len(), || {
+        std::hint::black_box(shared::protocol::nests_deeper_than(std::hint::black_box(largest.as_bytes()), depth));
     });
     println!("submit's event-stream parser, {} KiB chunks:", CHUNK / 1024);
     println!("  progress replayed ({:.2} MiB, 8000 events):      {replay:.0} MiB/s", progress.len() as f64 / 1048576.0);
-    println!("  7-byte events ({:.2} MiB, {} events, worst case): {worst:.1} MiB/s", tiny.len() as f64 / 1048576.0, tiny.len() / 7);
+    println!("  7-byte events ({:.2} MiB, {} events, worst case): {tiny_mib_s:.1} MiB/s", tiny.len() as f64 / 1048576.0, tiny.len() / 7);
+    println!("the edge's nesting check of each event (MAX_EVENT_DEPTH {depth}):");
+    println!("  the replay's {} events ({} bytes each):           {scanned:.0} MiB/s, {per_event_ns:.0} ns an event", events.len(), event_bytes / events.len());
+    println!("  one event of {} KiB, brackets in strings and out:  {worst:.0} MiB/s", largest.len() / 1024);
 }
