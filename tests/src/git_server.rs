@@ -63,6 +63,8 @@ struct State {
     refusal: Mutex<Option<String>>,
     /// Fetches' ref listings name refs without end (up to [`ENDLESS_REFS`]).
     endless_refs: std::sync::atomic::AtomicBool,
+    /// Pushes' ref listings do.
+    endless_push_refs: std::sync::atomic::AtomicBool,
 }
 
 /// The refs an endless advertisement names before it ends after all: far past any bound of
@@ -112,6 +114,7 @@ impl GitServer {
             redirect: Mutex::new(None),
             refusal: Mutex::new(None),
             endless_refs: std::sync::atomic::AtomicBool::new(false),
+            endless_push_refs: std::sync::atomic::AtomicBool::new(false),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -191,6 +194,11 @@ impl GitServer {
     /// [`ENDLESS_REFS`]), as a hostile server may.
     pub fn endless_refs(&self, on: bool) {
         self.state.endless_refs.store(on, Ordering::SeqCst);
+    }
+
+    /// [`GitServer::endless_refs`] for a push's ref listing (`service=git-receive-pack`).
+    pub fn endless_push_refs(&self, on: bool) {
+        self.state.endless_push_refs.store(on, Ordering::SeqCst);
     }
 
     /// From now on, every request is redirected (302) to the same path on `base`.
@@ -322,11 +330,16 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
         let state = Arc::clone(&state);
         move |status: u16| state.log.lock().unwrap().push(Logged { status, ended: Instant::now(), ..logged })
     };
-    let endless = state.endless_refs.load(Ordering::SeqCst) && path.ends_with("/info/refs") && query.contains("service=git-upload-pack");
-    let response = if endless {
+    let listing = path.ends_with("/info/refs");
+    let endless = match () {
+        _ if listing && query.contains("service=git-upload-pack") && state.endless_refs.load(Ordering::SeqCst) => Some("git-upload-pack"),
+        _ if listing && query.contains("service=git-receive-pack") && state.endless_push_refs.load(Ordering::SeqCst) => Some("git-receive-pack"),
+        _ => None,
+    };
+    let response = if let Some(service) = endless {
         log(200);
         let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);
-        let first = format!("{}0000", pkt("# service=git-upload-pack\n"));
+        let first = format!("{}0000", pkt(&format!("# service={service}\n")));
         // Ten thousand refs a piece, until the client goes or the bound is reached.
         let pieces = futures_util::stream::iter((0..ENDLESS_REFS / 10_000).map(move |piece| {
             let mut text = if piece == 0 { first.clone() } else { String::new() };
@@ -335,7 +348,7 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
             }
             Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
         }));
-        let r = Response::builder().status(200).header("content-type", "application/x-git-upload-pack-advertisement");
+        let r = Response::builder().status(200).header("content-type", format!("application/x-{service}-advertisement"));
         return Ok(r.body(StreamBody::new(pieces).boxed_unsync()).unwrap());
     } else if let Some(message) = refusal {
         let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);

@@ -428,10 +428,35 @@ async fn an_endless_ref_advertisement_is_cut_as_it_is_read() {
     demo(&s.git);
     s.git.endless_refs(true);
     let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
-    assert!(e.contains("more than the 1000000 the runner takes"), "{e}");
+    assert_cut_said(&e, "fetched");
     let listings = s.git.requests().iter().filter(|r| r.path.ends_with("/info/refs")).count();
     assert_eq!(listings, 1, "the fetch was tried again: {:?}", s.git.requests());
     assert!(s.agent.claude_runs().is_empty());
+}
+
+/// That `e` says a list of refs was cut, counted in lines, not in refs (it said "has
+/// 1000001 branches and tags", counting each annotated tag's second line and every other
+/// ref), that nothing was `done`, and what to do (rev28).
+fn assert_cut_said(e: &str, done: &str) {
+    assert!(e.contains("list of refs") && e.contains("ran past 1000000 lines") && e.contains(&format!("nothing was {done}")), "{e}");
+    assert!(e.contains("delete old tags and branches"), "{e}");
+    assert!(!e.contains("branches and tags, more than"), "lines said as refs: {e}");
+}
+
+/// A push whose server lists refs without end was cut as a fetch's listing is, but said
+/// as the network's failure ("could not reach … send allow_stale", rev28): it says the
+/// list was cut and nothing was pushed, and the job's diff still comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_ref_advertisement_on_push_is_cut_and_said_so() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    s.git.endless_push_refs(true);
+    let b = s.run(json!({"prompt": "@write=x.txt", "repo_url": s.git.url("demo"), "push_branch": "claude/x", "include_diff": true})).await;
+    let e = repo_error(&b);
+    assert_cut_said(&e, "pushed");
+    assert!(!e.contains("could not reach"), "{e}");
+    assert!(b["diff"].as_str().is_some_and(|d| d.contains("x.txt")), "{b}");
+    assert_eq!(on_server(&seed, "claude/x"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,20 @@ pub fn cut() -> Option<usize> {
     Some(CUT_AT_LINES.load(Ordering::SeqCst)).filter(|n| *n > 0)
 }
 
+/// The error of a conversation with `url` whose advertisement was cut ([`cut`]), if it
+/// was: nothing was `done` ("fetched", "pushed"). libgit2's own words for it are a
+/// network error's, and a push's showed as "could not reach" the server (rev28).
+pub fn cut_error(url: &str, done: &'static str) -> Option<super::error::RepoError> {
+    cut().map(|lines| super::error::RepoError::RefListCut {
+        url: url.to_string(),
+        lines,
+        max_lines: MAX_LINES,
+        max_bytes: MAX_BYTES,
+        max_refs: super::mirror::MAX_FETCH_REFS,
+        done: done.into(),
+    })
+}
+
 extern "C" {
     // libgit2's HTTP subtransport (`git2/sys/transport.h`), which libgit2-sys does not
     // declare.

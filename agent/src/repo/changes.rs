@@ -426,10 +426,16 @@ impl Staged {
         options.remote_callbacks(cb).follow_redirects(RemoteRedirect::None);
         // No `+`: libgit2 refuses a branch tip that is not an ancestor of the commit, and the
         // server's compare-and-swap on the old tip closes the race with another push.
+        // The server's list of refs is counted as it is read (`super::advert`), as a fetch's.
+        super::advert::reset();
         let pushed = remote.push(&[format!("{PUSH_REF}:refs/heads/{branch}")], Some(&mut options));
         drop(options);
         drop(remote);
         if let Err(e) = pushed {
+            // Cut before the negotiation: nothing went out.
+            if let Some(cut) = super::advert::cut_error(&push.url, "pushed").filter(|_| !began.get()) {
+                return Err(cut);
+            }
             let lower = e.message().to_ascii_lowercase();
             if e.code() == ErrorCode::NotFastForward || lower.contains("non-fastforward") || lower.contains("not present locally") {
                 return Err(RepoError::NotFastForward { branch: branch.clone() });

@@ -54,6 +54,12 @@ pub enum RepoError {
     FetchTooBig { url: String, max_bytes: u64 },
     #[error("{url} has {count} branches and tags, more than the {max} the runner takes from one repository, so none was fetched: delete old tags or branches on the server, or use another repository")]
     TooManyRefs { url: String, count: usize, max: usize },
+    /// The server's list of refs cut as it was read (`super::advert`): counted in the
+    /// list's lines, which are not its branches and tags (a line per ref the server names,
+    /// pull requests' too on some hosts, and a second for each annotated tag), so not said
+    /// as a count of refs. `done`: "fetched" or "pushed".
+    #[error("the git server's list of refs for {url} ran past {max_lines} lines or {max_bytes} bytes as the runner read it (cut at line {lines}; the list has a line for every ref the server names, pull requests' too on some hosts, and a second for each annotated tag), so the runner stopped reading it and nothing was {done}: the repository names far more refs than the runner takes ({max_refs} branches and tags), or the server sends its list without end; delete old tags and branches (or other refs) on the server, or use another repository")]
+    RefListCut { url: String, lines: usize, max_lines: usize, max_bytes: usize, max_refs: usize, done: Text },
     #[error("the runner's mirror of {url} is damaged ({detail}: a job on this runner may have written into it), so nothing ran; the agent fetches it anew for the next job: run the job again")]
     MirrorBroken { url: String, detail: String },
     #[error("checking out {url} did not finish within the job's timeout_ms ({timeout_ms} ms), and nothing ran: the repository is large for this machine's disk; raise timeout_ms")]

@@ -823,8 +823,8 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     let auth = Cell::new(AuthSeen::default());
     let action = "fetch the repository";
     let fail = |e: git2::Error| {
-        if let Some(count) = super::advert::cut() {
-            return Failed::from(RepoError::TooManyRefs { url: source.url.clone(), count, max: super::advert::MAX_LINES });
+        if let Some(cut) = super::advert::cut_error(&source.url, "fetched") {
+            return Failed::from(cut);
         }
         let error = Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message());
         // Only the talk with the server can fail for the server's or the network's reasons;
