@@ -798,20 +798,23 @@ impl Agent {
 
     /// At each heartbeat while the agent cannot start jobs: whether it can again. A want
     /// of disk ends once a write into the folders every job needs (its workspace's,
-    /// the started records') succeeds; any other after a heartbeat interval. Then the
-    /// agent offers its slots again (the heartbeat after this says so).
+    /// the started records', and the mirrors' when a job on a repository found them
+    /// taking none) succeeds; any other after a heartbeat interval. Then the agent offers
+    /// its slots again (the heartbeat after this says so).
     pub async fn check_start(&self) {
-        let disk = {
+        let (disk, repos) = {
             let mut running = self.running.lock().expect("running lock");
             let Some(held) = running.cannot_start.as_mut() else { return };
             held.checks += 1;
             if !held.cannot.disk && held.checks < 2 {
                 return;
             }
-            held.cannot.disk
+            (held.cannot.disk, held.cannot.repos)
         };
         if disk {
-            if let Err(e) = runner::job_folders_take_writes(&self.workspaces, Some(self.spool.records())).await {
+            // The mirrors' folder too when it took no write (a job on a repository).
+            let repos = repos.then(|| self.repos.root());
+            if let Err(e) = runner::job_folders_take_writes(&self.workspaces, Some(self.spool.records()), repos).await {
                 debug!(agent_id = %self.cfg.agent_id, error = %e, "DATA_DIR still takes no writes: no work yet");
                 return;
             }
@@ -1153,7 +1156,7 @@ mod tests {
     async fn an_agent_without_room_for_a_process_holds_one_heartbeat() {
         let dir = std::env::temp_dir().join(format!("cr-agent-no-process-{}", std::process::id()));
         let (agent, _queues) = agent_with_claude(&dir, "exit 0\n");
-        let cannot = runner::CannotStart { why: "process limit".into(), disk: false };
+        let cannot = runner::CannotStart { why: "process limit".into(), disk: false, repos: false };
         agent.running.lock().unwrap().cannot_start = Some(Held { cannot, checks: 0 });
         agent.check_start().await;
         assert!(agent.running.lock().unwrap().cannot_start.is_some(), "released at the first heartbeat, which may come at once");

@@ -129,6 +129,9 @@ pub struct CannotStart {
     /// Whether DATA_DIR's disk is the trouble: work resumes once a write there succeeds.
     /// Otherwise (the process limit, memory) it resumes after a heartbeat interval.
     pub disk: bool,
+    /// Whether the mirrors' folder is among the folders that took no write (a job on a
+    /// repository needs it as well): work resumes once it takes one too.
+    pub repos: bool,
 }
 
 /// Runs the job to its end.
@@ -247,7 +250,7 @@ async fn run_in(
                 if agents_want(ctx, &e).await {
                     let root = workspace.parent().unwrap_or(&workspace);
                     let why = format!("it cannot make a job's workspace in {} ({e}): free space on that folder's disk (or make it writable)", root.display());
-                    *cannot_start = Some(CannotStart { why, disk: true });
+                    *cannot_start = Some(CannotStart { why, disk: true, repos: false });
                     let error = format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display());
                     return (JobResult::failure(ErrorCode::InternalError, error, 0), None);
                 }
@@ -368,19 +371,23 @@ fn the_disks(e: &std::io::Error) -> bool {
 /// ([`CannotStart`]). Anything else — EPERM or EBUSY on a leftover of the job, a name the
 /// file system refuses — is the job's own: it fails alone, and the agent takes the next.
 async fn agents_want(ctx: &JobContext, e: &std::io::Error) -> bool {
-    the_disks(e) || job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref().map(|s| s.records())).await.is_err()
+    the_disks(e) || job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref().map(|s| s.records()), None).await.is_err()
 }
 
-/// Whether the folders every job needs take a write now (its workspace's, and its started
-/// record's when it has one): an agent held back for want of disk takes work again once
-/// they do ([`crate::agent::Agent::check_start`]), and a job whose checkout filled the disk
-/// is handed back while they do not ([`full_disk`]). The one test write of both: on the
-/// blocking pool, as a file is made, synced and removed in each.
-pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std::io::Result<()> {
-    let (workspaces, records) = (workspaces.to_path_buf(), records.map(Path::to_path_buf));
+/// Whether the folders a job needs take a write now (its workspace's, its started
+/// record's when it has one, and the mirrors' (`repos`) for a job on a repository, whose
+/// fetch writes there, on a disk of its own or not): an agent held back for want of disk
+/// takes work again once they do ([`crate::agent::Agent::check_start`]), and a job whose
+/// fetch or checkout filled the disk is handed back while they do not ([`full_disk`]).
+/// The one test write of all: on the blocking pool, as a file is made, synced and removed
+/// in each. The error names the folder that took none.
+pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>, repos: Option<&Path>) -> std::io::Result<()> {
+    let dirs: Vec<PathBuf> = [Some(workspaces), records, repos].into_iter().flatten().map(Path::to_path_buf).collect();
     tokio::task::spawn_blocking(move || {
-        crate::files::probe_write(&workspaces)?;
-        records.as_deref().map_or(Ok(()), crate::files::probe_write)
+        for dir in &dirs {
+            crate::files::probe_write(dir).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        }
+        Ok(())
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
@@ -455,9 +462,9 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
     let leftover = workspace.to_path_buf();
     let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
     let records = ctx.spool.as_ref().map(|s| s.records());
-    let Err(e) = job_folders_take_writes(&ctx.workspaces, records).await else { return true };
-    let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
-    *cannot_start = Some(CannotStart { why, disk: true });
+    let Err(e) = job_folders_take_writes(&ctx.workspaces, records, Some(ctx.repos.root())).await else { return true };
+    let why = format!("it cannot fetch or check out a job's repository (a write in {e}): free space on that folder's disk (or make it writable)");
+    *cannot_start = Some(CannotStart { why, disk: true, repos: true });
     false
 }
 
@@ -734,11 +741,11 @@ async fn run_claude(
         };
         match &finished.ending {
             Ending::NotStarted(e) if agents_record => {
-                *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
+                *cannot_start = Some(CannotStart { why: e.clone(), disk: true, repos: false });
             }
             Ending::NoRoom(e) => {
                 let why = format!("it cannot start Claude ({e}): too many processes of its user (its process limit) or too little memory; it tries again after a heartbeat");
-                *cannot_start = Some(CannotStart { why, disk: false });
+                *cannot_start = Some(CannotStart { why, disk: false, repos: false });
             }
             _ => {}
         }

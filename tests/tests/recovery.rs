@@ -1057,6 +1057,46 @@ async fn a_checkout_on_a_read_only_disk_hands_the_job_back_and_it_runs_once_writ
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// The write that says whether a job's want of disk is the agent's tried the workspaces'
+/// and the records' folders, not the mirrors': with `DATA_DIR/repos` on a full disk of its
+/// own, a repository's fetch failed there, the write took elsewhere, and the job ended
+/// REPO_ERROR "needs more free space than the disk … has" (not retryable), and so did every
+/// later one. The mirrors' folder is tried too: the job goes back unstarted, the agent
+/// takes no work until that folder takes a write, and the job runs then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_on_a_full_mirrors_disk_hands_the_job_back_and_it_runs_once_there_is_room() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("demo", &[("README.md", b"# demo\n")]);
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR/repos", "1m,nr_inodes=256");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let repos = agent.data.path().join("data/repos");
+    inside(agent.pid().unwrap(), &format!("cd '{}' && cat /dev/zero > hog 2>/dev/null; true", repos.display()));
+
+    let answer = client.execute(json!({"prompt": "must not run here", "repo_url": git.url("demo"), "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}\n{}", answer.text, agent.log());
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+    let why = health.body["agents"][0]["cannot_start"].as_str().unwrap_or_default();
+    assert!(why.contains("free space on") && why.contains(&repos.display().to_string()), "{}", health.text);
+
+    let queued = client.submit(json!({"prompt": "@exists=README.md", "repo_url": git.url("demo")})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    // Held while the mirrors' folder takes no write, though the workspaces' does.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "queued", "{}", agent.log());
+    inside(agent.pid().unwrap(), &format!("rm -f '{}'/hog", repos.display()));
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
+}
+
 /// A repository larger than the free space of DATA_DIR's disk filled it at its checkout,
 /// and the job ended "the disk holding DATA_DIR is full: free space ..., then retry" —
 /// though the disk had room again once the checkout was removed, and a retry filled it the

@@ -208,6 +208,11 @@ impl MirrorCache {
         }))
     }
 
+    /// The folder of the mirrors.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The set of mirrors may have changed (counted once the change is done on disk).
     fn changed(&self) {
         self.changes.fetch_add(1, Ordering::SeqCst);

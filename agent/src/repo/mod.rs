@@ -85,6 +85,11 @@ impl Repos {
         self.cache.recover().await;
     }
 
+    /// The mirrors' folder, `DATA_DIR/repos`.
+    pub fn root(&self) -> &Path {
+        self.cache.root()
+    }
+
     /// The repositories whose mirror this agent holds (names as `shared::repo::RepoUrl::name`).
     pub fn mirror_names(&self) -> Vec<String> {
         self.cache.mirror_names()
