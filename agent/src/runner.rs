@@ -263,22 +263,40 @@ async fn run_in(
             }
         },
         Some(url) => {
-            // A leftover of the same job (sent again) goes, as `workspace::prepare` removes one.
-            let leftover = workspace.clone();
-            let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
-            let checking_out = Arc::new(AtomicBool::new(false));
-            let (done_tx, done_rx) = oneshot::channel();
-            *checkout_done = Some(done_rx);
-            let signals = crate::repo::CheckoutSignals { started: Arc::clone(&checking_out), done: done_tx };
-            let prepared = tokio::select! {
-                prepared = ctx.repos.prepare(&spec, &workspace, signals) => prepared.map_err(Err),
-                s = &mut stop => Err(Ok(Stop::ending(s))),
-                _ = tokio::time::sleep_until(deadline) => {
-                    let timeout_ms = spec.timeout_ms;
-                    Err(Err(match checking_out.load(Ordering::SeqCst) {
-                        true => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
-                        false => RepoError::FetchTimedOut { url: url.clone(), timeout_ms },
-                    }))
+            let mut made_room = false;
+            let (prepared, checked_out) = loop {
+                // A leftover of the same job (sent again), or of the try before, goes, as
+                // `workspace::prepare` removes one. (The try before's checkout has ended.)
+                let leftover = workspace.clone();
+                let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
+                let checking_out = Arc::new(AtomicBool::new(false));
+                let (done_tx, done_rx) = oneshot::channel();
+                *checkout_done = Some(done_rx);
+                let signals = crate::repo::CheckoutSignals { started: Arc::clone(&checking_out), done: done_tx };
+                let prepared = tokio::select! {
+                    prepared = ctx.repos.prepare(&spec, &workspace, signals) => prepared.map_err(Err),
+                    s = &mut stop => Err(Ok(Stop::ending(s))),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let timeout_ms = spec.timeout_ms;
+                        Err(Err(match checking_out.load(Ordering::SeqCst) {
+                            true => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
+                            false => RepoError::FetchTimedOut { url: url.clone(), timeout_ms },
+                        }))
+                    }
+                };
+                // Out of room: idle mirrors of other repositories go first, and the step is
+                // tried once more, before the job is refused or handed back for the room
+                // a cache took (rev28-5).
+                match prepared {
+                    Err(Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. }))) if !made_room => {
+                        made_room = true;
+                        let evicted = ctx.repos.make_room(url, checking_out.load(Ordering::SeqCst), &e, &ctx.workspaces).await;
+                        if evicted == 0 {
+                            break (Err(Err(e)), checking_out.load(Ordering::SeqCst));
+                        }
+                        info!(job_id, agent_id = %ctx.cfg.agent_id, evicted, "out of room for the repository: idle mirrors evicted, trying once more");
+                    }
+                    prepared => break (prepared, checking_out.load(Ordering::SeqCst)),
                 }
             };
             match prepared {
@@ -288,7 +306,7 @@ async fn run_in(
                 }
                 Err(ended) => {
                     let ended = match ended {
-                        Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, url, &workspace, e, cannot_start).await),
+                        Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, url, checked_out, &workspace, e, cannot_start).await),
                         Err(e @ RepoError::Git { .. }) => Err(local_fault(ctx, &workspace, e, cannot_start).await),
                         other => other,
                     };
@@ -393,7 +411,9 @@ pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>, 
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
-/// A full disk met by a job's fetch or checkout of `url`. What the checkout wrote goes
+/// A full disk met by a job's fetch or checkout (`checking_out`) of `url`, once idle
+/// mirrors were evicted for room and the step tried again (`Repos::make_room`), or none
+/// could be. What the checkout wrote goes
 /// first; then the write that tells an agent held back for want of disk when it may take
 /// work again ([`job_folders_take_writes`]) says whose want it is. Still full: the
 /// agent's — no job could start — and this one goes back unstarted ([`CannotStart`]), as
@@ -404,7 +424,7 @@ pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>, 
 /// has free, and would fill it again here ([`full_disk_verdict`]). A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
 /// `checkout::room`) is judged the same way: on a disk that takes no write it is the
 /// agent's want, else the repository's, and its error names the bytes needed and free.
-async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
+async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
     let RepoError::DiskFull { detail, needed } = error else { return error };
     // Measured only when the checkout's need is known (a fetch's is not).
@@ -414,7 +434,7 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoErr
     };
     match full_disk_verdict(takes_writes, needed, free) {
         FullDisk::Agents => RepoError::DiskFull { detail, needed },
-        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, detail),
+        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail),
         FullDisk::Meanwhile => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free: free.unwrap_or_default() },
     }
 }

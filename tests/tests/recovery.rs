@@ -1057,6 +1057,78 @@ async fn a_checkout_on_a_read_only_disk_hands_the_job_back_and_it_runs_once_writ
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// `bytes` bytes no compression shrinks, from `seed`.
+fn incompressible(seed: u64, bytes: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An agent whose whole DATA_DIR (mirrors, workspaces, records) is a tmpfs of `size`,
+/// allowed to fetch from `git`.
+async fn agent_with_data_dir_on_small_disk(git: &harness::git_server::GitServer, size: &str) -> (EdgeServer, AgentProc, Client) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR", size);
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    (edge, agent, client)
+}
+
+/// rev28-5: a repository whose checkout did not fit beside the mirrors of other
+/// repositories was refused ("needs more free space than the disk holding DATA_DIR has",
+/// not retryable), though those mirrors were idle, a cache the agent could drop. Idle
+/// mirrors go now, least recently used first, and the checkout is tried once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mirrors_make_room_for_a_checkout_that_did_not_fit_beside_them() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("old", &[("README.md", b"# old\n"), ("blob.bin", &incompressible(1, 4 << 20))]);
+    git.seed("new", &[("README.md", b"# new\n"), ("blob.bin", &incompressible(2, 4 << 20))]);
+    // 12 MiB: a mirror (4) and its checkout (4, and a reserve of 0.6) fit; two mirrors and
+    // a checkout do not.
+    let (_edge, agent, client) = agent_with_data_dir_on_small_disk(&git, "12m").await;
+    for repo in ["old", "new"] {
+        let b = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url(repo), "timeout_ms": 60000})).await;
+        assert_eq!((b.status, b.body["success"].as_bool()), (200, Some(true)), "{repo}: {}\n{}", b.text, agent.log());
+    }
+    let log = agent.log();
+    assert_eq!(log.matches("mirror evicted: a job's repository ran out of room").count(), 1, "{log}");
+    assert!(log.contains("idle mirrors evicted, trying once more"), "{log}");
+    assert_eq!(agent.claude_runs().len(), 2);
+}
+
+/// The same for a fetch that ran out of room: a mirror of a repository whose history holds
+/// what its tree no longer does (6.5 MiB) left too little for the next repository's fetch
+/// (4 MiB) on a 10 MiB disk, and that job was refused. The idle mirror goes, and the
+/// fetch is tried once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mirrors_make_room_for_a_fetch_that_did_not_fit_beside_them() {
+    let git = harness::git_server::GitServer::start(None);
+    let history = git.seed("history", &[("README.md", b"# history\n"), ("blob.bin", &incompressible(3, 13 << 19))]);
+    history.git(&["rm", "-q", "blob.bin"]);
+    history.git(&["commit", "-q", "-m", "the blob goes"]);
+    history.git(&["push", "-q", "origin", "main"]);
+    git.seed("new", &[("README.md", b"# new\n"), ("blob.bin", &incompressible(4, 4 << 20))]);
+    let (_edge, agent, client) = agent_with_data_dir_on_small_disk(&git, "10m").await;
+    for repo in ["history", "new"] {
+        let b = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url(repo), "timeout_ms": 60000})).await;
+        assert_eq!((b.status, b.body["success"].as_bool()), (200, Some(true)), "{repo}: {}\n{}", b.text, agent.log());
+    }
+    let log = agent.log();
+    assert_eq!(log.matches("mirror evicted: a job's repository ran out of room").count(), 1, "{log}");
+    assert!(log.contains("idle mirrors evicted, trying once more"), "{log}");
+}
+
 /// The write that says whether a job's want of disk is the agent's tried the workspaces'
 /// and the records' folders, not the mirrors': with `DATA_DIR/repos` on a full disk of its
 /// own, a repository's fetch failed there, the write took elsewhere, and the job ended

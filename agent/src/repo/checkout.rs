@@ -281,21 +281,35 @@ const DIRENT_BYTES: u64 = 8;
 /// (a job beside it) can still fill the disk during the checkout: then it fails
 /// [`RepoError::DiskFull`], and is never kept.
 pub fn room(measured: Measured, space: crate::workspace::DiskSpace, url: &str) -> Result<(), RepoError> {
-    let reserve = (space.size / 20).min(256 << 20);
+    let reserve = reserve(space);
     let needed = measured.needed(space.block);
-    let no_room = |what: String| RepoError::NoRoom { url: url.to_string(), what };
-    if needed.saturating_add(reserve) > space.free {
-        return Err(no_room(format!(
-            "it needs about {needed} bytes, and the disk holding DATA_DIR's workspaces has {} bytes free, of which the runner keeps {reserve} in reserve",
-            space.free
-        )));
+    if !fits_with_reserve(needed, space) {
+        return Err(RepoError::NoRoom {
+            url: url.to_string(),
+            what: format!("it needs about {needed} bytes, and the disk holding DATA_DIR's workspaces has {} bytes free, of which the runner keeps {reserve} in reserve", space.free),
+            needed: Some(needed),
+        });
     }
     // Inodes too: the `.git` folder's few dozen files, and a reserve of as many again.
     let files = measured.entries.saturating_add(64);
     if let Some(free) = space.free_inodes.filter(|free| files.saturating_mul(2) > *free) {
-        return Err(no_room(format!("it has {} files and folders, and the disk holding DATA_DIR's workspaces has room for {free} more", measured.entries)));
+        let what = format!("it has {} files and folders, and the disk holding DATA_DIR's workspaces has room for {free} more", measured.entries);
+        return Err(RepoError::NoRoom { url: url.to_string(), what, needed: None });
     }
     Ok(())
+}
+
+/// What [`room`] keeps free on a disk besides a checkout: a twentieth of the disk, at most
+/// 256 MiB.
+fn reserve(space: crate::workspace::DiskSpace) -> u64 {
+    (space.size / 20).min(256 << 20)
+}
+
+/// Whether a checkout of `needed` bytes ([`Measured::needed`]) leaves `space`'s disk its
+/// reserve, as [`room`] asks: also what making room for a refused one aims at
+/// (`super::Repos::make_room`).
+pub fn fits_with_reserve(needed: u64, space: crate::workspace::DiskSpace) -> bool {
+    needed.saturating_add(reserve(space)) <= space.free
 }
 
 /// Refuses a commit whose files would take more than `max_bytes` in all

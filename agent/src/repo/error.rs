@@ -38,11 +38,18 @@ pub enum RepoError {
         #[serde(default)]
         needed: Option<u64>,
     },
-    /// A full disk met by a job's fetch or checkout that had room again once the checkout
+    /// A full disk met by a job's fetch or checkout that had room again once what it wrote
     /// was removed (`runner::full_disk`): the repository itself does not fit. `lower` says
-    /// what `REPO_CACHE_MAX_BYTES` can free, when mirrors of other repositories share the disk.
-    #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its checkout filled that disk, which had room again once the checkout was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
-    TooBigForDisk { url: String, detail: String, lower: String },
+    /// what `REPO_CACHE_MAX_BYTES` can free, when mirrors of other repositories share the
+    /// disk; `step`, which filled it ("fetch", "checkout": a fetch's was said as a checkout's).
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its {step} filled that disk, which had room again once what it wrote was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
+    TooBigForDisk {
+        url: String,
+        detail: String,
+        lower: String,
+        #[serde(default)]
+        step: Text,
+    },
     /// A checkout that fit the disk's free space when measured filled the disk, which had
     /// room for it again once the checkout was removed: another writer took the room
     /// meanwhile (`runner::full_disk`). Retryable.
@@ -67,7 +74,14 @@ pub enum RepoError {
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
     CheckoutTooBig { url: String, commit: String, what: String },
     #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one (or lower REPO_CACHE_MAX_BYTES), or use a smaller repository (or a branch or commit with fewer files)")]
-    NoRoom { url: String, what: String },
+    /// `needed`: the bytes the checkout was measured to need (`checkout::Measured::needed`),
+    /// when it is the bytes that are short (not the files and folders).
+    NoRoom {
+        url: String,
+        what: String,
+        #[serde(default)]
+        needed: Option<u64>,
+    },
     #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
     OddGitEntry { path: String },
     #[error("handing back the job's changes ({url}) did not end within 15 s past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]

@@ -66,6 +66,15 @@ pub fn evictions(mut mirrors: Vec<MirrorUse>, max_bytes: u64) -> Vec<String> {
     out
 }
 
+/// The idle mirrors other than the folder `keep`, least recently used first: those to
+/// remove in turn when a job's fetch or checkout of `keep`'s repository ran out of room
+/// (its own mirror is what the job needs, and made anew it takes more room, not less).
+pub fn idle_oldest_first(mut mirrors: Vec<MirrorUse>, keep: &str) -> Vec<String> {
+    mirrors.retain(|m| !m.in_use && m.folder != keep);
+    mirrors.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.folder.cmp(&b.folder)));
+    mirrors.into_iter().map(|m| m.folder).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +112,11 @@ mod tests {
         // In use: kept, even when that leaves the cache over its limit.
         let busy = vec![m("old", 50, 10, true), m("mid", 50, 20, false), m("new", 50, 30, true)];
         assert_eq!(evictions(busy, 1), ["mid"]);
+    }
+
+    #[test]
+    fn room_for_a_job_is_made_from_idle_mirrors_oldest_first_never_its_own() {
+        let all = vec![m("new", 50, 30, false), m("own", 50, 5, false), m("busy", 50, 1, true), m("old", 50, 10, false)];
+        assert_eq!(idle_oldest_first(all, "own"), ["old", "new"]);
     }
 }

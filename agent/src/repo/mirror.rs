@@ -422,6 +422,44 @@ impl MirrorCache {
     /// Removes least recently used mirrors no job holds until the cache fits.
     pub fn evict(&self, now: shared::Millis) {
         let Ok(_one) = self.evicting.try_lock() else { return };
+        let mirrors = self.on_disk(now, true);
+        let sizes: HashMap<String, u64> = mirrors.iter().map(|m| (m.folder.clone(), m.bytes)).collect();
+        for folder in layout::evictions(mirrors, self.max_bytes) {
+            if let Some(name) = self.remove_idle(&folder, now) {
+                info!(repo = %name, bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
+            }
+        }
+    }
+
+    /// Removes the idle mirrors (no job holds one, none fetches it) other than the folder
+    /// `keep`, least recently used first, until `enough` says there is room: for a job
+    /// whose fetch or checkout of `keep`'s repository ran out of room on the disk holding
+    /// `on` (`runner`), before that is judged. None when the mirrors are on another disk.
+    /// Returns how many went.
+    pub fn evict_for_room(&self, keep: &str, on: &Path, enough: &dyn Fn() -> bool, now: shared::Millis) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let disk = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
+        if disk(on).is_none() || disk(on) != disk(&self.root) {
+            return 0;
+        }
+        // After any pass under way: it may free the room by itself.
+        let _one = self.evicting.lock().expect("eviction");
+        let mut evicted = 0;
+        for folder in layout::idle_oldest_first(self.on_disk(now, false), keep) {
+            if enough() {
+                break;
+            }
+            if let Some(name) = self.remove_idle(&folder, now) {
+                info!(repo = %name, "mirror evicted: a job's repository ran out of room on its disk");
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
+    /// The mirrors on disk as the eviction sees them (`sized`: with the bytes each takes,
+    /// a walk of its folder).
+    fn on_disk(&self, now: shared::Millis, sized: bool) -> Vec<MirrorUse> {
         let mut mirrors = Vec::new();
         for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
             let folder = entry.file_name().to_string_lossy().into_owned();
@@ -432,36 +470,38 @@ impl MirrorCache {
                 .ok()
                 .and_then(|t| String::from_utf8(t).ok()?.trim().parse().ok())
                 .unwrap_or(now);
-            mirrors.push(MirrorUse { bytes: disk_bytes(&entry.path()), last_used, in_use: false, folder });
+            let bytes = if sized { disk_bytes(&entry.path()) } else { 0 };
+            mirrors.push(MirrorUse { bytes, last_used, in_use: false, folder });
         }
+        let entries = self.entries.lock().expect("mirror entries");
+        for m in &mut mirrors {
+            m.in_use = entries.get(&m.folder).is_some_and(|e| e.users > 0);
+        }
+        mirrors
+    }
+
+    /// Removes the mirror `folder` unless a job holds it or waits for it now: its
+    /// repository's name, once it went.
+    fn remove_idle(&self, folder: &str, now: shared::Millis) -> Option<String> {
+        let dir = self.root.join(folder);
+        let name = read_name(&dir).unwrap_or_else(|| folder.to_string());
+        // Moved aside under the lock, so a job arriving now finds no half-deleted mirror.
+        let trash = self.root.join(format!(".evicted-{folder}-{now}"));
         {
-            let entries = self.entries.lock().expect("mirror entries");
-            for m in &mut mirrors {
-                m.in_use = entries.get(&m.folder).is_some_and(|e| e.users > 0);
+            let mut entries = self.entries.lock().expect("mirror entries");
+            if entries.get(folder).is_some_and(|e| e.users > 0) {
+                return None;
             }
-        }
-        let sizes: HashMap<String, u64> = mirrors.iter().map(|m| (m.folder.clone(), m.bytes)).collect();
-        for folder in layout::evictions(mirrors, self.max_bytes) {
-            let dir = self.root.join(&folder);
-            let name = read_name(&dir).unwrap_or_else(|| folder.clone());
-            // Moved aside under the lock, so a job arriving now finds no half-deleted mirror.
-            let trash = self.root.join(format!(".evicted-{folder}-{now}"));
-            {
-                let mut entries = self.entries.lock().expect("mirror entries");
-                if entries.get(&folder).is_some_and(|e| e.users > 0) {
-                    continue;
-                }
-                if let Err(e) = std::fs::rename(&dir, &trash) {
-                    warn!(repo = %name.trim(), error = %e, "could not evict a mirror");
-                    continue;
-                }
-                // What its last fetch found goes with it (no job holds or waits for its lock).
-                entries.remove(&folder);
+            if let Err(e) = std::fs::rename(&dir, &trash) {
+                warn!(repo = %name.trim(), error = %e, "could not evict a mirror");
+                return None;
             }
-            self.changed();
-            let _ = crate::files::remove_tree(&trash);
-            info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
+            // What its last fetch found goes with it (no job holds or waits for its lock).
+            entries.remove(folder);
         }
+        self.changed();
+        let _ = crate::files::remove_tree(&trash);
+        Some(name.trim().to_string())
     }
 }
 

@@ -111,26 +111,52 @@ impl Repos {
         }
     }
 
-    /// Checks the host, brings the mirror up to date and makes the job's checkout in
-    /// `workspace` (which must be empty), each in a git worker ([`worker`]). Dropping the
-    /// future kills the worker at work; `checkout` says when a checkout began and when it
-    /// has ended, its worker dead: the workspace is removed only then, and the mirror's
-    /// lease is held until then (a checkout cut off by a timeout or a cancel once went on
-    /// writing into a folder being removed, which stayed, its mirror open to eviction).
-    /// The error of a job whose fetch or checkout of `repo_url` filled the disk, though it
-    /// had room once the checkout was removed: the repository needs more than the disk has
-    /// free. `REPO_CACHE_MAX_BYTES` is named when the cache keeps mirrors of other
-    /// repositories (lowered, fewer of them take that disk).
-    pub fn too_big_for_disk(&self, repo_url: &str, detail: String) -> RepoError {
+    /// The error of a job whose fetch (`checking_out` false) or checkout of `repo_url`
+    /// filled the disk, though it had room once what it wrote was removed: the repository
+    /// needs more than the disk has free. `REPO_CACHE_MAX_BYTES` is named when the cache
+    /// keeps mirrors of other repositories (lowered, fewer of them take that disk).
+    pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String) -> RepoError {
         let name = RepoUrl::parse(repo_url).map(|u| u.name()).unwrap_or_default();
         let others = self.cache.mirror_names().iter().any(|n| *n != name);
         let lower = match others {
             true => format!(", lower REPO_CACHE_MAX_BYTES ({} bytes: the mirrors of other repositories kept on that disk)", self.settings.cache_max_bytes),
             false => String::new(),
         };
-        RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower }
+        let step = if checking_out { "checkout" } else { "fetch" };
+        RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower, step: step.into() }
     }
 
+    /// Makes room for a job whose fetch (`checking_out` false) or checkout of `repo_url` ran
+    /// out of it (`error`, a [`RepoError::DiskFull`] or [`RepoError::NoRoom`]): idle
+    /// mirrors of other repositories on that disk go, least recently used first, until the
+    /// checkout would fit with its reserve (`checkout::fits_with_reserve`) — all of them
+    /// when its need is not known (a fetch's). Returns how many went: none, and trying again
+    /// would end the same. The mirrors are a cache, and a job refused (or an agent held
+    /// back) for the room they took was refused for nothing (rev28-5).
+    pub async fn make_room(&self, repo_url: &str, checking_out: bool, error: &RepoError, workspaces: &Path) -> usize {
+        let needed = match error {
+            RepoError::DiskFull { needed, .. } => *needed,
+            // Short of files and folders, not bytes: the mirrors free few of those.
+            RepoError::NoRoom { needed: None, .. } => return 0,
+            RepoError::NoRoom { needed, .. } => *needed,
+            _ => return 0,
+        };
+        let keep = RepoUrl::parse(repo_url).map(|u| layout::folder(&u.name())).unwrap_or_default();
+        let on = if checking_out { workspaces.to_path_buf() } else { self.cache.root().to_path_buf() };
+        let cache = Arc::clone(&self.cache);
+        let evicted = tokio::task::spawn_blocking(move || {
+            let enough = || needed.is_some_and(|needed| crate::workspace::disk_space(&on).is_ok_and(|space| checkout::fits_with_reserve(needed, space)));
+            cache.evict_for_room(&keep, &on, &enough, crate::now_ms())
+        });
+        evicted.await.unwrap_or(0)
+    }
+
+    /// Checks the host, brings the mirror up to date and makes the job's checkout in
+    /// `workspace` (which must be empty), each in a git worker ([`worker`]). Dropping the
+    /// future kills the worker at work; `checkout` says when a checkout began and when it
+    /// has ended, its worker dead: the workspace is removed only then, and the mirror's
+    /// lease is held until then (a checkout cut off by a timeout or a cancel once went on
+    /// writing into a folder being removed, which stayed, its mirror open to eviction).
     pub async fn prepare(&self, spec: &JobSpec, workspace: &Path, checkout: CheckoutSignals) -> Result<Prepared, RepoError> {
         let text = spec.repo_url.as_deref().unwrap_or_default();
         // The edge checked it; the side that fetches checks again.
