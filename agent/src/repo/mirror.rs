@@ -73,6 +73,10 @@ pub struct MirrorCache {
     /// job's end asks for them (a job that made or evicted a mirror changes what the edge
     /// is told), and only a change makes the folders be read again.
     names: Mutex<Option<(u64, Vec<String>)>>,
+    /// Packs a mirror holds before it is repacked ([`layout::REPACK_AT_PACKS`]).
+    repack_at: usize,
+    /// A repack runs (one at a time, whatever the mirror: it takes a core).
+    repacking: AtomicBool,
 }
 
 #[derive(Default)]
@@ -80,6 +84,18 @@ struct Entry {
     /// Leases and running fetches.
     users: usize,
     lock: Arc<tokio::sync::Mutex<FetchState>>,
+    /// A repack of the mirror runs ([`MirrorCache::repack`]): it is not evicted meanwhile.
+    repacking: bool,
+    /// The packs the mirror held when its last repack failed (or ran past
+    /// [`REPACK_WITHIN`]): the next is tried once it holds twice as many, not at every fetch.
+    repack_failed_at: Option<usize>,
+}
+
+impl Entry {
+    /// A job holds the mirror or waits for it, or a repack reads it: it is not evicted.
+    fn in_use(&self) -> bool {
+        self.users > 0 || self.repacking
+    }
 }
 
 #[derive(Default)]
@@ -192,9 +208,10 @@ impl Drop for Lease {
 impl MirrorCache {
     pub fn open(root: PathBuf, max_bytes: u64) -> std::io::Result<Arc<MirrorCache>> {
         std::fs::create_dir_all(&root)?;
-        // Leftovers of an eviction cut short.
+        // Leftovers of an eviction or a repack cut short.
         for entry in std::fs::read_dir(&root)?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".evicted-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".evicted-") || name.starts_with(REPACK_SCRATCH) {
                 let _ = crate::files::remove_tree(&entry.path());
             }
         }
@@ -205,7 +222,18 @@ impl MirrorCache {
             evicting: Mutex::new(()),
             changes: AtomicU64::new(0),
             names: Mutex::new(None),
+            repack_at: layout::REPACK_AT_PACKS,
+            repacking: AtomicBool::new(false),
         }))
+    }
+
+    /// This cache with mirrors repacked past `at` packs instead (`usize::MAX`: never), for
+    /// the tests and the benchmark of many fetches.
+    #[cfg(test)]
+    pub fn repacked_at(root: PathBuf, max_bytes: u64, at: usize) -> std::io::Result<Arc<MirrorCache>> {
+        let mut cache = MirrorCache::open(root, max_bytes)?;
+        Arc::get_mut(&mut cache).expect("just made").repack_at = at;
+        Ok(cache)
     }
 
     /// The folder of the mirrors.
@@ -312,14 +340,15 @@ impl MirrorCache {
             Ok(Answer::Fetched(answer)) => answer,
             // A worker lost (a job killed it) or that answered something else: the mirror is
             // as a fetch of this agent's left it, if one did.
-            Ok(other) => FetchAnswer { result: Err(other.unexpected("fetch the repository")), usable: guard.last.is_some() },
-            Err(e) => FetchAnswer { result: Err(e), usable: guard.last.is_some() },
+            Ok(other) => FetchAnswer { result: Err(other.unexpected("fetch the repository")), usable: guard.last.is_some(), packs: 0 },
+            Err(e) => FetchAnswer { result: Err(e), usable: guard.last.is_some(), packs: 0 },
         };
-        let FetchAnswer { result, usable } = answer;
+        let FetchAnswer { result, usable, packs } = answer;
         let result = match result {
             Ok(found) => {
                 let found = Arc::new(found);
                 guard.last = Some(LastFetch { started, found: Arc::clone(&found) });
+                self.repack_past_threshold(&folder, packs);
                 Ok(found)
             }
             Err(e) => {
@@ -359,6 +388,103 @@ impl MirrorCache {
                 warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
                 Ok(lease(last, true))
             }
+        }
+    }
+
+    /// After a fetch of the mirror `folder` left it with `packs` packs: past the threshold
+    /// ([`layout::REPACK_AT_PACKS`]) a repack starts beside the jobs ([`MirrorCache::repack`]),
+    /// unless one runs (of any mirror) or the mirror's last one failed at more than half
+    /// as many packs.
+    fn repack_past_threshold(self: &Arc<Self>, folder: &str, packs: usize) {
+        if packs < self.repack_at {
+            return;
+        }
+        {
+            let mut entries = self.entries.lock().expect("mirror entries");
+            let Some(entry) = entries.get_mut(folder) else { return };
+            if entry.repacking || entry.repack_failed_at.is_some_and(|at| packs < at.saturating_mul(2)) {
+                return;
+            }
+            if self.repacking.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            entry.repacking = true;
+        }
+        let mut running = Repacking { cache: Arc::clone(self), folder: folder.to_string(), failed_at: None };
+        tokio::spawn(async move {
+            let (cache, folder) = (Arc::clone(&running.cache), running.folder.clone());
+            match cache.repack(&folder, cache.repack_at, REPACK_WITHIN).await {
+                Ok(Some((before, after, ms))) => info!(mirror = %folder, packs_before = before, packs_after = after, ms, "mirror repacked"),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(mirror = %folder, error = %e, packs, "the mirror could not be repacked; it is tried again once it holds twice as many packs");
+                    running.failed(packs);
+                }
+            }
+        });
+    }
+
+    /// Combines packs of the mirror `folder`, when it holds `at` or more, into one: built by a git worker into a scratch
+    /// folder beside the mirrors ([`combine_packs`]) while jobs go on, given `within` (then killed,
+    /// the mirror untouched); then put in place under the repository's fetch lock, so no
+    /// fetch writes meanwhile ([`put_in_place`]). Every object of the packs combined is in
+    /// the new pack, so a job reading the mirror meanwhile (its checkout borrows its
+    /// objects) finds each still: libgit2 and git look in the pack folder again for an
+    /// object whose pack went. The packs (pack count before, after) and the time it took;
+    /// None when there was nothing to combine, or the mirror was made anew meanwhile.
+    pub async fn repack(&self, folder: &str, at: usize, within: std::time::Duration) -> Result<Option<(usize, usize, u64)>, String> {
+        let started = Instant::now();
+        let dir = self.root.join(folder);
+        let scratch = self.root.join(format!("{REPACK_SCRATCH}{folder}"));
+        let made = {
+            let fresh = {
+                let scratch = scratch.clone();
+                move || {
+                    let _ = crate::files::remove_tree(&scratch);
+                    crate::files::private_dir(&scratch).map(drop)
+                }
+            };
+            tokio::task::spawn_blocking(fresh).await.map_err(|e| e.to_string())?.map_err(|e| format!("could not make {}: {e}", scratch.display()))?;
+            let work = Work::Repack { dir: dir.clone(), into: scratch.clone(), at };
+            // Past `within` the worker is killed (dropped with the future); only then is
+            // its scratch folder removed, below.
+            match tokio::time::timeout(within, worker::run(work, (), "repack the mirror", None)).await {
+                Ok((Ok(Answer::Repacked(made)), ())) => made.map_err(|e| e.to_string()),
+                Ok((Ok(other), ())) => Err(other.unexpected("repack the mirror").to_string()),
+                Ok((Err(e), ())) => Err(e.to_string()),
+                Err(_) => Err(format!("not done within {within:?}; what it made is thrown away")),
+            }
+        };
+        let placed = match made {
+            Ok(Some(made)) => {
+                let lock = {
+                    let entries = self.entries.lock().expect("mirror entries");
+                    entries.get(folder).map(|e| Arc::clone(&e.lock))
+                };
+                // No entry: evicted meanwhile (it cannot be while this runs), nothing to do.
+                let guard = match lock {
+                    Some(lock) => Some(lock.lock_owned().await),
+                    None => None,
+                };
+                let (dir_after, dir, scratch) = (dir.clone(), dir.clone(), scratch.clone());
+                let placed = tokio::task::spawn_blocking(move || guard.map(|_guard| put_in_place(&dir, &scratch, &made)));
+                match placed.await.map_err(|e| e.to_string())? {
+                    Some(placed) => placed.map(|before| before.map(|before| (before, list_packs(&dir_after.join("objects/pack")).len()))),
+                    None => Ok(None),
+                }
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::task::spawn_blocking(move || crate::files::remove_tree(&scratch)).await;
+        placed.map(|counts| counts.map(|(before, after)| (before, after, started.elapsed().as_millis() as u64)))
+    }
+
+    /// Waits while a repack runs (the tests: a fetch may have started one).
+    #[cfg(test)]
+    pub async fn repacks_done(&self) {
+        while self.repacking.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
@@ -475,7 +601,7 @@ impl MirrorCache {
         }
         let entries = self.entries.lock().expect("mirror entries");
         for m in &mut mirrors {
-            m.in_use = entries.get(&m.folder).is_some_and(|e| e.users > 0);
+            m.in_use = entries.get(&m.folder).is_some_and(Entry::in_use);
         }
         mirrors
     }
@@ -489,7 +615,7 @@ impl MirrorCache {
         let trash = self.root.join(format!(".evicted-{folder}-{now}"));
         {
             let mut entries = self.entries.lock().expect("mirror entries");
-            if entries.get(folder).is_some_and(|e| e.users > 0) {
+            if entries.get(folder).is_some_and(Entry::in_use) {
                 return None;
             }
             if let Err(e) = std::fs::rename(&dir, &trash) {
@@ -502,6 +628,34 @@ impl MirrorCache {
         self.changed();
         let _ = crate::files::remove_tree(&trash);
         Some(name.trim().to_string())
+    }
+}
+
+/// A repack started by [`MirrorCache::repack_past_threshold`]: once it ends, however (a
+/// panic too), the mirror and the cache take the next one.
+struct Repacking {
+    cache: Arc<MirrorCache>,
+    folder: String,
+    /// The packs at which it failed, if it did.
+    failed_at: Option<usize>,
+}
+
+impl Repacking {
+    /// It failed at `packs` packs: the next waits until there are twice as many.
+    fn failed(&mut self, packs: usize) {
+        self.failed_at = Some(packs);
+    }
+}
+
+impl Drop for Repacking {
+    fn drop(&mut self) {
+        if let Ok(mut entries) = self.cache.entries.lock() {
+            if let Some(entry) = entries.get_mut(&self.folder) {
+                entry.repacking = false;
+                entry.repack_failed_at = self.failed_at;
+            }
+        }
+        self.cache.repacking.store(false, Ordering::SeqCst);
     }
 }
 
@@ -549,6 +703,137 @@ impl Drop for FetchHeld {
             }
         }
     }
+}
+
+/// How long a repack may take ([`MirrorCache::repack`]): it runs beside the jobs, which do
+/// not wait for it, on a core of its own; libgit2 computes the deltas of what it packs
+/// again, which for a large repository's whole history takes minutes. Past it, it is given
+/// up, and tried again only once the mirror holds twice as many packs.
+const REPACK_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The start of the scratch folders' names (beside the mirrors, `.`-led as the cache's
+/// own) where repacks write their pack before it goes in place.
+const REPACK_SCRATCH: &str = ".repack-";
+
+/// The packs of a pack folder (`objects/pack`): the names (`pack-<hex>`) of those with both
+/// a `.pack` and an `.idx` file, plain files, and the bytes of each pack. (libgit2 lists a
+/// pack by its index, and takes one without its pack for none.)
+fn list_packs(pack_dir: &Path) -> Vec<(String, u64)> {
+    let plain = |path: &Path| std::fs::symlink_metadata(path).ok().filter(|m| m.is_file());
+    let mut packs: Vec<(String, u64)> = std::fs::read_dir(pack_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let base = name.strip_suffix(".pack").filter(|b| b.starts_with("pack-"))?.to_string();
+            let bytes = plain(&e.path())?.len();
+            plain(&pack_dir.join(format!("{base}.idx")))?;
+            Some((base, bytes))
+        })
+        .collect();
+    packs.sort();
+    packs
+}
+
+/// The object ids a pack's index (`.idx`, version 2, SHA-1: what libgit2 writes) names:
+/// its header, then the fan-out table whose last entry is the count, then the ids, sorted.
+/// Read as a file a job may have put there (no pipe waited on), and only as far as the ids.
+fn pack_ids(idx: &Path) -> Result<Vec<Oid>, String> {
+    use std::io::Read;
+    let mut file = crate::files::open_plain(idx, false, "pack index").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 8 + 256 * 4];
+    file.read_exact(&mut head).map_err(|e| format!("{}: {e}", idx.display()))?;
+    if head[..8] != [0xff, b't', b'O', b'c', 0, 0, 0, 2] {
+        return Err(format!("{} is not a pack index of version 2", idx.display()));
+    }
+    let count = u32::from_be_bytes(head[8 + 255 * 4..].try_into().expect("4 bytes")) as usize;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    // Each id, its CRC and its offset: a count the file cannot hold is not read.
+    if (count as u64).saturating_mul(28) > len {
+        return Err(format!("{} names more objects than it holds", idx.display()));
+    }
+    let mut ids = vec![0u8; count * 20];
+    file.read_exact(&mut ids).map_err(|e| format!("{}: {e}", idx.display()))?;
+    ids.chunks(20).map(|id| Oid::from_bytes(id).map_err(|e| e.message().to_string())).collect()
+}
+
+/// In the git worker: when the mirror at `dir` holds `at` packs or more, packs the objects
+/// of those [`layout::packs_to_combine`] chooses into one pack in `into` (a scratch folder
+/// of the agent's), leaving the mirror as it is: the agent puts the pack in place
+/// ([`put_in_place`]). libgit2 reads the objects from the mirror's object folder alone, as
+/// an object database opened without the mirror's config or refs (a job can write those).
+/// Objects the packs kept hold too are left out (a fetch's pack repeats the objects its
+/// deltas start from).
+pub(super) fn combine_packs(dir: &Path, into: &Path, at: usize) -> Result<Option<super::worker::Repacked>, RepoError> {
+    let action = "repack the mirror";
+    let pack_dir = dir.join("objects/pack");
+    let packs = list_packs(&pack_dir);
+    let combined = layout::packs_to_combine(&packs, at);
+    if combined.is_empty() {
+        return Ok(None);
+    }
+    let mut kept = HashSet::new();
+    for (name, _) in packs.iter().filter(|(name, _)| !combined.contains(name)) {
+        kept.extend(pack_ids(&pack_dir.join(format!("{name}.idx"))).map_err(|e| local(action, e))?);
+    }
+    let mut ids = Vec::new();
+    let mut seen = HashSet::new();
+    for name in &combined {
+        for id in pack_ids(&pack_dir.join(format!("{name}.idx"))).map_err(|e| local(action, e))? {
+            if !kept.contains(&id) && seen.insert(id) {
+                ids.push(id);
+            }
+        }
+    }
+    let odb = git2::Odb::new().map_err(|e| local(action, e.message()))?;
+    let objects = dir.join("objects");
+    let objects = objects.to_str().ok_or_else(|| local(action, "the mirror's path is not UTF-8"))?;
+    odb.add_disk_alternate(objects).map_err(|e| local(action, e.message()))?;
+    let repo = Repository::from_odb(odb).map_err(|e| local(action, e.message()))?;
+    let mut builder = repo.packbuilder().map_err(|e| local(action, e.message()))?;
+    // One core: it runs beside the jobs.
+    builder.set_threads(1);
+    for id in &ids {
+        builder.insert_object(*id, None).map_err(|e| local(action, e.message()))?;
+    }
+    builder.write(into, 0).map_err(|e| local(action, e.message()))?;
+    let made = list_packs(into);
+    let [(name, _)] = made.as_slice() else {
+        return Err(local(action, format!("the repack left {} packs, not one", made.len())));
+    };
+    Ok(Some(super::worker::Repacked { name: name.clone(), combined, objects: ids.len() }))
+}
+
+/// Puts the pack a repack `made` in `scratch` in place in the mirror at `dir`, then removes
+/// the packs it combined: the count of packs before. Under the repository's fetch lock (no
+/// fetch writes meanwhile). Whatever point this is cut at (the agent killed), every object
+/// stays in some pack: the new pack goes in before any old one goes, its pack file before
+/// its index (an index names a pack that is there), and each old index before its pack.
+/// A mirror made anew meanwhile (a fetch's, its packs gone) is left alone: None.
+fn put_in_place(dir: &Path, scratch: &Path, made: &super::worker::Repacked) -> Result<Option<usize>, String> {
+    let pack_dir = dir.join("objects/pack");
+    let packs = list_packs(&pack_dir);
+    let here = |name: &String| packs.iter().any(|(p, _)| p == name);
+    if !made.combined.iter().all(here) {
+        return Ok(None);
+    }
+    let moved = |ext: &str| std::fs::rename(scratch.join(format!("{}.{ext}", made.name)), pack_dir.join(format!("{}.{ext}", made.name)));
+    // A pack of that name holds those very objects (its name is their hash): it stays as it
+    // is, read by jobs, never overwritten by another layout of them.
+    if !here(&made.name) {
+        moved("pack").and_then(|()| moved("idx")).map_err(|e| format!("could not put the new pack in place: {e}"))?;
+    }
+    for old in made.combined.iter().filter(|old| **old != made.name) {
+        for ext in ["idx", "pack", "rev", "bitmap", "keep", "mtimes", "promisor"] {
+            let _ = std::fs::remove_file(pack_dir.join(format!("{old}.{ext}")));
+        }
+    }
+    // A multi-pack index (git's, never libgit2's: put there by a job) would name packs gone.
+    for midx in ["multi-pack-index", "multi-pack-index.bitmap", "multi-pack-index.rev"] {
+        let _ = std::fs::remove_file(pack_dir.join(midx));
+    }
+    Ok(Some(packs.len()))
 }
 
 /// How long the agent's start waits for the check of its mirrors ([`MirrorCache::recover`]).
@@ -662,7 +947,8 @@ pub(super) fn fetch_into(dir: &Path, source: &Source, known: Option<&Fetched>, a
     if !usable {
         let _ = crate::files::remove_tree(dir);
     }
-    FetchAnswer { result, usable }
+    let packs = if result.is_ok() { list_packs(&dir.join("objects/pack")).len() } else { 0 };
+    FetchAnswer { result, usable, packs }
 }
 
 /// Whether a mirror has a commit to start from (its `HEAD`'s: at the agent's start).

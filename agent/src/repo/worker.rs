@@ -1,5 +1,6 @@
 //! The git worker: every libgit2 operation of a job — the fetch into a mirror, the checkout,
-//! the hand-back (diff, commit, push), and the check of the mirrors at the agent's start —
+//! the hand-back (diff, commit, push) — the repack of a mirror, and the check of the
+//! mirrors at the agent's start —
 //! runs in a process of its own, which the agent kills when the job no longer waits for it.
 //!
 //! Why a process. libgit2 cannot be stopped mid-call, and a thread cannot be killed. A job
@@ -98,6 +99,9 @@ pub enum Work {
     Fetch { dir: PathBuf, source: Source, known: Option<Fetched>, alone: bool },
     /// Which of these mirrors have a commit to start from (the agent's start).
     Usable { dirs: Vec<PathBuf> },
+    /// Packs the objects of the mirror at `dir`'s packs into one pack written into `into`,
+    /// when it holds `at` or more ([`super::mirror::combine_packs`]); the agent puts it in place.
+    Repack { dir: PathBuf, into: PathBuf, at: usize },
     /// A job's checkout ([`super::checkout::create`]), and where Claude starts in it.
     Checkout(CheckoutWork),
     /// A job's diff and push ([`super::hand_back`]).
@@ -144,6 +148,21 @@ pub struct FetchAnswer {
     /// After a failed fetch, whether the mirror still has a commit to start from
     /// (`allow_stale`); a fetch that succeeded left one.
     pub usable: bool,
+    /// The packs the mirror holds after a fetch that succeeded (each fetch that brings
+    /// something adds one): past [`super::layout::REPACK_AT_PACKS`] it is repacked.
+    #[serde(default)]
+    pub packs: usize,
+}
+
+/// A pack made of a mirror's packs ([`super::mirror::combine_packs`]), not yet in place.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Repacked {
+    /// Its files' name, without `.pack` or `.idx` (`pack-<hex>`).
+    pub name: String,
+    /// The packs whose objects it holds (their names), which go once it is in place.
+    pub combined: Vec<String>,
+    /// How many objects it holds.
+    pub objects: usize,
 }
 
 /// What a checkout made: the commit Claude starts from, the folder it starts in, and what
@@ -169,6 +188,8 @@ pub struct Outcome {
 pub enum Answer {
     Fetched(FetchAnswer),
     Usable(Vec<bool>),
+    /// None: fewer packs than asked for, nothing made.
+    Repacked(Result<Option<Repacked>, RepoError>),
     CheckedOut(Result<CheckedOut, RepoError>),
     HandedBack(Result<Outcome, RepoError>),
 }
@@ -179,6 +200,7 @@ impl Answer {
         let kind = match self {
             Answer::Fetched(_) => "a fetch's answer",
             Answer::Usable(_) => "a check of mirrors",
+            Answer::Repacked(_) => "a repack's answer",
             Answer::CheckedOut(_) => "a checkout's answer",
             Answer::HandedBack(_) => "a hand-back's answer",
         };
@@ -567,6 +589,7 @@ fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
     match work {
         Work::Fetch { dir, source, known, alone } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, known.as_ref(), alone, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
+        Work::Repack { dir, into, at } => Answer::Repacked(super::mirror::combine_packs(&dir, &into, at)),
         Work::Checkout(w) => Answer::CheckedOut(
             super::checkout::create(&w.mirror, &w.fetched, &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
                 let cwd = super::checkout::working_dir(&checkout.dir, w.working_dir.as_deref())?;
