@@ -1169,6 +1169,58 @@ async fn a_fetch_on_a_full_mirrors_disk_hands_the_job_back_and_it_runs_once_ther
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// Whether this test process may make mount namespaces and mount in them (root, or the
+/// capability): the tests that need it skip, saying why, where it may not.
+fn mounts_allowed() -> bool {
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs \"$d\""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    probe.is_ok_and(|s| s.success())
+}
+
+/// A full disk met by a checkout measured to fit, with room for it again once it was
+/// removed, is another writer's doing: `REPO_ERROR` "another process wrote to that disk
+/// meanwhile … retry", retryable, and the agent goes on taking work (de95f65; closing-27
+/// had no end-to-end test of it). Another writer's timing cannot be driven, so the test
+/// makes the same sight for the agent: the job's own folder is a small disk of its own
+/// (mounted there while the agent is stopped, before it reads the job), so the free space
+/// measured (the workspaces' disk) fits the checkout, the checkout fills the disk it
+/// writes to, and once it is removed the workspaces' disk has the room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_filled_by_another_writer_meanwhile_is_retryable_and_the_agent_works_on() {
+    if !mounts_allowed() {
+        eprintln!("skipped: this test mounts a small tmpfs in the agent's own mount namespace (unshare -m, mount -t tmpfs), which this process may not do: run it as root");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("big", &[("README.md", b"# big\n"), ("blob.bin", &incompressible(5, 1 << 20))]);
+    let (_edge, agent, client) = agent_on_small_disk_with_git(&git, "64m").await;
+    let pid = agent.pid().unwrap();
+    agent.signal(libc::SIGSTOP);
+    let queued = client.submit(json!({"prompt": "must not run", "repo_url": git.url("big"), "timeout_ms": 60000})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    let folder = agent.data.path().join("data/workspaces").join(&job_id);
+    inside(pid, &format!("mkdir '{0}' && mount -t tmpfs -o size=256k tmpfs '{0}'", folder.display()));
+    agent.signal(libc::SIGCONT);
+
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    let result = &job["result"];
+    assert_eq!((job["state"].as_str(), result["error_code"].as_str(), result["retryable"].as_bool()), (Some("failed"), Some("REPO_ERROR"), Some(true)), "{job}\n{}", agent.log());
+    let said = result["error"].as_str().unwrap_or_default();
+    assert!(said.contains("another process wrote to that disk meanwhile") && said.contains("retry"), "{said}");
+    assert!(agent.claude_runs().is_empty(), "claude ran");
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (200, Some(true)), "{}", health.text);
+    let answer = client.execute(json!({"prompt": "runs", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+    // Retried once the other writer's room is back, it runs.
+    inside(pid, &format!("umount '{0}' && rmdir '{0}'", folder.display()));
+    let again = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url("big"), "timeout_ms": 60000})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, agent.log());
+}
+
 /// A repository larger than the free space of DATA_DIR's disk filled it at its checkout,
 /// and the job ended "the disk holding DATA_DIR is full: free space ..., then retry" —
 /// though the disk had room again once the checkout was removed, and a retry filled it the
