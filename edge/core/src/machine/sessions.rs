@@ -1,6 +1,7 @@
 //! Agent connections: the handshake, then what a proven agent says — heartbeats, credits,
 //! acceptances, progress, results — and what happens when it reconnects or goes away.
 
+use super::login::{Told, CANNOT_START_WHY};
 use super::storage::Origin;
 use super::{Edge, Effect};
 use crate::clock::Now;
@@ -869,11 +870,16 @@ impl Edge {
                     // does: see `Beat::cannot_start`), or refused for want of a slot again
                     // and again: it ends with the last agent's words rather than go round.
                     // Its sends as counted: some may have been lost with a connection.
+                    // The agent's words (its folders, its disk's errors) are the operator's
+                    // alone, as in every other answer about a job's agents (review rev32, 1).
+                    let last = match self.job(&id).map(|j| self.told_to(&j.placement)) {
+                        Some(Told::Caller) => CANNOT_START_WHY.to_string(),
+                        _ => shared::text::peer_words(&reason),
+                    };
                     let result = JobResult::failure(
                         ErrorCode::RunnerOffline,
                         format!(
-                            "the job was sent to agents {sends} times (an order lost with its connection counts too) and never started; the last one refused it: {}. Submit it again later, or run it elsewhere",
-                            shared::text::peer_words(&reason)
+                            "the job was sent to agents {sends} times (an order lost with its connection counts too) and never started; the last one refused it: {last}. Submit it again later, or run it elsewhere"
                         ),
                         0,
                     );

@@ -1421,3 +1421,26 @@ fn a_job_sent_past_the_bound_ends_at_its_next_refusal_saying_how_often_it_was_se
     let error = done.2["error"].as_str().unwrap();
     assert!(error.contains(&format!("sent to agents {past} times")) && error.contains("its disk is full"), "{error}");
 }
+
+/// review rev32, 1: the job's end after MAX_JOB_SENDS quoted the last agent's refusal to its
+/// named caller (its DATA_DIR, its disk's error); that is the operator's to read.
+#[test]
+fn a_named_callers_job_ended_past_the_sends_bound_names_no_agents_own_report() {
+    use super::routing::{request, answer, A_SECRET, pool_config};
+    let mut edge = Edge::new(pool_config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(1, 0));
+    let (status, body) = answer(&request(&mut edge, 0, A_SECRET, "POST", "/jobs", json!({"prompt": "x"})));
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    for now in 1..u64::from(crate::machine::MAX_JOB_SENDS) {
+        let sent = edge.job(&id).unwrap().attempts;
+        pulse(&mut edge, now, &sid, beat(&[], 1, u64::from(sent)));
+    }
+    let why = "the agent could not start the job: it cannot make a job's workspace in /home/spark/.local/share/claude-runner/workspaces (No space left on device (os error 28))";
+    refuse(&mut edge, 100, &sid, &id, why, true);
+    let job = edge.job(&id).expect("the ended job is kept");
+    let text = serde_json::to_string(&job.result).unwrap();
+    assert!(text.contains("sent to agents") && text.contains("cannot_start"), "ended past the bound, pointing to the operator: {text}");
+    assert!(!text.contains("/home/spark") && !text.contains("No space left"), "an agent's own words told to a named caller: {text}");
+}
