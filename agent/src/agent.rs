@@ -814,7 +814,7 @@ impl Agent {
         if disk {
             // The mirrors' folder too when it took no write (a job on a repository).
             let repos = repos.then(|| self.repos.root());
-            if let Err(e) = runner::job_folders_take_writes(&self.workspaces, Some(self.spool.records()), repos).await {
+            if let Err(e) = runner::job_folders_take_writes(&self.workspaces, Some(&self.spool), repos).await {
                 debug!(agent_id = %self.cfg.agent_id, error = %e, "DATA_DIR still takes no writes: no work yet");
                 return;
             }
@@ -1267,6 +1267,77 @@ mod tests {
         assert!(ended.cannot_start.is_none(), "held the agent back for a fault of the job's own");
         assert!(ended.result.error.unwrap_or_default().contains("could not record that the job starts"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// rev31-1: a started record the records refuse is the agent's want whatever the error:
+    /// the job goes back unstarted and the agent takes work again only once the records
+    /// take the write a job's start makes. `spoil` makes them refuse it, `mend` undoes that.
+    async fn a_refused_record_holds_the_agent_until(name: &str, spoil: impl Fn(&std::path::Path), mend: impl Fn(&std::path::Path)) {
+        let dir = std::env::temp_dir().join(format!("cr-agent-record-{name}-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        agent.link.welcomed(Some(60_000), Vec::new());
+        // A job's run, finished as the serve loop finishes one that was not handed back:
+        // its result in its slot until the edge acknowledges it.
+        let run = |agent: Arc<Agent>, job: &'static str| async move {
+            let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+            let nonce = format!("{job}:1");
+            let ctx = agent.job_context(&nonce, "default", Some(false));
+            let (_stop, stop_rx) = oneshot::channel();
+            let ended = runner::run(&ctx, job, spec, stop_rx).await;
+            ended.leftover.clean_up().await;
+            if ended.cannot_start.is_none() {
+                agent.finish(job, &nonce, &ctx.owner, ended.result.clone(), None, None).await;
+            }
+            (ended.result, ended.cannot_start)
+        };
+        let records = dir.join("data/records");
+        // A job first: the slot's record file is made, kept open, and holds its result,
+        // which the next job's start moves to a spool file.
+        let (result, cannot) = run(Arc::clone(&agent), "j1").await;
+        assert!(ran.exists() && cannot.is_none(), "{result:?}");
+        std::fs::remove_file(&ran).unwrap();
+        spoil(&records);
+        let (result, cannot) = run(Arc::clone(&agent), "j2").await;
+        assert!(!ran.exists(), "Claude got its prompt with no started record");
+        let cannot = cannot.unwrap_or_else(|| panic!("failed alone, the agent taking the next job the same: {result:?}"));
+        assert!(cannot.disk && cannot.why.contains("could not record that the job starts"), "{cannot:?}");
+        agent.running.lock().unwrap().cannot_start = Some(Held { cannot, checks: 0 });
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_some(), "takes work while the records refuse a job's start");
+        mend(&records);
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_none(), "still held once the records take writes");
+        let (result, cannot) = run(Arc::clone(&agent), "j3").await;
+        assert!(ran.exists() && cannot.is_none(), "{result:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The records' folder removed (by a job: the agent's user can): ENOENT at the record
+    /// failed every job alone, 500 INTERNAL_ERROR, while the agent took work (rev31-1, on
+    /// 25058c7). Made again, the agent takes work.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_records_folder_removed_holds_the_agent_back_until_it_is_made_again() {
+        a_refused_record_holds_the_agent_until("gone", |records| std::fs::remove_dir_all(records).unwrap(), |records| std::fs::create_dir(records).unwrap()).await;
+    }
+
+    /// A folder put in the place of the slot's record file (by a job): EISDIR at its open,
+    /// while the records' folder takes a new file. Asked whether the folder took a write,
+    /// the agent failed every job alone while it took work (rev31-1's black hole, left so
+    /// by 1b5e3bc); held until that, it would take work again at once and the job go
+    /// round. Moved out of the way, the agent takes work.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_folder_in_a_slot_records_place_holds_the_agent_back_until_it_is_moved() {
+        let slot = |records: &std::path::Path| records.join("0");
+        a_refused_record_holds_the_agent_until(
+            "folder",
+            |records| {
+                std::fs::remove_file(slot(records)).unwrap();
+                std::fs::create_dir(slot(records)).unwrap();
+            },
+            |records| std::fs::remove_dir(slot(records)).unwrap(),
+        )
+        .await;
     }
 
     /// A leftover of the job (sent again) that cannot be removed — EBUSY here, a folder in

@@ -12,7 +12,7 @@ use crate::process::{self, Launch, Stop};
 use crate::progress_clock::ProgressClock;
 use agent_core::progress::Batch;
 use crate::redact::Carry;
-use crate::spool::Spool;
+use crate::spool::{NotRecorded, Spool};
 use crate::repo::error::RepoError;
 use crate::repo::Repos;
 use crate::sessions::{self, Owner, Sessions};
@@ -389,7 +389,7 @@ fn the_disks(e: &std::io::Error) -> bool {
 /// ([`CannotStart`]). Anything else — EPERM or EBUSY on a leftover of the job, a name the
 /// file system refuses — is the job's own: it fails alone, and the agent takes the next.
 async fn agents_want(ctx: &JobContext, e: &std::io::Error) -> bool {
-    the_disks(e) || job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref().map(|s| s.records()), None).await.is_err()
+    the_disks(e) || job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref(), None).await.is_err()
 }
 
 /// Whether the folders a job needs take a write now (its workspace's, its started
@@ -398,14 +398,16 @@ async fn agents_want(ctx: &JobContext, e: &std::io::Error) -> bool {
 /// takes work again once they do ([`crate::agent::Agent::check_start`]), and a job whose
 /// fetch or checkout filled the disk is handed back while they do not ([`full_disk`]).
 /// The one test write of all: on the blocking pool, as a file is made, synced and removed
-/// in each. The error names the folder that took none.
-pub async fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>, repos: Option<&Path>) -> std::io::Result<()> {
-    let dirs: Vec<PathBuf> = [Some(workspaces), records, repos].into_iter().flatten().map(Path::to_path_buf).collect();
+/// in each folder, and as the spool tries the write of the next job's started record
+/// ([`Spool::takes_writes`]). The error names the folder (or record file) that took none.
+pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool>>, repos: Option<&Path>) -> std::io::Result<()> {
+    let dirs: Vec<PathBuf> = [Some(workspaces), repos].into_iter().flatten().map(Path::to_path_buf).collect();
+    let spool = spool.cloned();
     tokio::task::spawn_blocking(move || {
         for dir in &dirs {
             crate::files::probe_write(dir).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         }
-        Ok(())
+        spool.map_or(Ok(()), |spool| spool.takes_writes())
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
@@ -481,8 +483,7 @@ async fn local_fault(ctx: &JobContext, workspace: &Path, e: RepoError, cannot_st
 async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Option<CannotStart>) -> bool {
     let leftover = workspace.to_path_buf();
     let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
-    let records = ctx.spool.as_ref().map(|s| s.records());
-    let Err(e) = job_folders_take_writes(&ctx.workspaces, records, Some(ctx.repos.root())).await else { return true };
+    let Err(e) = job_folders_take_writes(&ctx.workspaces, ctx.spool.as_ref(), Some(ctx.repos.root())).await else { return true };
     let why = format!("it cannot fetch or check out a job's repository (a write in {e}): free space on that folder's disk (or make it writable)");
     *cannot_start = Some(CannotStart { why, disk: true, repos: true });
     false
@@ -689,19 +690,24 @@ async fn run_claude(
     // Claude its prompt (process::run).
     // Set when the edge gave the job up while the record was written and Claude spawned.
     let gave_up = Arc::new(std::sync::OnceLock::new());
-    // Set when the record could not be written: only the agent's want ([`agents_want`]:
-    // its disk, its folders) holds the agent back. A record refused for the job's own id
-    // or nonce, or a start cut short, fails the job alone.
-    let unrecorded = Arc::new(std::sync::OnceLock::new());
+    // Set when the records refused the job's started record: the agent's want, whatever
+    // the error (`NotRecorded::Records`) — it holds the agent back until the records take
+    // the test write ([`job_folders_take_writes`]). Asked whether its folders took a write
+    // instead, the agent failed every job alone while one record file took none (a folder
+    // put in its place: EISDIR, and the folder took the write). A record refused for the
+    // job's own id or nonce, or a start cut short, fails the job alone.
+    let records_refused = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, gave_up, unrecorded) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up), Arc::clone(&unrecorded));
+        let (spool, link, gave_up, records_refused) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up), Arc::clone(&records_refused));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
-                spool.started(&job_id, &nonce).map_err(|e| {
-                    let why = format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry");
-                    let _ = unrecorded.set(e);
-                    why
+                spool.started(&job_id, &nonce).map_err(|e| match e {
+                    NotRecorded::Order(_) => format!("could not record that the job starts ({e}), so it was not started; the job's order itself is refused here, not for want of DATA_DIR"),
+                    NotRecorded::Records(_) => {
+                        let _ = records_refused.set(());
+                        format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix what the error names there (its permissions, a file in the way), then retry")
+                    }
                 })?;
             }
             // The last moment before the prompt (written by this thread as this returns,
@@ -755,12 +761,8 @@ async fn run_claude(
     // Claude never ran, for want of what the agent needs to start any job: the job goes
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
     if ctx.uplink.is_some() {
-        let agents_record = match (&finished.ending, unrecorded.get()) {
-            (Ending::NotStarted(_), Some(e)) => agents_want(ctx, e).await,
-            _ => false,
-        };
         match &finished.ending {
-            Ending::NotStarted(e) if agents_record => {
+            Ending::NotStarted(e) if records_refused.get().is_some() => {
                 *cannot_start = Some(CannotStart { why: e.clone(), disk: true, repos: false });
             }
             Ending::NoRoom(e) => {

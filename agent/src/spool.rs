@@ -38,7 +38,7 @@ use shared::protocol::ResultReport;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// A result as the spool keeps it: the payload of its [`ResultReport`],
@@ -192,6 +192,21 @@ enum Slot {
 pub struct Interrupted {
     pub job_id: String,
     pub order_nonce: String,
+}
+
+/// Why a job's started record was not written ([`Spool::started`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NotRecorded {
+    /// The job's own order cannot be recorded (its id is no plain name, its nonce too long
+    /// for a record): refused before anything is written, and no want of the agent's —
+    /// the job fails alone.
+    #[error("{0}")]
+    Order(&'static str),
+    /// The records refused the write (or a held result's move to a spool file that makes
+    /// room for it): whatever the error, the agent's want, never the job's — the record
+    /// file is the slot's, named by no job, and what is written there is bounded first.
+    #[error("{0}")]
+    Records(#[from] std::io::Error),
 }
 
 /// Job ids become file names: only plain ids are allowed.
@@ -426,25 +441,20 @@ impl Spool {
         self.clear(n);
     }
 
-    /// The folder of the slots' record files, where every job's started record is written.
-    pub fn records(&self) -> &Path {
-        &self.records
-    }
-
     fn slot_of(kept: &Kept, job_id: &str) -> Option<usize> {
         kept.slots.iter().position(|s| matches!(s, Slot::Started(r) if r.job_id == job_id))
     }
 
     /// Writes (and syncs) the record that says this job's Claude may be running, holding
     /// its order's nonce, into a free slot. Nothing may start without it.
-    pub fn started(&self, job_id: &str, order_nonce: &str) -> std::io::Result<()> {
+    pub fn started(&self, job_id: &str, order_nonce: &str) -> Result<(), NotRecorded> {
         if !safe_id(job_id) {
-            return Err(std::io::Error::other("unsafe job id"));
+            return Err(NotRecorded::Order("unsafe job id"));
         }
         let claim = record::Started { job_id: job_id.to_string(), order_nonce: order_nonce.to_string() };
         let bytes = record::started(&claim);
         if bytes.len() as u64 > record::RESULT_AT {
-            return Err(std::io::Error::other("the order's nonce is too long to record"));
+            return Err(NotRecorded::Order("the order's nonce is too long to record"));
         }
         let (n, moved) = {
             let mut kept = self.lock();
@@ -479,14 +489,44 @@ impl Spool {
                     Some(_) => Slot::Holding { job_id: other, result },
                     None => Slot::Free,
                 };
-                return Err(e);
+                return Err(e.into());
             }
         }
         if let Err(e) = self.write_slot(n, record::STARTED_AT, &bytes, true) {
             self.lock().slots[n] = Slot::Free;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
+    }
+
+    /// The test write of the started records, which an agent held back for their want
+    /// takes work again after (`runner::job_folders_take_writes`): a new file in their
+    /// folder, and the write the next job's start makes — into the first free slot's
+    /// record file, in place and synced (the cleared record a free slot holds), claimed
+    /// meanwhile as a clearing is; with no slot free, a file in the spool folder, where
+    /// that start moves a held result to. A failing record file of its own (a folder or a
+    /// link put in its place, a stale handle) takes no job's start, while a new file in
+    /// the folder is written: tried by the folder alone, the agent took work again at once
+    /// and the job went round.
+    /// The error names the folder or the record file that took no write.
+    pub fn takes_writes(&self) -> std::io::Result<()> {
+        let named = |path: &std::path::Path, e: std::io::Error| match e.to_string().contains(&*path.to_string_lossy()) {
+            true => e,
+            false => std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        };
+        crate::files::probe_write(&self.records).map_err(|e| named(&self.records, e))?;
+        let free = {
+            let mut kept = self.lock();
+            let free = kept.slots.iter().position(|s| *s == Slot::Free);
+            if let Some(n) = free {
+                kept.slots[n] = Slot::Clearing;
+            }
+            free
+        };
+        let Some(n) = free else { return crate::files::probe_write(&self.dir).map_err(|e| named(&self.dir, e)) };
+        let written = self.write_slot(n, record::STARTED_AT, &record::CLEARED, true);
+        self.lock().slots[n] = Slot::Free;
+        written.map_err(|e| named(&self.slot_path(n), e))
     }
 
     /// Moves a result out of its slot into a spool file (synced, its folder too), unless

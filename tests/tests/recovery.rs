@@ -907,6 +907,40 @@ async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
     assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
 }
 
+/// Hostile review rev31, 1: a folder put in the place of a slot's record file (by a job:
+/// the agent's user can) refuses every job's started record (EISDIR), while the records'
+/// folder takes a new file. Asked whether the folder took a write, the agent failed every
+/// `/execute` at once, 500 INTERNAL_ERROR, and kept taking work: a black hole. Any error
+/// of the records is the agent's want: the caller (this agent alone fits) falls back with
+/// the reason, a queued job waits, and runs once the folder is moved out of the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_in_a_slot_records_place_holds_the_agent_back_until_it_is_moved() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let first = client.execute(json!({"prompt": "first", "timeout_ms": 60000})).await;
+    assert_eq!((first.status, first.body["success"].as_bool()), (200, Some(true)), "{}", first.text);
+    let slot = agent.data.path().join("data/records/0");
+    std::fs::remove_file(&slot).unwrap();
+    std::fs::create_dir(&slot).unwrap();
+
+    let answer = client.execute(json!({"prompt": "must not run", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", answer.text);
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+    let why = health.body["agents"][0]["cannot_start"].as_str().unwrap_or_default();
+    assert!(why.contains("could not record that the job starts") && why.contains(&slot.display().to_string()), "{}", health.text);
+
+    let queued = client.submit(json!({"prompt": "waits for its record"})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    std::fs::remove_dir(&slot).unwrap();
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert_eq!(agent.claude_runs().len(), 2, "the job refused its record ran: {:?}", agent.claude_runs());
+}
+
 /// Hostile review rev25, 2: a repository whose checkout is larger than the free space of
 /// the workspaces' disk (a 20 MB file of zeros, packed to a few KB, on a 6 MiB disk) was
 /// written until the disk was full; with `KEEP_FAILED_WORKSPACES` the half checkout stayed,
