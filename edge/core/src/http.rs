@@ -272,6 +272,15 @@ pub struct PastShare {
     pub unfilled: u64,
 }
 
+/// How a caller with its own secret is told the bound it met, its [`equal_share`] of `of`
+/// (what every caller draws on, with its value: "MAX_PENDING_BYTES (33554432)"): in words
+/// alone. The share is `of` divided among the secrets ([`owners`], [`holders`]), so its
+/// number, like the count of secrets, tells how many other callers there are — the
+/// operator's to read (review rev27, 4; rev31-6). Its own count, said beside it, is its own.
+pub fn named_share(of: &str) -> String {
+    format!("its equal share of {of} among the secrets that share it")
+}
+
 /// One holder's share of `all` shared equally among `holders`, at least 1. Equal shares,
 /// not "half each": with three holders or more, two halves would leave the third nothing
 /// (review rev10), while equal shares always leave each its own.
@@ -437,8 +446,9 @@ pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Optio
 }
 
 /// What a caller refused for the bodies in flight ([`intake`]) is told: a named caller its
-/// own bodies' bytes alone (as the jobs' 429s since review rev27, 4), the pool's callers
-/// (its holder is the pool's operator) the pool's; never the other pools'.
+/// own bodies' bytes alone (as the jobs' 429s since review rev27, 4) and its share in
+/// words ([`named_share`]), the pool's callers (its holder is the pool's operator) the
+/// pool's; never the other pools'.
 fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
     let Crowded { wanted, mine, ours, past, bound } = crowded;
     let whole = bound.whole;
@@ -448,13 +458,12 @@ fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
         Holder::Pool | Holder::Admin => format!("the request bodies this pool's callers are sending hold {ours} bytes of this edge's memory"),
     };
     let again = "send this again once some have arrived (uploads left unfinished are let go when their time is up)";
+    let share = match holder {
+        Holder::Caller(_) => named_share(&format!("MAX_PENDING_BYTES ({whole})")),
+        Holder::Pool | Holder::Admin => format!("its share: MAX_PENDING_BYTES ({whole}) split among {} secrets ({})", bound.holders, bound.share()),
+    };
     match past {
-        Past::Share => format!(
-            "{own}, and this one's {wanted} more would pass its share: MAX_PENDING_BYTES ({whole}) split among {} secrets ({}); \
-             finish or close the uploads it leaves unfinished and send this again",
-            bound.holders,
-            bound.share()
-        ),
+        Past::Share => format!("{own}, and this one's {wanted} more would pass {share}; finish or close the uploads it leaves unfinished and send this again"),
         Past::Whole => format!("{held}, and this one's {wanted} more would take this pool's bodies past MAX_PENDING_BYTES ({whole}), which bounds them together; {again}"),
         Past::Part => format!(
             "{held}, and this one's {wanted} more would take this pool's bodies past its own part ({}) of MAX_PENDING_BYTES ({whole}), which \

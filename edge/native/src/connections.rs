@@ -154,10 +154,17 @@ impl std::fmt::Display for Over {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Over { holder, held, cap, whole, callers, holders } = self;
         write!(f, "too many connections held by {holder}: ")?;
-        if *whole {
-            write!(f, "callers together hold {held} busy, all that MAX_CONNECTIONS={cap} leaves them ({} kept for agents)", cap - callers)?;
-        } else {
-            write!(f, "{held} busy, its share of MAX_CONNECTIONS={cap} (the callers' {callers} split among {holders} secrets)")?;
+        // A caller with its own secret is told its own count, never the others' nor its
+        // share's number (the share tells how many secrets there are: `named_share`).
+        let named = matches!(holder, Holder::Caller(_));
+        match (*whole, named) {
+            (true, false) => write!(f, "callers together hold {held} busy, all that MAX_CONNECTIONS={cap} leaves them ({} kept for agents)", cap - callers)?,
+            (true, true) => write!(f, "callers together hold all that MAX_CONNECTIONS={cap} leaves them busy ({} kept for agents)", cap - callers)?,
+            (false, false) => write!(f, "{held} busy, its share of MAX_CONNECTIONS={cap} (the callers' {callers} split among {holders} secrets)")?,
+            (false, true) => {
+                let share = edge_core::http::named_share(&format!("the callers' {callers} of MAX_CONNECTIONS={cap}"));
+                write!(f, "{held} busy, {share}")?;
+            }
         }
         f.write_str(
             "; close the connections it leaves waiting (answers not read, bodies not finished) and send this again, \
@@ -657,10 +664,18 @@ mod tests {
     #[test]
     fn a_refusal_says_whose_connections_the_bound_and_what_to_do() {
         let share = Over { holder: caller("alpha"), held: 2, cap: 8, whole: false, callers: 6, holders: 3 }.to_string();
-        assert!(share.starts_with("too many connections held by caller alpha: 2 busy, its share of MAX_CONNECTIONS=8"), "{share}");
+        assert!(share.starts_with("too many connections held by caller alpha: 2 busy, its equal share of the callers' 6 of MAX_CONNECTIONS=8"), "{share}");
         assert!(share.contains("close the connections it leaves waiting") && share.contains("raise MAX_CONNECTIONS"), "{share}");
+        // A named caller is told its own count, never how many secrets share the callers'
+        // part nor how many the others hold busy: either tells how many others there are
+        // (rev31-6). The pool's holder, the operator, is told both.
+        assert!(!share.contains(" 3 "), "{share}");
+        let whole = Over { holder: caller("alpha"), held: 5, cap: 8, whole: true, callers: 6, holders: 3 }.to_string();
+        assert!(whole.contains("callers together hold all that MAX_CONNECTIONS=8 leaves them busy (2 kept for agents)") && !whole.contains('5'), "{whole}");
         let whole = Over { holder: Holder::Pool, held: 6, cap: 8, whole: true, callers: 6, holders: 1 }.to_string();
         assert!(whole.contains("held by the callers of the shared RUNNER_SECRET") && whole.contains("(2 kept for agents)"), "{whole}");
+        let share = Over { holder: Holder::Pool, held: 2, cap: 8, whole: false, callers: 6, holders: 3 }.to_string();
+        assert!(share.contains("split among 3 secrets"), "{share}");
     }
 
     #[test]

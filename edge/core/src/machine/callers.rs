@@ -69,9 +69,9 @@ impl Kind {
 
 /// Why a job takes no more callers of a kind.
 enum Crowded {
-    /// The caller with its own secret `share` holds `held` places, its share of them
-    /// (`cap`), of `all` shared among `owners`.
-    Share { share: String, held: usize, cap: usize, all: usize, owners: usize },
+    /// The caller with its own secret `share` holds `held` places, its share of `all`
+    /// (said in words: [`crate::http::named_share`]).
+    Share { share: String, held: usize, all: usize },
     /// The job has `of_job` callers of the kind, and all jobs hold `all` places.
     Edge { of_job: usize, all: usize },
 }
@@ -169,13 +169,13 @@ impl Edge {
         }
         match self.crowded(Kind::Waiter, job_id) {
             None => {}
-            Some(Crowded::Share { share, held, cap, all, owners }) => {
+            Some(Crowded::Share { share, held, all }) => {
                 return Err(ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
-                        "caller `{share}` waits on its jobs {held} times over already, repeating their idempotency keys (at most \
-                         {cap} per caller: an equal share of the {all} places among the {owners} secrets that send jobs): read \
-                         the job with GET /jobs/{job_id}, or follow it with GET /jobs/{job_id}/events — it runs once whoever waits"
+                        "caller `{share}` waits on its jobs {held} times over already, repeating their idempotency keys ({}): read \
+                         the job with GET /jobs/{job_id}, or follow it with GET /jobs/{job_id}/events — it runs once whoever waits",
+                        crate::http::named_share(&format!("the {all} places"))
                     ),
                 )
                 .with_job(job_id));
@@ -223,8 +223,7 @@ impl Edge {
             let held = held_by(&|j| super::share_of(j) == share);
             let cap = self.caller_share(places.all);
             if held >= cap {
-                let owners = crate::http::owners(&self.cfg);
-                return Some(Crowded::Share { share: share.to_string(), held, cap, all: places.all, owners });
+                return Some(Crowded::Share { share: share.to_string(), held, all: places.all });
             }
         }
         let all = held_by(&|_| true);
@@ -244,13 +243,13 @@ impl Edge {
         }
         match self.crowded(Kind::Follower, job_id) {
             None => {}
-            Some(Crowded::Share { share, held, cap, all, owners }) => {
+            Some(Crowded::Share { share, held, all }) => {
                 return Err(ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
-                        "caller `{share}` follows {held} streams already (at most {cap} per caller: an equal share of the {all} \
-                         places among the {owners} secrets that send jobs): read the job with GET /jobs/{job_id}, or follow it \
-                         once another of your streams ends"
+                        "caller `{share}` follows {held} streams already ({}): read the job with GET /jobs/{job_id}, or follow it \
+                         once another of your streams ends",
+                        crate::http::named_share(&format!("the {all} places"))
                     ),
                 )
                 .with_job(job_id));

@@ -181,9 +181,11 @@ impl Edge {
         // came past twice the cap, and a fifth holding nothing was refused). Owners are
         // the callers with secrets of their own and the pool secret's, all configured, so
         // this grows what waits by their number at most.
-        // A caller with its own secret is told its own count and share, never how many
+        // A caller with its own secret is told its own count and the cap, never how many
         // jobs the others hold nor how many others there are: those are the operator's
-        // to read (review rev27, 4). The pool secret's holder is the operator.
+        // to read (review rev27, 4). Nor its share's number: the cap divided among the
+        // owners waiting, it told how many wait (rev31-6). The pool secret's holder is
+        // the operator.
         if waiting >= cap.saturating_mul(2) && held > 0 {
             return busy(match owner {
                 "" => format!(
@@ -208,9 +210,8 @@ impl Edge {
                      hold {held} of them, at least an even share among the {owners} callers with jobs waiting; retry when some have started"
                 ),
                 _ => format!(
-                    "the queue is full (MAX_QUEUED_JOBS {cap}), and caller `{owner}` holds {held} of its jobs, at least its even share ({}) \
-                     of it among the callers with jobs waiting; retry when some of them have started",
-                    cap.div_ceil(owners.max(1))
+                    "the queue is full (MAX_QUEUED_JOBS {cap}), and caller `{owner}` holds {held} of its jobs, at least its even share \
+                     of it among the callers with jobs waiting; retry when some of them have started"
                 ),
             });
         }

@@ -169,14 +169,29 @@ impl Edge {
         if pending < all && (share.is_empty() || mine < of_one) {
             return None;
         }
-        let owners = crate::http::owners(&self.cfg);
+        // A caller with its own secret is told its own count, never the others' nor its
+        // share's number (the share tells how many secrets there are: `http::named_share`);
+        // the pool secret's holder is the operator.
+        let waiting = match share {
+            "" => {
+                let owners = crate::http::owners(&self.cfg);
+                format!(
+                    "{pending} jobs with a callback_url wait for their end or for their result's delivery already ({mine} of them \
+                     this caller's; at most {all} in all, {of_one} of one caller with its own secret's: an equal share among the \
+                     {owners} secrets that send jobs)"
+                )
+            }
+            _ => format!(
+                "{mine} jobs of caller `{share}` with a callback_url wait for their end or for their result's delivery already (at \
+                 most {all} such jobs wait in all, and the caller may hold {})",
+                crate::http::named_share("them")
+            ),
+        };
         Some(shared::contract::ApiError::new(
             shared::contract::ErrorCode::RunnerBusy,
             format!(
-                "{pending} jobs with a callback_url wait for their end or for their result's delivery already ({mine} of them \
-                 this caller's; at most {all} in all, {of_one} of one caller with its own secret's: an equal share among the \
-                 {owners} secrets that send jobs): their receiver may be down; retry later, or submit without callback_url \
-                 and read the result with GET /jobs/{{id}}"
+                "{waiting}: their receiver may be down; retry later, or submit without callback_url and read the result with \
+                 GET /jobs/{{id}}"
             ),
         ))
     }

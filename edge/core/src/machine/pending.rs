@@ -258,13 +258,12 @@ impl Edge {
         }
         let (mine, share) = (self.pending.bytes_of(owner), self.caller_share(cap));
         if mine > 0 && mine.saturating_add(bytes) > share {
-            let owners = crate::http::owners(&self.cfg);
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
                     "caller `{owner}`'s jobs not ended yet hold {mine} bytes of tasks already, and this one {bytes} more \
-                     would pass its share ({share}): an equal share of MAX_PENDING_BYTES ({cap}) among the {owners} secrets \
-                     that send jobs; retry when some of its jobs have ended"
+                     would pass {}; retry when some of its jobs have ended",
+                    crate::http::named_share(&format!("MAX_PENDING_BYTES ({cap})"))
                 ),
             ));
         }

@@ -276,12 +276,14 @@ fn a_named_callers_queue_full_refusal_names_no_other_count() {
     assert_eq!(status, 429, "{body}");
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("`a`") && error.contains("MAX_QUEUED_JOBS"), "{error}");
-    // Its own count (4), its share (2), the cap (6), each said: nothing else — not the 8
-    // waiting, the pool secret's 3, b's 1, nor the 3 owners.
+    // Its own count (4) and the cap (6): nothing else — not the 8 waiting, the pool
+    // secret's 3, b's 1, the 3 owners, nor its share (2): the cap divided among the owners
+    // waiting, it told how many wait (rev31-6).
     let mut numbers: Vec<&str> = error.split(|c: char| !c.is_ascii_digit()).filter(|n| !n.is_empty()).collect();
     numbers.sort();
     numbers.dedup();
-    assert_eq!(numbers, ["2", "4", "6"], "{error}");
+    assert_eq!(numbers, ["4", "6"], "{error}");
+    assert!(error.contains("at least its even share of it among the callers with jobs waiting"), "{error}");
 }
 
 /// Past `MAX_QUEUED_JOBS` each owner may still queue up to its even share of it, the
@@ -1781,11 +1783,16 @@ fn a_body_past_its_holders_share_of_the_bodies_in_flight_is_refused_unread() {
     let refused = intake(&config, Some(A_SECRET), None, Some(10)).expect_err("a holds its share: a third of 3000");
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert!(
-        refused.body.contains("RUNNER_BUSY") && refused.body.contains("caller a ") && refused.body.contains("MAX_PENDING_BYTES (3000) split among 3 secrets"),
+        refused.body.contains("RUNNER_BUSY")
+            && refused.body.contains("caller a ")
+            && refused.body.contains("its equal share of MAX_PENDING_BYTES (3000) among the secrets that share it"),
         "{}",
         refused.body
     );
     assert!(refused.body.contains("finish or close the uploads"), "{}", refused.body);
+    // Not the 3 secrets, nor the share as such: either tells a caller how many others
+    // there are (rev31-6); the pool's holder, the operator, is told both (below).
+    assert!(!refused.body.contains(" 3 ") && !refused.body.contains("split among"), "{}", refused.body);
     assert!(refused.headers.iter().any(|(name, value)| *name == "connection" && value == "close"), "{:?}", refused.headers);
     let others = [intake(&config, Some(B_SECRET), None, Some(1000)), intake(&config, Some(SECRET), None, None)];
     assert!(others.iter().all(Result::is_ok), "b's and the pool's shares are their own");

@@ -39,23 +39,26 @@ fn send(edge: &mut Edge, secret: &str, method: &str, path: &str, key: Option<&st
     http::handle(edge, 1, entropy, req)
 }
 
-/// Asserts a 429 `RUNNER_BUSY` that names `says`.
-fn assert_busy(h: &Handled, says: &str) {
+/// Asserts a 429 `RUNNER_BUSY` that names `says`; its error.
+fn assert_busy(h: &Handled, says: &str) -> String {
     let (status, body) = answer(h);
     assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
-    assert!(body["error"].as_str().unwrap().contains(says), "says {says}: {body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(says), "says {says}: {body}");
+    error.to_string()
 }
 
 /// `secret`'s caller takes its whole share of each: callbacks waiting (jobs with a
 /// callback cancelled at once, their receiver never answering), the bytes of jobs not
 /// ended (4,000-byte jobs, queued), then streams following and repeats waiting on those
-/// jobs — each until refused.
-fn take_every_share(edge: &mut Edge, secret: &str, name: &str) {
+/// jobs — each until refused. The refusals, the first of each kind.
+fn take_every_share(edge: &mut Edge, secret: &str, name: &str) -> Vec<String> {
     let whose = format!("`{name}`");
+    let mut refusals = Vec::new();
     loop {
         let h = send(edge, secret, "POST", "/jobs", None, &json!({"prompt": "t", "callback_url": CALLBACK}));
         if answer(&h).0 != 202 {
-            assert_busy(&h, "callback");
+            refusals.push(assert_busy(&h, "callback"));
             break;
         }
         let id = answer(&h).1["job_id"].as_str().unwrap().to_string();
@@ -67,7 +70,7 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) {
         let key = format!("{name}-{}", jobs.len());
         let h = send(edge, secret, "POST", "/jobs", Some(&key), &task);
         if answer(&h).0 != 202 {
-            assert_busy(&h, "MAX_PENDING_BYTES");
+            refusals.push(assert_busy(&h, "MAX_PENDING_BYTES"));
             break;
         }
         jobs.push((answer(&h).1["job_id"].as_str().unwrap().to_string(), key));
@@ -79,7 +82,10 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) {
             if h.reply == Reply::Stream {
                 streams += 1;
             } else {
-                assert_busy(&h, &whose);
+                let error = assert_busy(&h, &whose);
+                if !refused {
+                    refusals.push(error);
+                }
                 refused = true;
             }
         }
@@ -92,13 +98,46 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) {
             match answer_to(&h.effects, h.caller) {
                 None => waiting += 1,
                 Some(_) => {
-                    assert_busy(&h, &whose);
+                    let error = assert_busy(&h, &whose);
+                    if !refused {
+                        refusals.push(error);
+                    }
                     refused = true;
                 }
             }
         }
     }
     assert!(refused, "{name} had {waiting} repeats waiting and was never refused");
+    refusals
+}
+
+/// The numbers `text` says, the paths it names (with their job ids) left out.
+fn numbers_said(text: &str) -> std::collections::BTreeSet<u64> {
+    let words = text.split_whitespace().filter(|word| !word.contains("/jobs/"));
+    words.flat_map(|word| word.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect::<Vec<u64>>()).collect()
+}
+
+/// rev31-6: a caller with its own secret, refused at each of its shares — callbacks, the
+/// bytes of its jobs, streams, repeats —, is told its own count and the bound, never how
+/// many secrets share it nor (where it is not its own count) its share's number: both are
+/// the bound divided among the secrets, and told either it could work out how many other
+/// callers there are. The callbacks' refusal said "among the 4 secrets", the bytes' the
+/// share (10258) and the secrets. (The queue's share, the cap divided among the owners
+/// waiting: `routing::a_named_callers_queue_full_refusal_names_no_other_count`.)
+#[test]
+fn a_named_caller_at_its_shares_is_told_neither_how_many_secrets_share_them_nor_its_shares_number() {
+    let cfg = three_callers();
+    let secrets = crate::http::owners(&cfg) as u64;
+    let bytes_share = crate::http::equal_share(cfg.max_pending_bytes, secrets as usize);
+    let mut edge = Edge::new(cfg, 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(0, 0));
+    let refusals = take_every_share(&mut edge, A_SECRET, "a");
+    assert_eq!(refusals.len(), 4, "{refusals:#?}");
+    for error in &refusals {
+        let said = numbers_said(error);
+        assert!(!said.contains(&secrets) && !said.contains(&bytes_share), "{said:?} in: {error}");
+    }
 }
 
 /// Review rev10: each cap gave a caller with its own secret half of it, so callers a and
