@@ -1230,7 +1230,7 @@ mod tests {
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0), Vec::new());
+        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
         agent.link.away();
         // Any time at all away is longer than LOST_AFTER_MS 0.
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -1241,7 +1241,7 @@ mod tests {
         let said = result.error.unwrap_or_default();
         assert!(said.starts_with("not started: this agent heard nothing from the edge") && said.contains("longer than the 0 ms (LOST_AFTER_MS)") && said.ends_with("run it again"), "{said}");
         // Connected again, the welcome naming none of its jobs: the job runs.
-        agent.link.welcomed(Some(0), Vec::new());
+        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
         run(Arc::clone(&agent), spec).await;
         assert!(ran.exists(), "a connected agent did not start the job");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1257,7 +1257,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(60_000), Vec::new());
+        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
         let nonce = format!("j:{}", "9".repeat(64 * 1024));
         let ctx = agent.job_context(&nonce, "default", Some(false));
         let (_stop, stop_rx) = oneshot::channel();
@@ -1373,7 +1373,7 @@ mod tests {
                 // SAFETY: as above.
                 let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) };
                 assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
-                agent.link.welcomed(Some(60_000), Vec::new());
+                agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
                 let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
                 let ctx = agent.job_context("j:2", "default", Some(false));
                 let (_stop, stop_rx) = oneshot::channel();
@@ -1402,7 +1402,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(0), Vec::new());
+        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
         // The check before the started record passes (connected); the next finds it given up.
         agent.link.away_at_check(1);
         let ctx = agent.job_context("j:1", "default", Some(false));
@@ -1442,12 +1442,12 @@ mod tests {
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0), Vec::new());
+        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
         let (gone, kept) = (agent.job_context("gone:1", "default", Some(false)), agent.job_context("kept:1", "default", Some(false)));
         agent.link.away();
         // Any time at all away is longer than LOST_AFTER_MS 0.
         std::thread::sleep(std::time::Duration::from_millis(2));
-        agent.link.welcomed(Some(0), vec!["gone".into()]);
+        agent.link.welcomed(Some(0), vec!["gone".into()], std::time::Instant::now());
         let result = run(gone, "gone", spec.clone()).await;
         assert!(!ran.exists(), "Claude was started after the edge gave the job up, once the agent was back");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");

@@ -197,10 +197,16 @@ fn retry_after(reason: &str) -> Option<Duration> {
     ms.parse().ok().map(Duration::from_millis)
 }
 
-/// Sends one frame, giving up once the link takes no byte for `limit` ([`bounded`]).
-async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
+/// Sends one frame, giving up once the link takes no byte for `limit`, or once it is not
+/// through by two heartbeat intervals (`limit`) and the bytes not known read at the
+/// slowest uplink served, however the link moves ([`bounded`], [`Unanswered::write_by`]).
+/// Counts its bytes in `sent`.
+async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration, sent: &mut Unanswered) -> Result<(), End> {
     let meter = meter(ws);
-    within(limit, &meter, ws.send(Message::Text(msg.to_text().into()))).await
+    let text = msg.to_text();
+    sent.wrote(text.len());
+    let by = sent.write_by(Instant::now());
+    within(limit, by, &meter, ws.send(Message::Text(text.into()))).await
 }
 
 /// How long the edge may stay silent after `bytes` it is not known to have read
@@ -214,64 +220,140 @@ fn for_bytes(limit: Duration, bytes: usize) -> Duration {
     limit.saturating_add(Duration::from_millis(bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC))
 }
 
-/// What the agent wrote on this connection that the edge is not known to have read, for
-/// the silence bound ([`for_bytes`]). The edge's heartbeat ack names the beat it answers,
-/// and the bytes are a stream: it read everything written up to that beat, and nothing
-/// is known of what came after. A hop that buffers (ssh -L, a local proxy, a slow
-/// uplink's router or kernel queues) takes a large result at once, so the ack of a beat
-/// sent before it comes back quickly; taking that ack for "all read" gave the megabytes
-/// still in the hop two heartbeat intervals, and the agent dropped its own connection
-/// every time, the same result first again after each reconnect.
-#[derive(Debug, Default)]
+/// What the agent wrote on this connection that the edge is not known to have read, and
+/// so when the edge must have answered by ([`Unanswered::silent_at`]). The edge's
+/// heartbeat ack names the beat it answers, and the bytes are a stream: it read
+/// everything written up to that beat, and nothing is known of what came after. A hop
+/// that buffers (ssh -L, a local proxy, a slow uplink's router or kernel queues) takes a
+/// large result at once, so the ack of a beat sent before it comes back quickly; taking
+/// that ack for "all read" gave the megabytes still in the hop two heartbeat intervals,
+/// and the agent dropped its own connection every time, the same result first again
+/// after each reconnect.
+///
+/// Two clocks come out of it. The silence bound: each beat is due answered by its writing,
+/// plus two heartbeat intervals, plus the time the bytes ahead of it (not known read when
+/// it was written) take at the slowest uplink served — fixed as it is written. rev30-1: a
+/// bound of the last ack plus the bytes unanswered *now* grew with every byte written
+/// after it, and a hop that cut the edge off and read (and dropped) everything the agent
+/// wrote kept an agent whose job printed "connected" for as long as it printed. The away
+/// clock ([`crate::link::Link::heard_at`]): an ack proves the edge was there when the
+/// beat it answers was written, never later — the allowance is for a slow link to carry
+/// the bytes, not time the edge is known present (rev30-2: dated by the allowance, an ack
+/// a hop held back behind a megabyte dated the edge 64 s after its beat).
+#[derive(Debug)]
 struct Unanswered {
+    /// Two heartbeat intervals: how long an edge that has read a beat may take to answer.
+    allowance: Duration,
     /// Bytes written on this connection.
     written: u64,
     /// Of those, the bytes the edge is known to have read.
     read: u64,
-    /// The beats not answered yet, in the order sent: number, `written` just after it, and
-    /// the latest the edge can have read it (its writing, plus the time the bytes not known
-    /// read by then take at the slowest uplink served: [`for_bytes`]).
-    beats: std::collections::VecDeque<(u64, u64, Instant)>,
+    /// When the last frame the edge answered was written: the hello its welcome answers,
+    /// then the latest beat an ack answered.
+    proven: Instant,
+    /// The beats not answered yet, in the order sent.
+    beats: std::collections::VecDeque<Sent>,
+}
+
+/// A heartbeat written and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    seq: u64,
+    /// [`Unanswered::written`] just after it.
+    through: u64,
+    /// When it was written.
+    at: Instant,
+    /// When its ack is due at the latest ([`Unanswered::beat`]).
+    due: Instant,
 }
 
 impl Unanswered {
-    /// Beats remembered: at one a heartbeat interval, more than any allowance lasts. Past
-    /// it the oldest is forgotten, and its ack (or a later one) still answers what it can.
+    /// Beats remembered: at one a heartbeat interval, more than most allowances last. Past
+    /// it the two oldest are taken as one — the later one's number and writing, the earlier
+    /// due — so no due is forgotten, and only an ack of the later one answers them.
     const MAX_BEATS: usize = 64;
+
+    /// A connection's count, from its hello (written at `hello_sent`), which the edge's
+    /// welcome answered; `allowance` is two heartbeat intervals.
+    fn new(allowance: Duration, hello_sent: Instant) -> Unanswered {
+        Unanswered { allowance, written: 0, read: 0, proven: hello_sent, beats: Default::default() }
+    }
 
     fn wrote(&mut self, bytes: usize) {
         self.written = self.written.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
-    /// Heartbeat `seq` was just written (its bytes counted by [`Unanswered::wrote`]).
-    fn beat(&mut self, seq: u64) {
+    /// Heartbeat `seq` was written, handed to the socket at `at` (its bytes counted by
+    /// [`Unanswered::wrote`]): its ack is due by then, plus two heartbeat intervals, plus
+    /// the bytes not known read at the slowest uplink served. What is written after it
+    /// moves that due no later.
+    fn beat(&mut self, seq: u64, at: Instant) {
         if self.beats.len() == Self::MAX_BEATS {
-            self.beats.pop_front();
+            if let Some(oldest) = self.beats.pop_front() {
+                if let Some(next) = self.beats.front_mut() {
+                    next.due = next.due.min(oldest.due);
+                }
+            }
         }
-        let read_by = Instant::now() + for_bytes(Duration::ZERO, self.bytes());
-        self.beats.push_back((seq, self.written, read_by));
+        self.beats.push_back(Sent { seq, through: self.written, at, due: at + for_bytes(self.allowance, self.bytes()) });
     }
 
     /// The edge answered heartbeat `answered` (its MAC checked, [`Agent::on_edge_message`]).
     /// One naming a beat not written yet (made, still queued) answers what was written up to
     /// the last one written, no more. Returns when the edge is known to have been there:
-    /// when it read the latest beat the ack answers — now at the latest, and no later than
-    /// that beat's writing plus the time the bytes ahead of it take at the slowest uplink
-    /// served (the allowance the silence bound gives a slow uplink). An ack a hop held back
-    /// buys no more than that (rev29-1: acks let out one at a time, every two intervals,
-    /// kept an agent "connected" 26 s after the edge had lost it, and its away rule saw no
-    /// absence).
+    /// when the latest beat the ack answers was written. An ack a hop held back buys no
+    /// more than that (rev29-1: acks let out one at a time, every two intervals, kept an
+    /// agent "connected" 26 s after the edge had lost it, and its away rule saw no
+    /// absence); nor does one held behind bytes a slow link would take long to carry
+    /// (rev30-2).
     fn answered(&mut self, answered: u64) -> Option<Instant> {
         let mut sent = None;
-        while let Some(&(seq, through, at)) = self.beats.front() {
+        while let Some(&Sent { seq, through, at, .. }) = self.beats.front() {
             if seq > answered {
                 break;
             }
             self.read = self.read.max(through);
-            sent = Some(at.min(Instant::now()));
+            self.proven = self.proven.max(at);
+            sent = Some(at);
             self.beats.pop_front();
         }
         sent
+    }
+
+    /// When the edge is silent for too long: the earliest due of a beat not answered. With
+    /// none (each one written answered), the last one answered (or the hello) plus the
+    /// allowance for what was written since: the next beat, written within an interval
+    /// ([`session`]'s ticker has its turn before the uplink), fixes its own due.
+    fn silent_at(&self) -> Instant {
+        match self.beats.iter().map(|b| b.due).min() {
+            Some(due) => due,
+            None => self.proven + for_bytes(self.allowance, self.bytes()),
+        }
+    }
+
+    /// Why the connection is given up at [`Unanswered::silent_at`], for the log.
+    fn silence(&self) -> String {
+        match self.beats.iter().min_by_key(|b| b.due) {
+            Some(b) => format!(
+                "nothing the edge proved in answer to heartbeat {} within {} ms of its writing (no MACed ack of it or a later one; two heartbeat intervals, and the time the bytes ahead of it take at the slowest uplink served): the edge is gone, or something on the path holds the connection open without it",
+                b.seq,
+                b.due.saturating_duration_since(b.at).as_millis()
+            ),
+            None => format!(
+                "nothing the edge proved for {} ms (no MACed ack of a heartbeat written since, dated by that beat: two heartbeat intervals, and the time the {} bytes sent since the last heartbeat it answered take at the slowest uplink served)",
+                for_bytes(self.allowance, self.bytes()).as_millis(),
+                self.bytes()
+            ),
+        }
+    }
+
+    /// When a write begun at `began` must be through, whatever the link takes: the
+    /// allowance and the bytes not known read — this write's among them — at the slowest
+    /// uplink served. A link that takes a byte now and then is not stuck to [`bounded`]'s
+    /// eye, and one that held the agent inside a write so kept it "connected" for as long
+    /// as it liked (rev30-1); the edge's acks are read only between writes.
+    fn write_by(&self, began: Instant) -> Instant {
+        began + for_bytes(self.allowance, self.bytes())
     }
 
     /// Bytes written that the edge is not known to have read.
@@ -289,9 +371,9 @@ fn resend_order(mut results: Vec<(String, crate::spool::StoredResult)>) -> Vec<(
     results
 }
 
-/// A write to the edge, given up once the link takes no byte for `limit`.
-async fn within<T>(limit: Duration, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
-    bounded(limit, meter, write).await.map_err(End::from)
+/// A write to the edge, given up once the link takes no byte for `limit`, or at `by`.
+async fn within<T>(limit: Duration, by: Instant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
+    bounded(limit, by, meter, write).await.map_err(End::from)
 }
 
 /// How a bounded write did not complete.
@@ -299,6 +381,9 @@ enum WriteFailed {
     Error(WsError),
     /// The link took no byte of it for this long.
     TimedOut(Duration),
+    /// It moved, but was not through after this long: slower than the slowest uplink
+    /// served, or a hop that takes a byte now and then to keep the agent in the write.
+    TooSlow(Duration),
 }
 
 impl From<WriteFailed> for End {
@@ -308,14 +393,22 @@ impl From<WriteFailed> for End {
             WriteFailed::TimedOut(limit) => {
                 End::Lost(format!("the link to the edge took no byte for {} ms of a send: the connection is stuck (half-open?)", limit.as_millis()))
             }
+            WriteFailed::TooSlow(took) => End::Lost(format!(
+                "a send to the edge was not through after {} ms (two heartbeat intervals, and the bytes not known read at {} bytes/s, the slowest uplink served): \
+                 the link is slower than that, or something on the path holds the connection open taking a byte now and then",
+                took.as_millis(),
+                shared::contract::MIN_UPLINK_BYTES_PER_SEC
+            )),
         }
     }
 }
 
 /// A write, given up once the link has taken no byte of it for `limit`
 /// ([`crate::metered`]): a link that moves, however slowly, is not stuck, and one that
-/// takes nothing is found within `limit` whatever is left to send.
-async fn bounded<T>(limit: Duration, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
+/// takes nothing is found within `limit` whatever is left to send. And given up at `by`
+/// however it moves: a hop that takes a byte each interval is never stuck to the meter,
+/// and kept the agent inside one write for as long as it liked (rev30-1).
+async fn bounded<T>(limit: Duration, by: Instant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
     tokio::pin!(write);
     let began = Instant::now();
     loop {
@@ -323,6 +416,7 @@ async fn bounded<T>(limit: Duration, meter: &Meter, write: impl std::future::Fut
         tokio::select! {
             biased;
             done = &mut write => return done.map_err(WriteFailed::Error),
+            _ = tokio::time::sleep_until(by) => return Err(WriteFailed::TooSlow(by.saturating_duration_since(began))),
             _ = tokio::time::sleep_until(moved + limit) => {
                 if meter.last_taken().max(began) == moved {
                     return Err(WriteFailed::TimedOut(limit));
@@ -337,16 +431,25 @@ async fn bounded<T>(limit: Duration, meter: &Meter, write: impl std::future::Fut
 /// dial's bound grows (`reconnect`). A hello names every result and running job the agent
 /// holds and its mirrors, so on a slow uplink it is the step that takes longest; counted
 /// as a failed write only, every dial was given the same short bound and failed alike.
+/// Through within the step and its bytes at the slowest uplink served, however it moves.
 async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnect: &mut Reconnect) -> Result<(), End> {
     let text = msg.to_text();
     let bytes = text.len();
     let meter = meter(ws);
-    bounded(step, &meter, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
+    let by = Instant::now() + for_bytes(step, bytes);
+    bounded(step, by, &meter, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
         WriteFailed::TimedOut(step) => {
             reconnect.step_timed_out();
             End::Lost(format!(
                 "the hello ({bytes} bytes) did not go out to the edge: the link took no byte of it for {} ms, a slow or stuck link; the next dial waits longer",
                 step.as_millis()
+            ))
+        }
+        WriteFailed::TooSlow(took) => {
+            reconnect.step_timed_out();
+            End::Lost(format!(
+                "the hello ({bytes} bytes) did not go out to the edge within {} ms, a slow or stuck link; the next dial waits longer",
+                took.as_millis()
             ))
         }
         failed => failed.into(),
@@ -364,8 +467,11 @@ const BYTES_PER_WRITE: usize = 1024 * 1024;
 /// flushed ([`crate::uplink::Held`]).
 /// Gives up when the link takes no byte for `limit`, as a frame sent alone does
 /// ([`bounded`]): the bound finds a stuck link, and a batch of large frames on a slow one
-/// is not stuck. Returns the last heartbeat sent, read back (our own words, just MACed)
-/// for the status file; counts the bytes and heartbeats written in `sent`.
+/// is not stuck. And when the batch is not through by its start plus two heartbeat
+/// intervals and the bytes not known read at the slowest uplink served
+/// ([`Unanswered::write_by`]), however the link moves. Returns the last heartbeat sent,
+/// read back (our own words, just MACed) for the status file; counts the bytes and
+/// heartbeats written in `sent`.
 async fn send_queued(
     ws: &mut Socket,
     first: Outgoing,
@@ -374,6 +480,7 @@ async fn send_queued(
     sent: &mut Unanswered,
 ) -> Result<Option<shared::protocol::Beat>, End> {
     let meter = meter(ws);
+    let began = Instant::now();
     let mut beat = None;
     let mut next = Some(first);
     let (mut frames, mut bytes) = (0, 0);
@@ -385,11 +492,12 @@ async fn send_queued(
         bytes += text.len();
         // Feeding writes out what no longer fits the buffer: up to this frame and the one before.
         sent.wrote(text.len());
-        within(limit, &meter, ws.feed(Message::Text(text.into()))).await?;
+        let fed = Instant::now();
+        within(limit, sent.write_by(began), &meter, ws.feed(Message::Text(text.into()))).await?;
         if let AgentMessage::Heartbeat { envelope } = &msg {
             let this = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok();
             if let Some(b) = &this {
-                sent.beat(b.seq);
+                sent.beat(b.seq, fed);
             }
             beat = this.or(beat);
         }
@@ -400,7 +508,7 @@ async fn send_queued(
             next = uplink.try_next();
         }
     }
-    within(limit, &meter, ws.flush()).await?;
+    within(limit, sent.write_by(began), &meter, ws.flush()).await?;
     // Not written (an error above): dropped with `written`, their events counted for the
     // jobs' next markers.
     written.into_iter().for_each(crate::uplink::Held::written);
@@ -531,6 +639,8 @@ async fn session(
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
     // A hello too slow to go out lengthens the next dial's bound
     // (`tests::a_hello_that_cannot_go_out_in_time_lengthens_the_next_dials_bound`).
+    // The welcome that answers it proves the edge was there no earlier than this.
+    let hello_sent = Instant::now();
     if let Err(end) = send_step(&mut ws, &msg, step, reconnect).await {
         return end;
     }
@@ -601,7 +711,8 @@ async fn session(
         warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
     }
     // The jobs the edge gave up while this agent was away never start; the others may.
-    agent.link.welcomed(welcome.lost_after_ms, welcome.given_up.clone());
+    // Dated by the hello it answers, not by its arrival: a hop may hold it back.
+    agent.link.welcomed(welcome.lost_after_ms, welcome.given_up.clone(), hello_sent.into_std());
     if reconnect.welcomed(welcome.lost_after_ms) {
         if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
             // Written again at the next welcome, saying the same or not.
@@ -633,7 +744,9 @@ async fn session(
     // Bytes the edge is not known to have read: the socket's buffers (and any hop's) take
     // a large result at once, and on a slow uplink the heartbeats behind it — and so the
     // edge's answers — come late by the time those bytes take to go ([`for_bytes`]).
-    let mut unanswered = Unanswered::default();
+    // Counted from the hello the welcome answered: the last frame the edge proved it read
+    // (the work loop's clock started after the results resent, however long that took).
+    let mut unanswered = Unanswered::new(limit, hello_sent);
     for (_, stored) in resend_order(agent.spool.all()) {
         // A heartbeat before each: results of megabytes on a slow uplink go out one after
         // another before the work loop's first beat, and an edge that sees only whole
@@ -645,33 +758,34 @@ async fn session(
             }
         }
         let result = AgentMessage::result_text(stored.payload, &keys.agent_to_edge);
-        unanswered.wrote(result.to_text().len());
-        if let Err(end) = send(&mut ws, &result, limit).await {
+        if let Err(end) = send(&mut ws, &result, limit, &mut unanswered).await {
             return end;
         }
     }
 
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    // A beat late behind a long write goes once, not once for each interval missed.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reads_in_a_row = 0;
     loop {
-        // When the edge last proved it was there, as the link keeps it (its welcome, or the
-        // beat an ack answered): one clock for this bound and the away rule, which moved
-        // together and were kept twice.
-        let last_heard = agent.link.last_heard().map_or_else(Instant::now, Instant::from_std);
-        let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered.bytes());
+        let silent_at = unanswered.silent_at();
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
-        // a silent one. But never more than MAX_READS_IN_A_ROW frames before the rest has
-        // its turn: under a steady stream of frames (anyone who can write into the
-        // connection can make one) the uplink was never written — no heartbeat, no result
-        // — and the edge dropped the agent as silent while it read (rev21, 1).
+        // a silent one (and the timer waits while reads wait their turn). But never more
+        // than MAX_READS_IN_A_ROW frames before the rest has its turn: under a steady stream
+        // of frames (anyone who can write into the connection can make one) the uplink was
+        // never written — no heartbeat, no result — and the edge dropped the agent as silent
+        // while it read (rev21, 1). The silence timer before the uplink: a job printing
+        // without end kept the uplink ready and the timer was never looked at; and the
+        // heartbeat before it, so a beat — each fixing its own due — goes at least once an
+        // interval, between writes (rev30-1).
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
                 // Send what the jobs reported while stopping, then close.
                 while let Some(out) = uplink.try_next() {
-                    if send(&mut ws, &out.msg, limit).await.is_err() {
+                    if send(&mut ws, &out.msg, limit, &mut unanswered).await.is_err() {
                         break;
                     }
                     if let Some(held) = out.held {
@@ -742,6 +856,19 @@ async fn session(
                     return hang_up(&mut ws, count).await;
                 }
             }
+            // A beat's ack overdue (after the frames come in by then were read: above).
+            _ = tokio::time::sleep_until(silent_at), if reads_in_a_row < MAX_READS_IN_A_ROW => {
+                return End::Lost(unanswered.silence());
+            }
+            // Queued behind what the agent said before it, so the edge reads the agent's
+            // states in order. A change of the login or the usage window queues a beat of
+            // its own as it happens (`Reporter::tell_with`). An agent that could not start
+            // jobs sees first whether it can again (`Agent::check_start`).
+            _ = ticker.tick() => {
+                reads_in_a_row = 0;
+                agent.check_start().await;
+                agent.heartbeat();
+            }
             // The agent's own words first, then the jobs' progress ([`crate::uplink`]).
             Some(msg) = uplink.next() => {
                 reads_in_a_row = 0;
@@ -754,22 +881,8 @@ async fn session(
                     agent.status.beat(&beat.oauth, agent.reporter.fingerprint());
                 }
             }
-            // Queued behind what the agent said before it, so the edge reads the agent's
-            // states in order. A change of the login or the usage window queues a beat of
-            // its own as it happens (`Reporter::tell_with`). An agent that could not start
-            // jobs sees first whether it can again (`Agent::check_start`).
-            _ = ticker.tick() => {
-                reads_in_a_row = 0;
-                agent.check_start().await;
-                agent.heartbeat();
-            }
             // Reads had their turn and nothing else was due: read on.
             _ = std::future::ready(()), if reads_in_a_row >= MAX_READS_IN_A_ROW => reads_in_a_row = 0,
-            _ = tokio::time::sleep_until(silent_at) => {
-                let bytes = unanswered.bytes();
-                let waited = for_bytes(2 * heartbeat, bytes).as_millis();
-                return End::Lost(format!("nothing the edge proved for {waited} ms (no MACed ack of a heartbeat written since, dated by that beat: two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
-            }
         }
     }
 }
@@ -931,11 +1044,11 @@ mod tests {
     /// them; an ack again, or of nothing unanswered, dates nothing.
     #[test]
     fn a_held_back_ack_dates_the_edge_by_its_beat_not_by_its_arrival() {
-        let mut sent = Unanswered::default();
+        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
         let before = Instant::now();
-        sent.beat(1);
+        sent.beat(1, Instant::now());
         std::thread::sleep(Duration::from_millis(30));
-        sent.beat(2);
+        sent.beat(2, Instant::now());
         let second = Instant::now();
         // Beat 1's ack, held back and let out now: the edge was there when beat 1 was
         // written, before beat 2 was.
@@ -949,18 +1062,85 @@ mod tests {
         // The link: heard as of the beat — an old one moves nothing back, and an absence
         // counts from the beat, however late its ack came.
         let link = crate::link::Link::default();
-        link.welcomed(Some(20), Vec::new());
+        link.welcomed(Some(20), Vec::new(), std::time::Instant::now());
         let welcomed = link.last_heard();
         link.heard_at(at.into_std());
         assert_eq!(link.last_heard(), welcomed, "heard at the welcome, not moved back to beat 1");
         link.away();
         assert!(link.given_up("j").is_none(), "heard at the welcome, not moved back to beat 1");
         let link = crate::link::Link::default();
-        link.welcomed(Some(20), Vec::new());
+        link.welcomed(Some(20), Vec::new(), std::time::Instant::now());
         std::thread::sleep(Duration::from_millis(30));
         link.heard_at(std::time::Instant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2.into_std()));
         link.away();
         assert!(link.given_up("j").is_some(), "an ack arriving now of a beat 25 ms old: away past 20 ms");
+    }
+
+    /// rev30-2: an ack a hop held back, of a beat written behind a large write the hop took
+    /// (and passed on) at once, was dated by its arrival, not its beat: up to 64 s per MiB
+    /// ahead of it (the allowance a slow link has to carry them, which is no time the edge
+    /// is known to have been there). The review's test, as the API now takes the beat's
+    /// writing.
+    #[test]
+    fn rev30_an_ack_held_behind_a_large_write_is_dated_by_its_beat() {
+        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
+        sent.wrote(1 << 20);
+        let written = Instant::now();
+        sent.beat(1, written);
+        std::thread::sleep(Duration::from_millis(300));
+        let at = sent.answered(1).expect("beat 1 answered");
+        assert!(at.duration_since(written) < Duration::from_millis(50), "dated {:?} after its beat was written", at.duration_since(written));
+    }
+
+    /// rev30-2, the welcome: it proves the edge was there no earlier than the hello it
+    /// answers was sent, and a hop may hold it back; dated by its arrival, an agent whose
+    /// welcome came late counted its absence from then.
+    #[test]
+    fn a_welcome_dates_the_edge_by_the_hello_it_answers() {
+        let link = crate::link::Link::default();
+        let hello_sent = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        link.welcomed(Some(20), Vec::new(), hello_sent);
+        link.away();
+        assert!(link.given_up("j").is_some(), "a welcome arriving now of a hello 30 ms old: away past 20 ms");
+    }
+
+    /// rev30-1: the silence bound was the last ack plus two intervals plus the bytes not
+    /// known read *now*, so every byte written after a beat moved it on: a hop that cut the
+    /// edge off and read (and dropped) all the agent wrote kept an agent whose job printed
+    /// "connected" for as long as it printed, and a job held at its start started after the
+    /// edge had told its caller to fall back. Each beat's due is fixed as it is written.
+    #[test]
+    fn what_is_written_after_a_beat_never_moves_its_due() {
+        let allowance = Duration::from_secs(2);
+        let hello = Instant::now();
+        let mut sent = Unanswered::new(allowance, hello);
+        // Nothing written: the hello's allowance.
+        assert_eq!(sent.silent_at(), hello + allowance);
+        let t = hello + Duration::from_millis(500);
+        sent.wrote(16 * 1024);
+        sent.beat(1, t);
+        let due = t + allowance + Duration::from_secs(1);
+        assert_eq!(sent.silent_at(), due, "its writing, two intervals, and the 16 KiB ahead of it at 16 KiB/s");
+        // A job prints 64 MiB, beats go on, nothing answers: the first beat's due holds.
+        for n in 2..100u64 {
+            sent.wrote(64 * 1024 * 1024 / 100);
+            sent.beat(n, t + Duration::from_millis(100 * n));
+            assert_eq!(sent.silent_at(), due, "moved by what was written after beat 1");
+        }
+        // Past the beats remembered, the oldest due is kept.
+        for n in 100..300u64 {
+            sent.beat(n, t + Duration::from_millis(100 * n));
+        }
+        assert_eq!(sent.silent_at(), due, "a forgotten beat's due forgotten");
+        // Answered: the next due is the next beat's, fixed as it was written.
+        let mut sent = Unanswered::new(allowance, hello);
+        sent.beat(1, t);
+        sent.wrote(32 * 1024);
+        sent.beat(2, t + Duration::from_secs(1));
+        sent.wrote(1 << 30);
+        assert_eq!(sent.answered(1), Some(t));
+        assert_eq!(sent.silent_at(), t + Duration::from_secs(1) + allowance + Duration::from_secs(2));
     }
 
     /// The silence bound counts what was written after the last beat the edge answered:
@@ -969,12 +1149,12 @@ mod tests {
     /// and the agent dropped its connection two heartbeat intervals after that ack.
     #[test]
     fn the_ack_of_a_beat_answers_what_was_written_up_to_it_only() {
-        let mut sent = Unanswered::default();
+        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
         sent.wrote(100);
-        sent.beat(1);
+        sent.beat(1, Instant::now());
         sent.wrote(4_000_000);
         sent.wrote(100);
-        sent.beat(2);
+        sent.beat(2, Instant::now());
         sent.wrote(50);
         assert_eq!(sent.bytes(), 4_000_250);
         sent.answered(1);
@@ -984,17 +1164,17 @@ mod tests {
         sent.answered(2);
         assert_eq!(sent.bytes(), 50);
         // One naming a beat never sent answers up to the last one sent, no more.
-        sent.beat(3);
+        sent.beat(3, Instant::now());
         sent.wrote(70);
         sent.answered(99);
         assert_eq!(sent.bytes(), 70);
-        sent.beat(4);
+        sent.beat(4, Instant::now());
         sent.answered(4);
         assert_eq!(sent.bytes(), 0);
         // Beats past the remembered ones: the oldest forgotten, a later ack still answers.
         for seq in 10..10 + 2 * Unanswered::MAX_BEATS as u64 {
             sent.wrote(1);
-            sent.beat(seq);
+            sent.beat(seq, Instant::now());
         }
         assert_eq!(sent.beats.len(), Unanswered::MAX_BEATS);
         sent.answered(10);
@@ -1044,7 +1224,7 @@ mod tests {
             tx.send(frame()).unwrap();
         }
         let began = Instant::now();
-        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit, &mut Unanswered::default()).await;
+        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit, &mut Unanswered::new(Duration::from_secs(2), Instant::now())).await;
         assert!(began.elapsed() > limit, "the edge took the batch slower than one bound, as meant");
         assert!(sent.is_ok(), "a link that takes every frame within the bound is not stuck: {:?}", sent.err());
         let in_one_write = BYTES_PER_WRITE.div_ceil(FRAME + 40);
@@ -1076,13 +1256,42 @@ mod tests {
         (ws, accepted.unwrap().0)
     }
 
+    /// rev30-1: a hop that takes a little of a write each interval is never "stuck" to the
+    /// meter (the link took bytes within the bound), and it kept the agent inside one write
+    /// — where no ack is read and the silence bound is not looked at — for as long as it
+    /// liked. A write is through by its start, two intervals and its bytes at the slowest
+    /// uplink served (16 KiB/s), however the link moves. Here a 64 KiB frame taken at
+    /// 4 KiB/s, 1 KiB every 250 ms (the kernel lets the writer on about once a second), the
+    /// bound 3 s: given up as too slow after 7 s, where it went on for as long as the hop
+    /// let it (16 s here; days at a byte an interval).
+    #[tokio::test]
+    async fn a_link_that_trickles_does_not_hold_a_write_for_ever() {
+        use tokio::io::AsyncReadExt;
+        let (mut ws, mut edge) = linked_raw(4 * 1024).await;
+        let frame = AgentMessage::OrderRefused { reason: "x".repeat(64 * 1024) };
+        let trickle = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(1..) = edge.read(&mut buf).await {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let limit = Duration::from_secs(3);
+        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, Instant::now())).await;
+        trickle.abort();
+        let Err(End::Lost(why)) = sent else { panic!("a write taken at a quarter of the slowest uplink served went on: {:?}", sent.err().map(|e| format!("{e:?}"))) };
+        assert!(why.contains("was not through after") && why.contains("a byte now and then"), "{why}");
+    }
+
     /// A send was given up after two heartbeat intervals plus the frame's size at 16 KiB/s
-    /// (`MIN_UPLINK_BYTES_PER_SEC`): a link slower than that but moving was taken for a
-    /// stuck one, and the same frame went first again at every reconnect; and a stuck link
-    /// under a result of 8 MiB was found only after nine minutes. A send is now given up
-    /// when the link takes no byte for the bound, whatever the frame's size. Here the edge
-    /// takes a 64 KiB frame at 4 KiB/s, 1 KiB every 250 ms (the kernel lets the writer on
-    /// about once a second: the receive window opens by halves), the bound 3 s: it goes.
+    /// (`MIN_UPLINK_BYTES_PER_SEC`) from its start, and a stuck link under a result of 8 MiB
+    /// was found only after nine minutes: a send is given up when the link takes no byte
+    /// for the bound, whatever the frame's size. A link that moves at the slowest uplink
+    /// served or faster is not given up, though the frame takes longer than the bound;
+    /// slower, it is once past its bytes at that rate (rev30-1: one taking a byte now and
+    /// then held the agent in the write for good; the edge itself hears a frame arriving
+    /// no slower than that rate). Here the edge takes a 64 KiB frame 1 KiB every 30 ms
+    /// (about 33 KiB/s; the kernel lets the writer on in bursts, the receive window opening
+    /// by halves), the bound 1 s: it goes.
     #[tokio::test]
     async fn a_send_on_a_slow_link_that_moves_is_not_given_up() {
         use tokio::io::AsyncReadExt;
@@ -1096,12 +1305,15 @@ mod tests {
                     Ok(0) | Err(_) => break,
                     Ok(n) => read += n,
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
             }
             read
         });
-        let sent = send(&mut ws, &frame, Duration::from_secs(3)).await;
-        assert!(sent.is_ok(), "a link that takes bytes steadily was given up: {:?}", sent.err());
+        let limit = Duration::from_secs(1);
+        let began = Instant::now();
+        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, Instant::now())).await;
+        assert!(sent.is_ok(), "a link that takes bytes steadily was given up: {:?}", sent.err().map(|e| format!("{e:?}")));
+        assert!(began.elapsed() > limit, "the frame took longer than the bound, as meant");
         assert!(reader.await.unwrap() >= bytes, "the whole frame arrived");
     }
 

@@ -14,9 +14,11 @@
 //! thread, or under a runtime with more threads (the agent had two until 7d208e4).
 //!
 //! It also keeps what the away rule reads ([`Link::given_up`]): whether a welcomed
-//! connection is up, when the edge last proved it was there (the one clock of it: the
-//! connection's silence bound reads it too, [`Link::last_heard`]), and the jobs the last
-//! welcome said the edge gave up.
+//! connection is up, when the edge last proved it was there ([`Link::last_heard`]: the
+//! writing of the last frame of the agent's it answered, never an arrival), and the jobs
+//! the last welcome said the edge gave up. The connection's silence bound is another
+//! clock (`connection.rs`, `Unanswered`): it gives a slow link the time its bytes take,
+//! which is no time the edge is known to have been there (rev30-2).
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
@@ -35,7 +37,8 @@ struct Current {
     connection: u64,
     /// A welcomed connection is up (the agent has not seen it end).
     connected: bool,
-    /// When the agent last heard a frame the edge proved (its welcome included).
+    /// When the edge last proved it was there: the writing of the latest frame of the agent's
+    /// it answered (the hello its welcome answers, a beat an ack answers).
     last_heard: Option<Instant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
@@ -102,20 +105,24 @@ impl Link {
     }
 
     /// The edge welcomed the agent, saying its `LOST_AFTER_MS` and the jobs of the hello
-    /// it gave up (`given_up`): those never start, although the agent is connected again
-    /// (the edge's stray-cancel for them may come late: it is read after the results
-    /// resent, a few a heartbeat). Every other job held may: the edge took it over. The
-    /// agent's own count of the absence is not asked (rev29-2: it counts from its last
-    /// frame heard, the edge from when it saw the loss, later, and after a blip the edge
-    /// had not given up the agent took jobs for given up).
-    pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>) {
+    /// it gave up (`given_up`), in answer to the hello sent at `hello_sent`: heard then, not
+    /// as the welcome arrived (a hop may have held it back, rev30-2). The jobs it gave up
+    /// never start, although the agent is connected again (the edge's stray-cancel for them
+    /// may come late: it is read after the results resent, a few a heartbeat). Every other
+    /// job held may: the edge took it over. The agent's own count of the absence is not
+    /// asked (rev29-2: it counts from its last frame heard, the edge from when it saw the
+    /// loss, later, and after a blip the edge had not given up the agent took jobs for
+    /// given up).
+    pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>, hello_sent: Instant) {
         let mut current = self.lock();
-        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
+        let heard = current.last_heard.map_or(hello_sent, |last| last.max(hello_sent));
+        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(heard), lost_after_ms);
         current.welcome_gave_up = given_up.into_iter().collect();
     }
 
-    /// When the edge last proved it was there (its welcome, or the writing of a beat its
-    /// ack answered): the away rule's clock and the connection's silence bound's, one.
+    /// When the edge last proved it was there (the sending of the hello its welcome
+    /// answered, or the writing of a beat its ack answered): the away rule's clock.
+    #[cfg(test)]
     pub fn last_heard(&self) -> Option<Instant> {
         self.lock().last_heard
     }
@@ -267,7 +274,7 @@ mod tests {
     fn once_welcomed_again_only_the_jobs_the_welcome_names_are_given_up() {
         let link = Link::default();
         link.set(keys(1));
-        link.welcomed(Some(0), Vec::new());
+        link.welcomed(Some(0), Vec::new(), Instant::now());
         link.heard();
         assert!(link.given_up("kept").is_none(), "connected");
         link.away();
@@ -277,7 +284,7 @@ mod tests {
         assert!(away >= Duration::from_millis(2), "{away:?}");
         // Welcomed again: the edge took `kept` over and gave `ended` up. By the agent's
         // count both were given up; only the edge knows.
-        link.welcomed(Some(60_000), vec!["ended".into()]);
+        link.welcomed(Some(60_000), vec!["ended".into()], Instant::now());
         assert_eq!(link.given_up("kept"), None, "the edge did not give it up: it starts");
         assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
         // Cut off again: the job named still never starts; the other only once away past
@@ -286,7 +293,7 @@ mod tests {
         assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
         assert_eq!(link.given_up("kept"), None, "away less than LOST_AFTER_MS");
         // Each welcome says anew (a job still held is in the hello it answers).
-        link.welcomed(Some(60_000), Vec::new());
+        link.welcomed(Some(60_000), Vec::new(), Instant::now());
         assert_eq!(link.given_up("ended"), None);
     }
 

@@ -1614,3 +1614,55 @@ async fn back_after_a_blip_the_agent_starts_the_jobs_the_welcome_does_not_name_a
     assert_eq!((gone.error_code, gone.retryable), (Some(shared::contract::ErrorCode::RunnerLost), Some(true)), "{gone:?}");
     assert!(gone.error.as_deref().unwrap_or_default().contains("not started: the edge had given the job up while this agent was away (its welcome said so"), "{gone:?}");
 }
+
+/// Hostile review rev30, 1: a hop cut the edge off and went on reading — and dropping —
+/// everything the agent wrote, answering nothing and making up no frame. The agent's
+/// silence bound was the last ack, two intervals, and the bytes not known read *now* at
+/// 16 KiB/s: every byte a printing job wrote moved it on, so the agent stayed "connected"
+/// for as long as its job printed (the edge had ended the job `lost` long before), and a
+/// job held at its start started after the edge had told its caller to fall back. Each
+/// beat's ack is now due by its writing, two intervals and the bytes ahead of it, fixed as
+/// it is written: the agent leaves within a few heartbeats of the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_that_reads_everything_and_answers_nothing_does_not_keep_a_printing_agent_connected() {
+    let edge = FakeEdge::with_heartbeat(1_000).await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    // 64 KiB of output a second for a minute: 4 s of allowance at 16 KiB/s each second.
+    let mut order = edge.order("chatty", "spark", t, t + 60_000, "chatty @megabytes=4 @gap_ms=1000");
+    order.spec.timeout_ms = 120_000;
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order, &edge.edge_key)).await;
+    // The edge answers every beat until the job has printed a few times.
+    let mut printed = 0;
+    while printed < 3 {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        match serde_json::from_str::<AgentMessage>(&text) {
+            Ok(AgentMessage::Heartbeat { envelope }) => {
+                let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
+                ws.send(edge.ack(&beat)).await.unwrap();
+            }
+            Ok(AgentMessage::Event { .. }) => printed += 1,
+            _ => {}
+        }
+    }
+    // The hop cuts the edge off: it reads all the agent writes and answers nothing.
+    let (mut beats, mut bytes) = (0, 0);
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                bytes += text.len();
+                if let Ok(AgentMessage::Heartbeat { .. }) = serde_json::from_str::<AgentMessage>(&text) {
+                    beats += 1;
+                    assert!(beats <= 20, "the agent still on the connection {beats} heartbeats after the edge was cut off ({bytes} bytes sunk since)\n{}", agent.log());
+                }
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains("nothing the edge proved in answer to heartbeat")).await, "{}", agent.log());
+}
