@@ -219,8 +219,9 @@ pub const QUICK_HEARTBEATS: (&str, &str) = ("HEARTBEAT_INTERVAL_MS", "1000");
 
 /// A vanished agent's running jobs `lost` (and a waiting caller told to fall back) 5 s
 /// after its link went, for a test about that end; the rest run with the shipped 120 s,
-/// so an agent that comes back late (a loaded machine) keeps its jobs.
-pub const QUICK_LOSS: (&str, &str) = ("LOST_AFTER_MS", "5000");
+/// so an agent that comes back late (a loaded machine) keeps its jobs. Heartbeats 2.5 s
+/// apart with it: the edge refuses a `LOST_AFTER_MS` under two intervals.
+pub const QUICK_LOSS: [(&str, &str); 2] = [("LOST_AFTER_MS", "5000"), ("HEARTBEAT_INTERVAL_MS", "2500")];
 
 /// Which edge host a contract test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -636,7 +636,8 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     // agent reported at once (a report left to the next heartbeat, 10 min after connect,
     // fails; with 10 s heartbeats and 3-4 s bounds it passed 1 in 3, and a loaded machine
     // could fail the fix).
-    let s = setup(kind, &[("HEARTBEAT_INTERVAL_MS", "600000")], &[]).await;
+    // The edge refuses a LOST_AFTER_MS under two heartbeat intervals.
+    let s = setup(kind, &[("HEARTBEAT_INTERVAL_MS", "600000"), ("LOST_AFTER_MS", "1200000")], &[]).await;
     let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
     assert_eq!(a.body["retryable"], true, "{}", a.text);
@@ -935,7 +936,7 @@ async fn submit_held(client: &Client, agent: &AgentProc) -> String {
 /// before the reset after an agent was stopped twice in a few seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_used_up_usage_window_holds_across_two_quick_agent_restarts() {
-    let s = setup(EdgeKind::Native, &[("HEARTBEAT_INTERVAL_MS", "600000")], &[]).await;
+    let s = setup(EdgeKind::Native, &[("HEARTBEAT_INTERVAL_MS", "600000"), ("LOST_AFTER_MS", "1200000")], &[]).await;
     let mut agent = s.agent;
     let a = s.client.execute(json!({"prompt": "@rate_limited=60"})).await;
     assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
@@ -1139,7 +1140,7 @@ async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
 async fn the_usage_window_open_again_alert_goes_at_its_reset(kind: EdgeKind) {
     let hook = Webhook::start(vec![]);
     let notify_url = hook.url("/runner-alerts");
-    let settings = [("NOTIFY_URL", notify_url.as_str()), ("HEARTBEAT_INTERVAL_MS", "600000")];
+    let settings = [("NOTIFY_URL", notify_url.as_str()), ("HEARTBEAT_INTERVAL_MS", "600000"), ("LOST_AFTER_MS", "1200000")];
     let s = setup(kind, &settings, &[]).await;
     let kinds = |hook: &Webhook| hook.received().iter().map(|h| h.headers.get("x-claude-runner-alert").cloned().unwrap_or_default()).collect::<Vec<_>>();
     // The window is used up for two seconds; nothing waits for it.
@@ -1500,7 +1501,7 @@ async fn a_job_in_flight_survives_an_edge_restart(kind: EdgeKind) {
 }
 
 async fn a_vanished_agent_makes_the_job_lost(kind: EdgeKind) {
-    let mut s = setup(kind, &[("LOST_AFTER_MS", "1500")], &[]).await;
+    let mut s = setup(kind, &[("LOST_AFTER_MS", "2000"), QUICK_HEARTBEATS], &[]).await;
     let client = s.client.clone();
     let waiter = tokio::spawn(async move { client.execute(json!({"prompt": "@sleep=30000"})).await });
     assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await);
@@ -1513,7 +1514,7 @@ async fn a_vanished_agent_makes_the_job_lost(kind: EdgeKind) {
 
 async fn an_agent_that_stops_mid_job_tells_the_caller_to_fall_back(kind: EdgeKind) {
     // The waiting caller is told once the edge gives the agent up (LOST_AFTER_MS).
-    let mut s = setup(kind, &[QUICK_LOSS], &[]).await;
+    let mut s = setup(kind, &QUICK_LOSS, &[]).await;
     let client = s.client.clone();
     let waiter = tokio::spawn(async move { client.execute(json!({"prompt": "@sleep=30000"})).await });
     assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await);

@@ -353,10 +353,12 @@ async fn an_agent_killed_with_jobs_leaves_the_others_serving() {
     let p = pool(
         EdgeKind::Native,
         &[("spark", &[]), ("laptop", &[]), ("desk", &[])],
-        // The kill closes spark's connection at once; heartbeats are as shipped (15 s,
-        // named): at 500 ms the edge dropped any agent it heard nothing from for 1 s, which
-        // a loaded machine's pause of laptop or desk could exceed, losing the job it ran.
-        &[("LOST_AFTER_MS", "1500"), ("HEARTBEAT_INTERVAL_MS", "15000")],
+        // The kill closes spark's connection at once; heartbeats slow enough (named): at
+        // 500 ms the edge dropped any agent it heard nothing from for 1 s, which a loaded
+        // machine's pause of laptop or desk could exceed, losing the job it ran. The edge
+        // refuses a LOST_AFTER_MS under two intervals (an agent notices a silent edge only
+        // then).
+        &[("LOST_AFTER_MS", "5000"), ("HEARTBEAT_INTERVAL_MS", "2500")],
     )
     .await;
     let mut p = p;

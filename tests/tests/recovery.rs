@@ -319,14 +319,15 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
 /// agent could not come back to an edge that was away, so at the restart the job waits for
 /// it again instead of being lost at once (it was, by the first tick after the restart:
 /// its caller was told to run it elsewhere, and the agent's run was stopped). The agent
-/// does not hear the edge go (its link is black-holed from the edge's side), so it comes
-/// back only when the test resets the link, just after the restart.
+/// hears the edge go only by its silence (its link is black-holed from the edge's side),
+/// two heartbeat intervals in, and comes back once the edge is up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
     // The agent has LOST_AFTER_MS from the restart to come back: 10 s, as 2 s lost the job
     // when a loaded machine held the agent 2.5 s (tried: SIGSTOP across the restart). The
-    // stop is longer still, and the job longer than both.
-    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "10000"), ("HEARTBEAT_INTERVAL_MS", "10000")]).await;
+    // stop is longer still, and the job longer than both. (The edge refuses a
+    // LOST_AFTER_MS under two heartbeat intervals.)
+    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "10000"), ("HEARTBEAT_INTERVAL_MS", "5000")]).await;
     let job_id = s.run_job("@sleep=15000 across a long stop").await;
     assert!(eventually(Duration::from_secs(60), || s.edge.log().contains("job running")).await, "{}", s.edge.log());
     s.proxy.blackhole(Direction::Down);
@@ -456,7 +457,7 @@ async fn a_job_whose_agent_was_away_when_the_edge_was_killed_is_not_lost_at_the_
 /// welcome says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_backoff_has_grown_comes_back_for_its_job_before_the_edge_gives_it_up() {
-    let s = ProxiedAgent::start(&[("LOST_AFTER_MS", "4000")]).await;
+    let s = ProxiedAgent::start(&[("LOST_AFTER_MS", "4000"), ("HEARTBEAT_INTERVAL_MS", "2000")]).await;
     // Six short connections: the next delay is 16 s (jittered by half: at least 8 s),
     // twice LOST_AFTER_MS.
     for _ in 0..6 {
@@ -482,7 +483,7 @@ async fn an_agent_whose_backoff_has_grown_comes_back_for_its_job_before_the_edge
 /// agent's log; then the edge comes back and the job succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_holding_a_result_while_the_edge_is_down_caps_its_delay_from_its_start() {
-    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "8000"), ("HEARTBEAT_INTERVAL_MS", "5000")]).await;
+    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "8000"), ("HEARTBEAT_INTERVAL_MS", "4000")]).await;
     let job_id = s.run_job("@sleep=300 held across a reboot").await;
     s.proxy.blackhole(Direction::Up);
     let data = s.agent.data.path().join("data");

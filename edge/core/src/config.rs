@@ -128,6 +128,9 @@ pub enum ConfigError {
     /// Two settings that cannot both hold: named as set, with what to change.
     #[error("{body} ({body_value}) is more than {pending} ({pending_value}): a job that large would be taken only while no other job is pending; set {pending} to at least {body_value}, lower {body}, or unset {pending} (unset, it is at least {body})")]
     BodyPastPending { body: String, body_value: u64, pending: String, pending_value: u64 },
+    /// Named as set, with both ways out.
+    #[error("{lost} ({lost_value}) is less than twice {heartbeat} ({heartbeat_value}): an agent notices a silent edge only after two heartbeat intervals, so the edge would end its jobs `lost` (their callers told to run them elsewhere) while the agent still took itself for connected and went on starting them; set {lost} to at least {least} or {heartbeat} to at most {most} (unset, they are {} and {})", DEFAULT_LOST_AFTER_MS, DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    LostBeforeTwoBeats { lost: String, lost_value: u64, heartbeat: String, heartbeat_value: u64, least: u64, most: u64 },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
     #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
@@ -545,6 +548,29 @@ impl Config {
                 pending_value: max_pending_bytes,
             });
         }
+        let heartbeat_interval_ms = between(
+            "HEARTBEAT_INTERVAL_MS",
+            "milliseconds",
+            DEFAULT_HEARTBEAT_INTERVAL_MS,
+            shared::contract::MIN_HEARTBEAT_INTERVAL_MS,
+            // Longer, agents would heartbeat at their own most, not as set.
+            shared::contract::MAX_HEARTBEAT_INTERVAL_MS,
+            "shorter, heartbeats would keep the agent and the edge busy for nothing",
+        )?;
+        let lost_after_ms = bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?;
+        // rev30-1: the agent learns it is cut off only when a beat's ack is two intervals
+        // overdue; given up by the edge sooner, a job it held went on to start after the
+        // caller had been told to run it elsewhere.
+        if lost_after_ms < 2 * heartbeat_interval_ms {
+            return Err(ConfigError::LostBeforeTwoBeats {
+                lost: own_name("LOST_AFTER_MS"),
+                lost_value: lost_after_ms,
+                heartbeat: own_name("HEARTBEAT_INTERVAL_MS"),
+                heartbeat_value: heartbeat_interval_ms,
+                least: 2 * heartbeat_interval_ms,
+                most: lost_after_ms / 2,
+            });
+        }
         let nothing_queued = "0 would refuse every job with 429";
         let max_queued_jobs = between("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 1, 100_000, nothing_queued)? as usize;
         Ok(Config {
@@ -556,16 +582,8 @@ impl Config {
             agents,
             other_pools: all[1..].iter().map(|p| (p.name.clone(), p.agents.clone())).collect(),
             runner_secret,
-            heartbeat_interval_ms: between(
-                "HEARTBEAT_INTERVAL_MS",
-                "milliseconds",
-                DEFAULT_HEARTBEAT_INTERVAL_MS,
-                shared::contract::MIN_HEARTBEAT_INTERVAL_MS,
-                // Longer, agents would heartbeat at their own most, not as set.
-                shared::contract::MAX_HEARTBEAT_INTERVAL_MS,
-                "shorter, heartbeats would keep the agent and the edge busy for nothing",
-            )?,
-            lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
+            heartbeat_interval_ms,
+            lost_after_ms,
             max_timeout_ms: between(
                 "MAX_TIMEOUT_MS",
                 "milliseconds",
@@ -759,7 +777,7 @@ mod tests {
     fn a_heartbeat_longer_than_agents_keep_is_refused() {
         let most = shared::contract::MAX_HEARTBEAT_INTERVAL_MS;
         assert_eq!(most, 600_000);
-        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "600000")])).unwrap();
+        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "600000"), ("LOST_AFTER_MS", "1200000")])).unwrap();
         assert_eq!(cfg.heartbeat_interval_ms, most);
         for longer in ["600001", "3600000", "86400000"] {
             let set = [("HEARTBEAT_INTERVAL_MS", longer)];
@@ -768,6 +786,36 @@ mod tests {
                 .to_string();
             assert!(err.starts_with(&format!("HEARTBEAT_INTERVAL_MS is {longer}, over the most this edge supports (600000)")), "{err}");
         }
+    }
+
+    /// rev30-1: an agent takes itself for cut off only once a beat's ack is two heartbeat
+    /// intervals overdue. An edge that gave its jobs up sooner (HEARTBEAT_INTERVAL_MS 4 s,
+    /// LOST_AFTER_MS 1 s) told a caller to run a job elsewhere while the agent, still
+    /// "connected", started it. Refused at the edge's start (the native edge) or at each
+    /// request (the Worker), naming both settings as set and what to set.
+    #[test]
+    fn lost_after_ms_under_two_heartbeat_intervals_is_refused_saying_what_to_set() {
+        let err = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "4000"), ("LOST_AFTER_MS", "1000")])).unwrap_err().to_string();
+        assert!(err.starts_with("LOST_AFTER_MS (1000) is less than twice HEARTBEAT_INTERVAL_MS (4000)"), "{err}");
+        assert!(err.contains("set LOST_AFTER_MS to at least 8000 or HEARTBEAT_INTERVAL_MS to at most 500"), "{err}");
+        assert!(Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "4000"), ("LOST_AFTER_MS", "7999")])).is_err());
+        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "4000"), ("LOST_AFTER_MS", "8000")])).unwrap();
+        assert_eq!((cfg.heartbeat_interval_ms, cfg.lost_after_ms), (4000, 8000));
+        // The defaults hold it; a long interval alone does not.
+        let cfg = Config::from_lookup(lookup(&[])).unwrap();
+        assert!(cfg.lost_after_ms >= 2 * cfg.heartbeat_interval_ms);
+        let err = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "60001")])).unwrap_err().to_string();
+        assert!(err.contains("set LOST_AFTER_MS to at least 120002 or HEARTBEAT_INTERVAL_MS to at most 60000"), "{err}");
+        // A pool's own settings are named as set.
+        let gpu = |name: &str| match name {
+            "POOLS" => Some("gpu".to_string()),
+            "RUNNER_SECRET_GPU" => Some("gpu-secret-0123456789".to_string()),
+            "AGENT_PUBLIC_KEYS_GPU" => Some("spark=lIeDBBIBzPaGl6mDciZ/XY8hQojwsT8YaVsczgB1MHo=".to_string()),
+            "LOST_AFTER_MS_GPU" => Some("1000".to_string()),
+            _ => lookup(&[])(name),
+        };
+        let err = Config::for_pool(gpu, "gpu").unwrap_err().to_string();
+        assert!(err.starts_with("LOST_AFTER_MS_GPU (1000) is less than twice HEARTBEAT_INTERVAL_MS (15000)"), "{err}");
     }
 
     #[test]

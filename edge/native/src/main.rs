@@ -19,7 +19,8 @@ Environment:
   HEARTBEAT_INTERVAL_MS, LOST_AFTER_MS, MAX_TIMEOUT_MS, MAX_BODY_BYTES,
   JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS, MAX_QUEUED_PER_CALLER,
   TIMEOUT_MARGIN_MS, SSE_KEEPALIVE_MS,
-  MAX_RETAINED_JOBS, MAX_RETAINED_BYTES, MAX_PENDING_BYTES   limits (see README)
+  MAX_RETAINED_JOBS, MAX_RETAINED_BYTES, MAX_PENDING_BYTES   limits (see README;
+                         LOST_AFTER_MS at least twice HEARTBEAT_INTERVAL_MS)
   NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
   CALLBACK_HOSTS         host,host:port,... where a job's callback_url may point
