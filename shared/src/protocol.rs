@@ -798,8 +798,11 @@ pub struct Welcome {
     pub issued_at: Millis,
 }
 
+/// A signed job order. `S` is how its task is held: the agent reads its own copy; the edge
+/// seals the job record's own (`JobOrder<&JobSpec>`), so sending a job copies none of its
+/// task (issue 11) — the same frames either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobOrder {
+pub struct JobOrder<S = JobSpec> {
     #[serde(flatten)]
     pub header: OrderHeader,
     /// The challenge nonce of the connection the edge sent it on: the agent takes it on
@@ -825,10 +828,10 @@ pub struct JobOrder {
     /// would push out every other caller's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_proven: Option<bool>,
-    pub spec: JobSpec,
+    pub spec: S,
 }
 
-impl JobOrder {
+impl<S> JobOrder<S> {
     /// Whether this order, verified, may be taken on the connection of `challenge`, where
     /// the highest order number taken so far is `highest`. One the path held back past a
     /// later one (or past the connection's end) is refused: by then the agent's statement
@@ -912,7 +915,7 @@ pub enum LoginAction {
     Code { code: String },
 }
 
-impl HasHeader for JobOrder {
+impl<S> HasHeader for JobOrder<S> {
     fn header(&self) -> &OrderHeader {
         &self.header
     }

@@ -15,6 +15,7 @@ use shared::job::{JobResult, JobSpec, JobState};
 use crate::clock::Now;
 use shared::time::rfc3339;
 use shared::Millis;
+use std::sync::Arc;
 
 /// How the caller waits for the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +30,12 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
-    pub spec: JobSpec,
+    /// The task as submitted. Never changed in place: every copy of the record (an
+    /// event's version before, for an undo; its `Save`; the header an ended job leaves in
+    /// memory) and the order that sends it share this one (issue 11: copied, it was a
+    /// tenth of the edge's allocations). A header holds its own cut version.
+    #[serde(with = "shared_spec")]
+    pub spec: Arc<JobSpec>,
     pub mode: Mode,
     pub state: JobState,
     pub idempotency_key: Option<String>,
@@ -119,6 +125,20 @@ fn yes() -> bool {
     true
 }
 
+/// [`Job::spec`] stored as the task itself, as before it was shared.
+mod shared_spec {
+    use super::{Arc, JobSpec};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(spec: &Arc<JobSpec>, to: S) -> Result<S::Ok, S::Error> {
+        spec.as_ref().serialize(to)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(from: D) -> Result<Arc<JobSpec>, D::Error> {
+        JobSpec::deserialize(from).map(Arc::new)
+    }
+}
+
 /// How many of a job's latest orders [`Job::order_tags`] keeps. A job is sent again only
 /// once its agent refused the order or was found never to have received it, so an older
 /// order's report does not come; one that did would be ignored.
@@ -172,17 +192,56 @@ pub fn terms_digest(placement: &shared::placement::Placement, callback_url: Opti
     shared::ids::hex(&hash.finalize())
 }
 
-/// A record's long texts, which a header leaves to storage ([`Job::header`]): the task's
-/// text, its long lists, and the result's output, diff and error.
-struct Long {
-    prompt: String,
-    append_system_prompt: Option<String>,
-    allowed_tools: Vec<String>,
-    disallowed_tools: Vec<String>,
-    commit_message: Option<String>,
-    /// The result's output, diff, error and changed files (a list a repository job's
-    /// result may carry up to a quarter of a frame of).
-    result: Option<(String, Option<String>, Option<String>, Option<Vec<shared::job::FileChange>>)>,
+/// A result's long texts, which a header leaves to storage ([`Job::header`]): its output,
+/// diff, error and changed files (a list a repository job's result may carry up to a
+/// quarter of a frame of). The task's are left by [`header_spec`].
+type Long = Option<(String, Option<String>, Option<String>, Option<Vec<shared::job::FileChange>>)>;
+
+/// The task as a header keeps it: the start of its prompt, and none of its long lists and
+/// texts, which are the whole record's (a request may carry 2 × 128 tools of 512 bytes and
+/// a 64 KiB commit message): memory keeps none. Made from the task, not cut out of a copy
+/// of it, which the records sharing it (`Job::spec`) would have to make whole first.
+fn header_spec(spec: &JobSpec) -> JobSpec {
+    // Every field named (no `..`): a field added to the task is kept or left here on purpose.
+    let JobSpec {
+        prompt,
+        repo_url,
+        branch,
+        working_dir,
+        timeout_ms,
+        allowed_tools: _,
+        disallowed_tools: _,
+        max_turns,
+        model,
+        permission_mode,
+        append_system_prompt: _,
+        session_id,
+        include_diff,
+        max_budget_usd,
+        allow_stale,
+        push_branch,
+        commit_message: _,
+    } = spec;
+    JobSpec {
+        // The start of the task stays, for the jobs list (`GET /jobs`).
+        prompt: shared::text::truncate(prompt, PROMPT_PREVIEW_BYTES).to_string(),
+        repo_url: repo_url.clone(),
+        branch: branch.clone(),
+        working_dir: working_dir.clone(),
+        timeout_ms: *timeout_ms,
+        allowed_tools: Vec::new(),
+        disallowed_tools: Vec::new(),
+        max_turns: *max_turns,
+        model: model.clone(),
+        permission_mode: permission_mode.clone(),
+        append_system_prompt: None,
+        session_id: session_id.clone(),
+        include_diff: *include_diff,
+        max_budget_usd: *max_budget_usd,
+        allow_stale: *allow_stale,
+        push_branch: push_branch.clone(),
+        commit_message: None,
+    }
 }
 
 /// How much of a prompt the jobs list shows (and a header keeps).
@@ -227,7 +286,7 @@ impl Job {
             result: None,
             spec_digest: spec_digest(&spec),
             terms_digest: String::new(),
-            spec,
+            spec: Arc::new(spec),
             header_only: false,
             bytes: 0,
             placement: Default::default(),
@@ -246,7 +305,7 @@ impl Job {
         // Its placement and callback go: what a repeat is compared on stays.
         stub.terms_digest = self.terms().unwrap_or_default();
         // Nothing of the task but its digest: a stub is kept outside the retention caps.
-        stub.spec = JobSpec { timeout_ms: self.spec.timeout_ms, ..JobSpec::default() };
+        stub.spec = Arc::new(JobSpec { timeout_ms: self.spec.timeout_ms, ..JobSpec::default() });
         stub.placement = shared::placement::Placement { caller: self.placement.caller.clone(), ..Default::default() };
         stub.result = None;
         stub.callback_url = None;
@@ -356,8 +415,9 @@ impl Job {
     }
 
     /// [`Job::header`] of this record, which stays whole, made without a copy of its long
-    /// texts: they are moved out for the copy and back. A job's end keeps the header in
-    /// memory and stores the whole record (`machine/jobs.rs::finish`).
+    /// texts: the result's are moved out for the copy and back, and the task is shared. A
+    /// job's end keeps the header in memory and stores the whole record
+    /// (`machine/jobs.rs::finish`).
     pub fn header_apart(&mut self) -> Job {
         if self.header_only {
             return self.clone();
@@ -370,43 +430,27 @@ impl Job {
         header
     }
 
-    /// Takes out the texts a header leaves to storage.
+    /// Takes out the result's texts a header leaves to storage.
     fn take_long(&mut self) -> Long {
-        let spec = &mut self.spec;
-        Long {
-            prompt: std::mem::take(&mut spec.prompt),
-            append_system_prompt: spec.append_system_prompt.take(),
-            allowed_tools: std::mem::take(&mut spec.allowed_tools),
-            disallowed_tools: std::mem::take(&mut spec.disallowed_tools),
-            commit_message: spec.commit_message.take(),
-            result: self.result.as_mut().map(|r| (std::mem::take(&mut r.output), r.diff.take(), r.error.take(), r.files_changed.take())),
-        }
+        self.result.as_mut().map(|r| (std::mem::take(&mut r.output), r.diff.take(), r.error.take(), r.files_changed.take()))
     }
 
     /// Puts back what [`Job::take_long`] took out.
     fn put_long(&mut self, long: Long) {
-        let spec = &mut self.spec;
-        spec.prompt = long.prompt;
-        spec.append_system_prompt = long.append_system_prompt;
-        spec.allowed_tools = long.allowed_tools;
-        spec.disallowed_tools = long.disallowed_tools;
-        spec.commit_message = long.commit_message;
-        if let (Some(result), Some((output, diff, error, files))) = (&mut self.result, long.result) {
+        if let (Some(result), Some((output, diff, error, files))) = (&mut self.result, long) {
             (result.output, result.diff, result.error, result.files_changed) = (output, diff, error, files);
         }
     }
 
-    /// Makes this record, its long texts taken out (`long`), the header: the digest and
-    /// size of the whole, the start of its task and of its error.
+    /// Makes this record, its result's long texts taken out (`long`), the header: the
+    /// digest and size of the whole, the start of its task ([`header_spec`]) and of its
+    /// error.
     fn cut_to_header(&mut self, long: &Long, digest: String, bytes: u64) {
         self.spec_digest = digest;
         self.bytes = bytes;
         self.header_only = true;
-        // The start of the task stays, for the jobs list (`GET /jobs`). The task's long
-        // lists and texts are the whole record's (a request may carry 2 × 128 tools of 512
-        // bytes and a 64 KiB commit message): memory keeps none.
-        self.spec.prompt = shared::text::truncate(&long.prompt, PROMPT_PREVIEW_BYTES).to_string();
-        if let (Some(result), Some((_, _, Some(error), _))) = (&mut self.result, &long.result) {
+        self.spec = Arc::new(header_spec(&self.spec));
+        if let (Some(result), Some((_, _, Some(error), _))) = (&mut self.result, long) {
             result.error = Some(shared::text::truncate(error, HEADER_ERROR_BYTES).to_string());
         }
     }

@@ -305,7 +305,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
         let mut big = job("big");
-        big.spec.prompt = "p".repeat(2 * RECORD_BUFFER_KEPT);
+        std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(2 * RECORD_BUFFER_KEPT);
         let (small, other) = (job("small"), job("other"));
         store.apply(&Writes { saves: vec![small.clone(), big.clone(), other.clone()], forgets: vec![], alerts: None }).unwrap();
         // Each record whole and alone, though written through the same buffer.

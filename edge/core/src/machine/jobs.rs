@@ -344,7 +344,8 @@ impl Edge {
         job.instance = Some(instance);
         job.order_no = order_no;
         job.new_order(&challenge, order_no);
-        let (nonce, spec, caller, sent_proven) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string(), job.caller_proven);
+        // The record's own task, shared (never copied) into the order sealed below.
+        let (nonce, spec, caller, sent_proven) = (job.order_nonce(), std::sync::Arc::clone(&job.spec), job.placement.caller().to_string(), job.caller_proven);
         effects.push(Effect::Save(Box::new(job.clone())));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
         // The caller goes with the order: the agent resumes a Claude session only for the
@@ -355,7 +356,7 @@ impl Edge {
         // weighs its session cut by it: made-up names share one owner's share, a proven
         // caller holds its own.
         let caller_proven = Some(sent_proven && self.cfg.has_own_secret(&caller));
-        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, caller_proven, spec };
+        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, caller_proven, spec: &*spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
         effects.push(saved);

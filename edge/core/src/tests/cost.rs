@@ -102,3 +102,44 @@ fn a_progress_events_cost_does_not_grow_with_what_is_in_it() {
     let large = cost_of(2, json!({"type": "assistant", "message": {"content": parts}}));
     assert!(large <= small + 16, "an event of 200 parts took {large} allocations, one of two fields {small}");
 }
+
+/// One job's life, its task carrying `tools` allowed and as many disallowed tools: the
+/// allocations of its submission (which sends it), its acceptance, its start and its
+/// result.
+fn life_with_tools(edge: &mut Edge, sid: &str, n: u64, tools: usize) -> [u64; 4] {
+    let job_id = format!("job-{n:05}");
+    let names: Vec<String> = (0..tools).map(|i| format!("Tool{i:03}")).collect();
+    let body = json!({"prompt": "x", "timeout_ms": 10_000, "allowed_tools": names, "disallowed_tools": names}).to_string();
+    let sub = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    let (sent, s) = allocations(|| edge.submit(n, job_id.clone(), sub, Mode::Detached).unwrap());
+    assert_eq!(order_of(&s.effects, sid, "spark", n).spec.allowed_tools.len(), tools);
+    let accepted = AgentMessage::Accepted { job_id: job_id.clone() }.to_text();
+    let accepted = allocations(|| edge.message(n, sid, &accepted)).0;
+    let started = AgentMessage::started(&job_id, &edge.job(&job_id).unwrap().order_nonce(), &link(edge, sid)).to_text();
+    let started = allocations(|| edge.message(n, sid, &started)).0;
+    assert!(!edge.job(&job_id).unwrap().unstarted, "the start was taken");
+    let result = result_msg(edge, &job_id, ok_result()).to_text();
+    let ended = allocations(|| edge.message(n, sid, &result)).0;
+    assert!(edge.job(&job_id).unwrap().state.is_terminal(), "the job ended");
+    say(edge, n, sid, credit(1, n + 1));
+    [sent, accepted, started, ended]
+}
+
+/// A job's events cost the edge the same whatever its task holds: the version of its
+/// record each event keeps for an undo, the record it saves and the order that sends it
+/// share the task, and the header an ended job leaves in memory keeps none of its lists.
+/// Copied (issue 11), a task of 2 × 128 tools cost each of its job's events an allocation
+/// per tool twice over.
+#[test]
+fn a_jobs_events_cost_the_same_whatever_its_task_holds() {
+    let (mut edge, sid) = ready_edge();
+    // The first job warms what every job reuses (maps, buffers).
+    life_with_tools(&mut edge, &sid, 0, 0);
+    let small = life_with_tools(&mut edge, &sid, 1, 0);
+    let large = life_with_tools(&mut edge, &sid, 2, 128);
+    // Slack for the buffers a larger task's digest and order are written into (they grow
+    // by doubling); a copy of the task is an allocation per tool, 256 here.
+    let events = ["submission and order", "acceptance", "start", "result"];
+    let grown: Vec<String> = events.iter().zip(small.iter().zip(large)).filter(|(_, (small, large))| *large > **small + 24).map(|(event, (small, large))| format!("{event}: {large} against {small}")).collect();
+    assert!(grown.is_empty(), "allocations of a job of 256 tools against one of none: {grown:?}");
+}
