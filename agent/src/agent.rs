@@ -1276,7 +1276,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-agent-record-{name}-{}", std::process::id()));
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
-        agent.link.welcomed(Some(60_000), Vec::new());
+        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
         // A job's run, finished as the serve loop finishes one that was not handed back:
         // its result in its slot until the edge acknowledges it.
         let run = |agent: Arc<Agent>, job: &'static str| async move {
