@@ -1215,35 +1215,41 @@ mod tests {
     /// An agent cut off from the edge while a job it accepted was checking out its
     /// repository (or waiting at the refresh gate) started the job once that was done, long
     /// after the edge had ended it `lost` and told its `/execute` caller to fall back: the
-    /// task ran twice. Away longer than the edge's LOST_AFTER_MS (0 here), Claude is not
-    /// started and the result says so; connected, the job runs as before.
+    /// task ran twice. A job starts only while the last frame the edge proved it read was
+    /// written less than LOST_AFTER_MS ago, connected or not; else its start is held until
+    /// the edge proves it is there in a frame written after the check, and ends "not
+    /// started" at its deadline (rev30-1: a hop kept the agent "connected" without the edge,
+    /// and the old rule, asked only while disconnected, let the job start).
     #[tokio::test(flavor = "current_thread")]
-    async fn a_job_the_edge_gave_up_while_the_agent_was_away_is_not_started() {
+    async fn a_job_is_held_while_nothing_the_edge_proved_is_fresh_and_starts_once_it_is() {
         let dir = std::env::temp_dir().join(format!("cr-agent-away-{}", std::process::id()));
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
-        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        let run = |agent: Arc<Agent>, spec: shared::job::JobSpec| async move {
+        let run = |agent: Arc<Agent>, timeout_ms: u64| async move {
+            let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": timeout_ms})).unwrap();
             let ctx = agent.job_context("j:1", "default", Some(false));
             let (_stop, stop_rx) = oneshot::channel();
             let ended = runner::run(&ctx, "j", spec, stop_rx).await;
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
-        agent.link.away();
-        // Any time at all away is longer than LOST_AFTER_MS 0.
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let result = run(Arc::clone(&agent), spec.clone()).await;
-        assert!(!ran.exists(), "Claude was started after the edge gave the job up");
-        assert_eq!(result.error_code, Some(ErrorCode::RunnerLost), "{result:?}");
-        assert_eq!(result.retryable, Some(true));
+        // Connected as far as the agent knows (no connection ends here), but the last frame
+        // the edge proved was its welcome's hello, two seconds ago: past LOST_AFTER_MS 1 s.
+        let two_s_ago = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(2)).unwrap();
+        agent.link.welcomed(Some(1_000), Vec::new(), two_s_ago);
+        let result = run(Arc::clone(&agent), 1_500).await;
+        assert!(!ran.exists(), "Claude was started with nothing the edge proved younger than LOST_AFTER_MS");
+        assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
         let said = result.error.unwrap_or_default();
-        assert!(said.starts_with("not started: this agent heard nothing from the edge") && said.contains("longer than the 0 ms (LOST_AFTER_MS)") && said.ends_with("run it again"), "{said}");
-        // Connected again, the welcome naming none of its jobs: the job runs.
-        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
-        run(Arc::clone(&agent), spec).await;
-        assert!(ran.exists(), "a connected agent did not start the job");
+        assert!(said.starts_with("not started: this agent heard nothing from the edge in the 1000 ms (LOST_AFTER_MS)") && said.ends_with("run it again"), "{said}");
+        // Held, then the edge answers a beat written after the check: the job starts.
+        let job = tokio::spawn(run(Arc::clone(&agent), 60_000));
+        while !job.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            agent.link.heard_at(std::time::Instant::now());
+        }
+        let result = job.await.unwrap();
+        assert!(ran.exists(), "the job held for the edge did not start once it answered: {result:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1392,25 +1398,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// The window after that check: the agent cut off and given up while the job's started
-    /// record was written and Claude spawned. Checked again right before the prompt, the job
-    /// still does not start: its Claude is killed unprompted, the result says "not started",
-    /// and the started record is cleared, so a restart does not report the job lost (run).
+    /// The window after that check: nothing the edge proved is fresh any more by the time
+    /// the job's started record is written and Claude spawned. Checked again right before
+    /// the prompt, the job does not start: its Claude is killed unprompted and the started
+    /// record cleared (a restart does not report the job lost as if it ran); the start is
+    /// held as at the first check, ending "not started" at its deadline — or, once the edge
+    /// proves it is there again, Claude starts anew and gets its prompt.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_job_given_up_between_its_check_and_its_prompt_is_not_started() {
+    async fn a_job_whose_edge_went_stale_between_its_check_and_its_prompt_is_not_started_then() {
         let dir = std::env::temp_dir().join(format!("cr-agent-away-late-{}", std::process::id()));
         let ran = dir.join("ran");
         let (agent, queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
-        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
-        // The check before the started record passes (connected); the next finds it given up.
+        let spec = |timeout_ms: u64| -> shared::job::JobSpec { serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": timeout_ms})).unwrap() };
+        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        // The check before the started record passes; the next finds nothing fresh.
         agent.link.away_at_check(1);
         let ctx = agent.job_context("j:1", "default", Some(false));
         let (_stop, stop_rx) = oneshot::channel();
-        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        let ended = runner::run(&ctx, "j", spec(1_500), stop_rx).await;
         ended.leftover.clean_up().await;
         let result = ended.result;
-        assert!(!ran.exists(), "Claude got its prompt after the edge gave the job up");
+        assert!(!ran.exists(), "Claude got its prompt with nothing the edge proved fresh");
         assert!(ended.cannot_start.is_none(), "handed back as if the agent could not start jobs");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
         let said = result.error.unwrap_or_default();
@@ -1419,6 +1427,25 @@ mod tests {
         drop((ctx, agent, queues));
         let (agent, _queues) = agent_in(&dir);
         assert!(agent.spool.get("j").is_none(), "its started record outlived it: reported lost at the restart");
+        // Again, and the edge answers while the start is held: Claude starts anew.
+        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.away_at_check(1);
+        let job = {
+            let agent = Arc::clone(&agent);
+            tokio::spawn(async move {
+                let ctx = agent.job_context("j:2", "default", Some(false));
+                let (_stop, stop_rx) = oneshot::channel();
+                let ended = runner::run(&ctx, "j", spec(60_000), stop_rx).await;
+                ended.leftover.clean_up().await;
+                ended.result
+            })
+        };
+        while !job.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            agent.link.heard_at(std::time::Instant::now());
+        }
+        let result = job.await.unwrap();
+        assert!(ran.exists(), "the held job did not start once the edge answered: {result:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1442,12 +1469,9 @@ mod tests {
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(0), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
         let (gone, kept) = (agent.job_context("gone:1", "default", Some(false)), agent.job_context("kept:1", "default", Some(false)));
-        agent.link.away();
-        // Any time at all away is longer than LOST_AFTER_MS 0.
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        agent.link.welcomed(Some(0), vec!["gone".into()], std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), vec!["gone".into()], std::time::Instant::now());
         let result = run(gone, "gone", spec.clone()).await;
         assert!(!ran.exists(), "Claude was started after the edge gave the job up, once the agent was back");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");

@@ -57,11 +57,10 @@ pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::
         // Its reasons may be the words of whoever answered at EDGE_URL (a close frame, a
         // goodbye, a version), heard before or without any proof that it is the edge: one
         // bounded line before they reach the log or the status file.
+        // Connected or not, a job starts only while the last frame the edge proved it read
+        // was written less than its LOST_AFTER_MS ago, and never once a welcome names it as
+        // given up ([`crate::link::Link::start`]): nothing to tell the link as this ends.
         let ended = session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await;
-        // Away from the edge from here (counted from its last frame): a job accepted on the
-        // connection that ended does not start once away past the edge's LOST_AFTER_MS, nor,
-        // once back, if the welcome names it as given up.
-        agent.link.away();
         let end = match ended {
             End::Lost(why) => End::Lost(peer_words(&why)),
             End::Unreached(why) => End::Unreached(peer_words(&why)),
@@ -1066,14 +1065,12 @@ mod tests {
         let welcomed = link.last_heard();
         link.heard_at(at.into_std());
         assert_eq!(link.last_heard(), welcomed, "heard at the welcome, not moved back to beat 1");
-        link.away();
-        assert!(link.given_up("j").is_none(), "heard at the welcome, not moved back to beat 1");
+        assert_eq!(link.start("j", None), crate::link::Start::Go, "heard at the welcome, not moved back to beat 1");
         let link = crate::link::Link::default();
         link.welcomed(Some(20), Vec::new(), std::time::Instant::now());
         std::thread::sleep(Duration::from_millis(30));
         link.heard_at(std::time::Instant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2.into_std()));
-        link.away();
-        assert!(link.given_up("j").is_some(), "an ack arriving now of a beat 25 ms old: away past 20 ms");
+        assert!(matches!(link.start("j", None), crate::link::Start::Hold { .. }), "an ack arriving now of a beat 25 ms old: older than 20 ms");
     }
 
     /// rev30-2: an ack a hop held back, of a beat written behind a large write the hop took
@@ -1101,8 +1098,7 @@ mod tests {
         let hello_sent = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(30));
         link.welcomed(Some(20), Vec::new(), hello_sent);
-        link.away();
-        assert!(link.given_up("j").is_some(), "a welcome arriving now of a hello 30 ms old: away past 20 ms");
+        assert!(matches!(link.start("j", None), crate::link::Start::Hold { .. }), "a welcome arriving now of a hello 30 ms old: older than 20 ms");
     }
 
     /// rev30-1: the silence bound was the last ack plus two intervals plus the bytes not

@@ -13,12 +13,13 @@
 //! this holds by construction there; the check keeps it for any frame made off that
 //! thread, or under a runtime with more threads (the agent had two until 7d208e4).
 //!
-//! It also keeps what the away rule reads ([`Link::given_up`]): whether a welcomed
-//! connection is up, when the edge last proved it was there ([`Link::last_heard`]: the
-//! writing of the last frame of the agent's it answered, never an arrival), and the jobs
-//! the last welcome said the edge gave up. The connection's silence bound is another
-//! clock (`connection.rs`, `Unanswered`): it gives a slow link the time its bytes take,
-//! which is no time the edge is known to have been there (rev30-2).
+//! It also keeps what the start rule reads ([`Link::start`]): when the edge last proved
+//! it was there (the writing of the last frame of the agent's it answered, never an
+//! arrival), the last welcome's `LOST_AFTER_MS`, and the jobs that welcome said the edge
+//! gave up; and it wakes the jobs whose start the rule holds when the edge proves it is
+//! there again ([`Link::proven`]). The connection's silence bound is another clock
+//! (`connection.rs`, `Unanswered`): it gives a slow link the time its bytes take, which
+//! is no time the edge is known to have been there (rev30-2).
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
@@ -28,15 +29,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Clone, Default)]
-pub struct Link(Arc<Mutex<Current>>);
+pub struct Link(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    current: Mutex<Current>,
+    /// Told whenever the edge proves it was there (a welcome, a new ack), and whenever a
+    /// welcome says which jobs it gave up: the starts the rule holds look again.
+    proven: tokio::sync::Notify,
+}
 
 #[derive(Default)]
 struct Current {
     keys: Option<LinkKeys>,
     /// Counts the connections whose keys were set: which one a [`Sealed`] frame is for.
     connection: u64,
-    /// A welcomed connection is up (the agent has not seen it end).
-    connected: bool,
     /// When the edge last proved it was there: the writing of the latest frame of the agent's
     /// it answered (the hello its welcome answers, a beat an ack answers).
     last_heard: Option<Instant>,
@@ -47,33 +54,46 @@ struct Current {
     /// the next hello, and the next welcome names it again if the edge still will not have
     /// it run.
     welcome_gave_up: HashSet<String>,
-    /// Tests: the checks [`Link::given_up`] answers as it is before the link is cut off and
-    /// given up ([`Link::away_at_check`]).
+    /// Tests: the checks [`Link::start`] answers as it is before the link is cut off and
+    /// nothing the edge proved is fresh ([`Link::away_at_check`]).
     #[cfg(test)]
     away_at_check: Option<u32>,
 }
 
-/// How long the agent has been away from the edge at `now`, if the edge may have given up
-/// the jobs it holds by then: no welcomed connection, and nothing heard from the edge for
-/// longer than its `LOST_AFTER_MS`. The edge counts its wait from when it lost the agent,
-/// which is no earlier than the agent's last frame from it (later by up to a heartbeat and
-/// its silence detection), so this may say it a little before the edge does, never after:
-/// a job then does not start, and ends "not started", never run twice. While a connection
-/// is up nothing is judged so: the welcome said which jobs the edge gave up.
-pub fn away_past(connected: bool, last_heard: Option<Instant>, lost_after_ms: Option<u64>, now: Instant) -> Option<Duration> {
-    if connected {
-        return None;
-    }
-    let away = now.saturating_duration_since(last_heard?);
-    (away > Duration::from_millis(lost_after_ms?)).then_some(away)
+/// The start rule: a job's prompt is written only while the last frame the edge proved
+/// it read was written less than its `LOST_AFTER_MS` before `now` — and, for a start held
+/// since `held` (the check that held it), written after that check. The edge gives a job
+/// up `LOST_AFTER_MS` after it lost the agent, which is no earlier than the agent's last
+/// frame it read: a job started under this rule is one the edge still holds for it,
+/// connected or not. "Connected" is the agent's own view, and a hop that cut the edge off
+/// and read (and dropped) all the agent wrote kept it so, its silence bound grown with
+/// every byte (rev30-1): a job held at its start started after the edge had told its
+/// caller to fall back. An edge that says no `LOST_AFTER_MS` (of before the field), or a
+/// link never welcomed (the canary's), holds nothing.
+pub fn fresh(last_heard: Option<Instant>, lost_after_ms: Option<u64>, held: Option<Instant>, now: Instant) -> bool {
+    let Some(lost_after_ms) = lost_after_ms else { return true };
+    last_heard.is_some_and(|heard| now.saturating_duration_since(heard) < Duration::from_millis(lost_after_ms) && held.is_none_or(|held| heard > held))
 }
 
-/// Why a job must not start ([`Link::given_up`]).
+/// What the start rule says of a job now ([`Link::start`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Its prompt may be written.
+    Go,
+    /// Never: the edge's last welcome named it ([`GivenUp::Named`]).
+    GivenUp(GivenUp),
+    /// Not now: the last frame the edge proved it read was written `heard` ago (`None`:
+    /// none), not less than `lost_after_ms`, or before the check that held the start.
+    Hold { heard: Option<Duration>, lost_after_ms: u64 },
+}
+
+/// Why a job must not start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GivenUp {
-    /// Away from the edge, no connection up: nothing heard from it for `away`, longer than
-    /// its `lost_after_ms` — after which it gives the job up.
-    Away { away: Duration, lost_after_ms: u64 },
+    /// Held until its deadline ([`Start::Hold`]): nothing the edge proved was fresh for
+    /// `away` (`None`: never), longer than its `lost_after_ms` — after which it gives the
+    /// job up.
+    Away { away: Option<Duration>, lost_after_ms: u64 },
     /// The edge's welcome named the job: it ended it, or has it elsewhere.
     Named,
 }
@@ -94,7 +114,7 @@ impl Link {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
-        self.0.lock().expect("link lock")
+        self.0.current.lock().expect("link lock")
     }
 
     /// A new connection's keys, agreed in its handshake.
@@ -114,10 +134,13 @@ impl Link {
     /// loss, later, and after a blip the edge had not given up the agent took jobs for
     /// given up).
     pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>, hello_sent: Instant) {
-        let mut current = self.lock();
-        let heard = current.last_heard.map_or(hello_sent, |last| last.max(hello_sent));
-        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(heard), lost_after_ms);
-        current.welcome_gave_up = given_up.into_iter().collect();
+        {
+            let mut current = self.lock();
+            let heard = current.last_heard.map_or(hello_sent, |last| last.max(hello_sent));
+            (current.last_heard, current.lost_after_ms) = (Some(heard), lost_after_ms);
+            current.welcome_gave_up = given_up.into_iter().collect();
+        }
+        self.0.proven.notify_waiters();
     }
 
     /// When the edge last proved it was there (the sending of the hello its welcome
@@ -127,35 +150,34 @@ impl Link {
         self.lock().last_heard
     }
 
-    /// Heard now (tests: as [`Link::heard_at`] with an ack's beat written now).
-    #[cfg(test)]
-    pub fn heard(&self) {
-        self.heard_at(Instant::now());
-    }
-
     /// The edge proved, in a heartbeat ack new on this connection
     /// ([`crate::agent::Agent::on_edge_message`]), that it was there at `at`, when the beat
     /// it answers was written: heard then, never moving the last frame heard back. Frames
     /// anyone on the path can write are not heard, or a hop that cut the edge off could
     /// keep the agent from ever being away; and an ack a hop held back dates only its beat.
     pub fn heard_at(&self, at: Instant) {
-        let mut current = self.lock();
-        current.last_heard = Some(current.last_heard.map_or(at, |last| last.max(at)));
+        {
+            let mut current = self.lock();
+            current.last_heard = Some(current.last_heard.map_or(at, |last| last.max(at)));
+        }
+        self.0.proven.notify_waiters();
     }
 
-    /// The connection ended (or none was made): the agent is away from the edge, counted
-    /// from the last frame it heard.
-    pub fn away(&self) {
-        self.lock().connected = false;
+    /// Told when the edge next proves it was there, or a welcome names the jobs it gave up:
+    /// for a start the rule holds ([`Start::Hold`]) to look again. Made (and enabled) before
+    /// the look, so that nothing told between the two is missed.
+    pub fn proven(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.proven.notified()
     }
 
-    /// Whether job `job_id` must not start: the last welcome named it ([`GivenUp::Named`]),
-    /// or no connection is up and the agent has heard nothing from the edge for longer than
-    /// its `LOST_AFTER_MS` ([`away_past`], [`GivenUp::Away`]). Checked before a job starts
-    /// (its repository checkout or the refresh gate may have outlasted a cut link). The
-    /// edge ended such a job `lost` and told an `/execute` caller to fall back (or is about
-    /// to): started now, the task would run twice.
-    pub fn given_up(&self, job_id: &str) -> Option<GivenUp> {
+    /// Whether job `job_id` may start now — [`fresh`], for a start held since `held` — or
+    /// never: the last welcome named it as given up (ended, or sent elsewhere). Checked
+    /// before a job's started record is written and again right before Claude gets its
+    /// prompt (its repository checkout or the refresh gate may have outlasted a cut link,
+    /// or a hop that keeps the connection up without the edge). The edge gave up a job the
+    /// rule holds, or is about to, and told an `/execute` caller to fall back: started
+    /// then, the task would run twice.
+    pub fn start(&self, job_id: &str, held: Option<Instant>) -> Start {
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut current = self.lock();
         #[cfg(test)]
@@ -165,20 +187,24 @@ impl Link {
                 None => {
                     current.away_at_check = None;
                     let now = Instant::now();
-                    (current.connected, current.lost_after_ms) = (false, Some(0));
                     current.last_heard = Some(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
+                    current.lost_after_ms = current.lost_after_ms.map(|ms| ms.min(1_000));
                 }
             }
         }
         if current.welcome_gave_up.contains(job_id) {
-            return Some(GivenUp::Named);
+            return Start::GivenUp(GivenUp::Named);
         }
-        let away = away_past(current.connected, current.last_heard, current.lost_after_ms, Instant::now())?;
-        Some(GivenUp::Away { away, lost_after_ms: current.lost_after_ms.unwrap_or_default() })
+        let now = Instant::now();
+        if fresh(current.last_heard, current.lost_after_ms, held, now) {
+            return Start::Go;
+        }
+        Start::Hold { heard: current.last_heard.map(|heard| now.saturating_duration_since(heard)), lost_after_ms: current.lost_after_ms.unwrap_or_default() }
     }
 
-    /// Tests: the link is cut off and given up (away a second past `LOST_AFTER_MS` 0) as
-    /// its check after the next `checks` is made: a window between two checks, forced.
+    /// Tests: nothing the edge proved is fresh (heard a second ago, `LOST_AFTER_MS` at most
+    /// a second) as its check after the next `checks` is made: a window between two
+    /// checks, forced.
     #[cfg(test)]
     pub fn away_at_check(&self, checks: u32) {
         self.lock().away_at_check = Some(checks);
@@ -242,59 +268,79 @@ mod tests {
         AgentMessage::result_text(serde_json::to_string(&report).unwrap(), key)
     }
 
-    /// An agent cut off from the edge while a job it accepted was still checking out its
-    /// repository started the job after the edge had ended it `lost` (its caller told to
-    /// fall back): the task ran twice. Past `LOST_AFTER_MS` without the edge it must not
-    /// start; connected, or away less, nothing changes.
+    /// The start rule: a job starts only while the last frame the edge proved it read was
+    /// written less than LOST_AFTER_MS ago — connected or not: rev30-1, a hop that cut the
+    /// edge off and read everything kept the agent "connected", and a job held at its start
+    /// started after the edge had given it up. A start held since a check goes only on a
+    /// frame written after that check.
     #[test]
-    fn a_job_is_given_up_only_once_the_agent_has_been_away_longer_than_lost_after_ms() {
+    fn a_job_starts_only_while_a_frame_the_edge_proved_is_younger_than_lost_after_ms() {
         let heard = Instant::now();
         let after = |ms| heard + Duration::from_millis(ms);
-        // Away longer than LOST_AFTER_MS: given up, and for how long it was away.
-        assert_eq!(away_past(false, Some(heard), Some(8_000), after(8_001)), Some(Duration::from_millis(8_001)));
-        // Away less, or just that long: the edge may still wait for it.
-        assert_eq!(away_past(false, Some(heard), Some(8_000), after(7_999)), None);
-        assert_eq!(away_past(false, Some(heard), Some(8_000), after(8_000)), None);
-        // Connected: nothing changes, however long since the last frame (a heartbeat
-        // interval longer than LOST_AFTER_MS).
-        assert_eq!(away_past(true, Some(heard), Some(8_000), after(20_000)), None);
-        // An edge that does not say its LOST_AFTER_MS, or never heard (the canary's link).
-        assert_eq!(away_past(false, Some(heard), None, after(1_000_000)), None);
-        assert_eq!(away_past(false, None, Some(8_000), after(1_000_000)), None);
-        assert!(Link::local().given_up("j").is_none());
+        assert!(fresh(Some(heard), Some(8_000), None, after(7_999)));
+        // Just as old as LOST_AFTER_MS, or older: the edge may have given the job up.
+        assert!(!fresh(Some(heard), Some(8_000), None, after(8_000)));
+        assert!(!fresh(Some(heard), Some(8_000), None, after(20_000)));
+        // Held since a check: a frame written before it, however young, does not let it go;
+        // one written after does, while younger than LOST_AFTER_MS.
+        assert!(!fresh(Some(heard), Some(8_000), Some(after(1)), after(2)));
+        assert!(!fresh(Some(heard), Some(8_000), Some(heard), after(2)));
+        assert!(fresh(Some(after(5)), Some(8_000), Some(heard), after(10)));
+        assert!(!fresh(Some(after(5)), Some(8_000), Some(heard), after(8_005)), "let out late: older than LOST_AFTER_MS by now");
+        // Nothing heard yet: held. An edge that does not say its LOST_AFTER_MS, or a link
+        // never welcomed (the canary's): nothing to judge by.
+        assert!(!fresh(None, Some(8_000), None, after(1)));
+        assert!(fresh(Some(heard), None, None, after(1_000_000)));
+        assert!(fresh(None, None, Some(heard), after(1)));
+        assert_eq!(Link::local().start("j", None), Start::Go);
+        // A link: heard as the welcome's hello was sent, then by the acks' beats.
+        let link = Link::default();
+        link.welcomed(Some(20), Vec::new(), Instant::now());
+        assert_eq!(link.start("j", None), Start::Go);
+        std::thread::sleep(Duration::from_millis(25));
+        let Start::Hold { heard: Some(ago), lost_after_ms: 20 } = link.start("j", None) else { panic!("held") };
+        assert!(ago >= Duration::from_millis(25), "{ago:?}");
+        let held = Instant::now();
+        link.heard_at(held.checked_sub(Duration::from_millis(1)).unwrap_or(held));
+        assert!(matches!(link.start("j", Some(held)), Start::Hold { .. }), "a beat written before the check");
+        link.heard_at(Instant::now());
+        assert_eq!(link.start("j", Some(held)), Start::Go, "a beat written after it, answered");
     }
 
-    /// Away, the agent's own clock says whether the edge gave its jobs up; welcomed again,
-    /// only the welcome does. rev29-2: after a blip the edge did not give the agent up for
-    /// (it counts from when it saw the loss, up to a heartbeat and its silence detection
-    /// after the agent's last frame heard), the agent's count of the absence had passed
-    /// LOST_AFTER_MS, and a job accepted before it ended "not started: the edge had given
-    /// the job up" — untrue: the edge had taken the job over on the new connection.
+    /// A held start wakes when the edge proves it is there (a new ack, a welcome): told,
+    /// not found by polling.
+    #[tokio::test]
+    async fn a_held_start_is_woken_by_the_edges_proof() {
+        let link = Link::default();
+        link.welcomed(Some(60_000), Vec::new(), Instant::now());
+        let proven = link.proven();
+        tokio::pin!(proven);
+        proven.as_mut().enable();
+        let heard = link.clone();
+        tokio::spawn(async move { heard.heard_at(Instant::now()) });
+        tokio::time::timeout(Duration::from_secs(60), proven).await.expect("woken by the ack");
+    }
+
+    /// Welcomed again, the welcome says which jobs the edge gave up; the rest start by the
+    /// rule. rev29-2: after a blip the edge did not give the agent up for (it counts from
+    /// when it saw the loss, up to a heartbeat and its silence detection after the agent's
+    /// last frame heard), the agent's count of the absence had passed LOST_AFTER_MS, and a
+    /// job accepted before it ended "not started: the edge had given the job up" — untrue:
+    /// the edge had taken the job over on the new connection.
     #[test]
     fn once_welcomed_again_only_the_jobs_the_welcome_names_are_given_up() {
         let link = Link::default();
         link.set(keys(1));
         link.welcomed(Some(0), Vec::new(), Instant::now());
-        link.heard();
-        assert!(link.given_up("kept").is_none(), "connected");
-        link.away();
-        // LOST_AFTER_MS 0: given up once any time at all has passed away.
-        std::thread::sleep(Duration::from_millis(2));
-        let Some(GivenUp::Away { away, lost_after_ms: 0 }) = link.given_up("kept") else { panic!("away past LOST_AFTER_MS") };
-        assert!(away >= Duration::from_millis(2), "{away:?}");
-        // Welcomed again: the edge took `kept` over and gave `ended` up. By the agent's
-        // count both were given up; only the edge knows.
+        // LOST_AFTER_MS 0: nothing is ever fresh enough.
+        assert!(matches!(link.start("kept", None), Start::Hold { lost_after_ms: 0, .. }));
+        // Welcomed again: the edge took `kept` over and gave `ended` up.
         link.welcomed(Some(60_000), vec!["ended".into()], Instant::now());
-        assert_eq!(link.given_up("kept"), None, "the edge did not give it up: it starts");
-        assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
-        // Cut off again: the job named still never starts; the other only once away past
-        // the new LOST_AFTER_MS.
-        link.away();
-        assert_eq!(link.given_up("ended"), Some(GivenUp::Named));
-        assert_eq!(link.given_up("kept"), None, "away less than LOST_AFTER_MS");
+        assert_eq!(link.start("kept", None), Start::Go, "the edge did not give it up: it starts");
+        assert_eq!(link.start("ended", None), Start::GivenUp(GivenUp::Named));
         // Each welcome says anew (a job still held is in the hello it answers).
         link.welcomed(Some(60_000), Vec::new(), Instant::now());
-        assert_eq!(link.given_up("ended"), None);
+        assert_eq!(link.start("ended", None), Start::Go);
     }
 
     /// The race of a job ending while the agent reconnects: its result MACed with the

@@ -6,7 +6,7 @@
 
 use crate::claude::{self, Ending, Session, Transcript};
 use crate::config::AgentConfig;
-use crate::link::GivenUp;
+use crate::link::{GivenUp, Start};
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
 use crate::progress_clock::ProgressClock;
@@ -338,16 +338,28 @@ async fn run_in(
         s = &mut stop => Err(Ok(Stop::ending(s))),
         _ = tokio::time::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
     };
-    // Away from the edge past its LOST_AFTER_MS (a link cut during the checkout or the
-    // wait for the refresh gate): see `given_up`. Checked again before the prompt.
+    // The start rule (a link cut, or kept up by a hop without the edge, during the checkout
+    // or the wait for the refresh gate): see `start_rule`. Checked again before the prompt.
     if admitted.is_ok() {
-        if let Some(result) = given_up(ctx, job_id, started) {
+        if let Err(result) = start_rule(ctx, job_id, started, deadline, &mut stop, None).await {
             return (result, None);
         }
     }
     let (mut result, session) = match admitted {
         Ok(refresher) => {
-            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started, cannot_start).await;
+            let ran = loop {
+                match run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started, cannot_start).await {
+                    Some(ran) => break ran,
+                    // Held at the check right before the prompt: Claude was killed unprompted
+                    // and its started record cleared. The start waits as at the first check,
+                    // for a frame the edge proved written from now, and Claude starts anew.
+                    None => {
+                        if let Err(result) = start_rule(ctx, job_id, started, deadline, &mut stop, Some(Instant::now())).await {
+                            break (result, None);
+                        }
+                    }
+                }
+            };
             drop(refresher);
             ran
         }
@@ -489,20 +501,65 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
     false
 }
 
-/// The end of a job the edge has given up, if it has ([`crate::link::Link::given_up`]):
-/// the welcome that ended the agent's absence named it, or, no connection up, the agent
-/// has heard nothing from the edge for longer than its LOST_AFTER_MS. The edge ended such
-/// a job `lost` (or is about to) and told an `/execute` caller to fall back. Started now,
-/// the task would run twice; the result says it never started (an edge that ended it
-/// keeps its own end, as of any late result). Checked before the job's started record is
-/// written and again right before Claude gets its prompt: a lock, a look-up and two
-/// comparisons.
-fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
-    let why = ctx.link.given_up(job_id)?;
-    Some(gave_up_result(ctx, job_id, started, &why))
+/// The start rule ([`crate::link::Link::start`]), checked before a job's started record is
+/// written and again right before Claude gets its prompt: `Ok` once the prompt may go.
+/// The edge gives a job up `LOST_AFTER_MS` after it lost the agent and tells an
+/// `/execute` caller to fall back: started then, the task would run twice. So a job starts
+/// only while the last frame the edge proved it read was written less than that ago —
+/// connected or not (rev30-1: a hop that cut the edge off and read all the agent wrote kept
+/// it "connected", and a job held at the refresh gate started after its caller had been
+/// told to fall back). Otherwise its start is held, not ended (the edge may still hold
+/// it: a blip, a slow ack), until the edge proves it is there in a frame written after the
+/// check (`held`: since when; `None` at the first check), and ends at its deadline, when
+/// cancelled, or when a welcome names it as given up; the result then says it never
+/// started.
+async fn start_rule(
+    ctx: &JobContext,
+    job_id: &str,
+    started: Instant,
+    deadline: tokio::time::Instant,
+    stop: &mut oneshot::Receiver<Stop>,
+    mut held: Option<Instant>,
+) -> Result<(), JobResult> {
+    loop {
+        // Enabled before the look: an ack that comes between the two is not missed.
+        let proven = ctx.link.proven();
+        tokio::pin!(proven);
+        proven.as_mut().enable();
+        let (heard, lost_after_ms) = match ctx.link.start(job_id, held) {
+            Start::Go => {
+                if held.is_some() {
+                    info!(job_id, agent_id = %ctx.cfg.agent_id, "the edge proved it is there again: the job held before its start goes on");
+                }
+                return Ok(());
+            }
+            Start::GivenUp(why) => return Err(gave_up_result(ctx, job_id, started, &why)),
+            Start::Hold { heard, lost_after_ms } => (heard, lost_after_ms),
+        };
+        let looked = Instant::now();
+        if held.is_none() {
+            held = Some(looked);
+            warn!(
+                job_id, agent_id = %ctx.cfg.agent_id, heard_ms = heard.map(|h| h.as_millis() as u64), lost_after_ms,
+                "job held before its start: nothing the edge proved is younger than its LOST_AFTER_MS, so it may have given the job up; it starts once the edge answers a heartbeat written from now, and ends not started at its deadline"
+            );
+        }
+        tokio::select! {
+            _ = &mut proven => {}
+            s = &mut *stop => {
+                let ending = Stop::ending(s);
+                info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while its start was held");
+                return Err(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let away = heard.map(|h| h + looked.elapsed());
+                return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms }));
+            }
+        }
+    }
 }
 
-/// The end of a job the edge gave up ([`given_up`]), and why it is taken for given up.
+/// The end of a job the edge gave up, or may have ([`start_rule`]), and why it is taken so.
 fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenUp) -> JobResult {
     let why = match *why {
         GivenUp::Named => {
@@ -510,10 +567,11 @@ fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenU
             "not started: the edge had given the job up while this agent was away (its welcome said so: it ended the job, or sent it elsewhere); run it again if it did not end".to_string()
         }
         GivenUp::Away { away, lost_after_ms } => {
-            let away_ms = away.as_millis() as u64;
-            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away (it heard nothing from the edge for longer than LOST_AFTER_MS)");
+            let away_ms = away.map(|a| a.as_millis() as u64);
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: held at its start until its deadline (nothing the edge proved was younger than LOST_AFTER_MS)");
+            let heard = away_ms.map_or("nothing the edge proved".to_string(), |ms| format!("the last frame the edge proved it read was written {ms} ms before"));
             format!(
-                "not started: this agent heard nothing from the edge for {away_ms} ms while the job waited to start, longer than the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives the job up; run it again"
+                "not started: this agent heard nothing from the edge in the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives a job up, and held the job's start until its deadline ({heard}); run it again"
             )
         }
     };
@@ -622,7 +680,8 @@ fn deadline_of(started: Instant, timeout_ms: u64) -> tokio::time::Instant {
 }
 
 /// Runs Claude in the job's session ([`Session::of`]): its result, and the session to record
-/// as the caller's.
+/// as the caller's; `None` when the start rule held the start right before the prompt
+/// (Claude killed unprompted, its started record cleared: [`start_rule`]).
 #[allow(clippy::too_many_arguments)]
 async fn run_claude(
     ctx: &JobContext,
@@ -633,7 +692,7 @@ async fn run_claude(
     stop: &mut oneshot::Receiver<Stop>,
     started: Instant,
     cannot_start: &mut Option<CannotStart>,
-) -> (JobResult, Option<String>) {
+) -> Option<(JobResult, Option<String>)> {
     let cfg = &ctx.cfg;
     let mut job_env = Vec::new();
     if let Some(dir) = &cfg.claude_config_dir {
@@ -688,8 +747,9 @@ async fn run_claude(
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written on a blocking-pool thread while Claude starts, which then gives
     // Claude its prompt (process::run).
-    // Set when the edge gave the job up while the record was written and Claude spawned.
-    let gave_up = Arc::new(std::sync::OnceLock::new());
+    // Set when the start rule, looked at once the record was written and Claude spawned,
+    // said no: never (given up), or not now (held).
+    let not_now = Arc::new(std::sync::OnceLock::new());
     // Set when the records refused the job's started record: the agent's want, whatever
     // the error (`NotRecorded::Records`) — it holds the agent back until the records take
     // the test write ([`job_folders_take_writes`]). Asked whether its folders took a write
@@ -698,7 +758,7 @@ async fn run_claude(
     // job's own id or nonce, or a start cut short, fails the job alone.
     let records_refused = Arc::new(std::sync::OnceLock::new());
     let ready = {
-        let (spool, link, gave_up, records_refused) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up), Arc::clone(&records_refused));
+        let (spool, link, not_now, records_refused) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&not_now), Arc::clone(&records_refused));
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         move || {
             if let Some(spool) = spool {
@@ -711,13 +771,15 @@ async fn run_claude(
                 })?;
             }
             // The last moment before the prompt (written by this thread as this returns,
-            // with no wait between): given up meanwhile, Claude is killed unprompted, as
+            // with no wait between): the rule saying no, Claude is killed unprompted, as
             // when the record failed.
-            if let Some(why) = link.given_up(&job_id) {
-                let _ = gave_up.set(why);
-                return Err("given up by the edge".to_string());
+            match link.start(&job_id, None) {
+                Start::Go => Ok(()),
+                no => {
+                    let _ = not_now.set(no);
+                    Err("not started by the start rule".to_string())
+                }
             }
-            Ok(())
         }
     };
     // Told once the record is durable and Claude was spawned: until the edge hears it, it
@@ -748,15 +810,18 @@ async fn run_claude(
         // and the edge takes it in while the result is made here, rather than after it.
         tokio::task::yield_now().await;
     }
-    // Given up before the prompt: Claude was killed unprompted. Its started record goes,
-    // so a restart does not report the job lost as if it had run; the result says why.
-    if let Some(why) = gave_up.get() {
-        let result = gave_up_result(ctx, job_id, started, why);
+    // Not started by the rule right before the prompt: Claude was killed unprompted. Its
+    // started record goes, so a restart does not report the job lost as if it had run;
+    // given up, the result says why; held, the caller holds the start (`None`).
+    if let Some(no) = not_now.get() {
         if let Some(spool) = ctx.spool.clone() {
             let id = job_id.to_string();
             let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;
         }
-        return (result, None);
+        return match no {
+            Start::GivenUp(why) => Some((gave_up_result(ctx, job_id, started, why), None)),
+            _ => None,
+        };
     }
     // Claude never ran, for want of what the agent needs to start any job: the job goes
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
@@ -798,7 +863,7 @@ async fn run_claude(
             None
         }
     };
-    (result, session)
+    Some((result, session))
 }
 
 /// Sends what `batch` holds at each tick of the progress clock that comes while it holds

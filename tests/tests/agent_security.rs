@@ -1456,7 +1456,9 @@ async fn a_cancel_held_back_from_an_earlier_connection_is_refused() {
 /// dialled again, and so never applied its away rule: a job held at the refresh gate
 /// started after the edge had ended it — the task ran twice. Now only frames the edge
 /// proved count as heard: the agent drops such a connection within a few heartbeats, and
-/// the held job, let through the gate once the edge has given it up, does not start.
+/// the held job, let through the gate once the edge has given it up, does not start: its
+/// start is held (nothing the edge proved is fresh), and the welcome that brings the agent
+/// back names it as given up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_a_hop_makes_up_neither_keep_the_agent_connected_nor_start_a_job_the_edge_gave_up() {
     const LOST_AFTER_MS: u64 = 1_500;
@@ -1517,16 +1519,20 @@ async fn frames_a_hop_makes_up_neither_keep_the_agent_connected_nor_start_a_job_
     std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
     drop(other.stdin.take());
     other.wait().unwrap();
-    let given_up = || agent.log().contains("job not started: the edge gave it up while this agent was away") || !agent.claude_runs().is_empty();
+    // It is held at its start (nothing the edge proved is younger than LOST_AFTER_MS).
+    let held = || agent.log().contains("job held before its start") || !agent.claude_runs().is_empty();
     for _ in 0..300 {
-        if given_up() {
+        if held() {
             break;
         }
         edge.refuse_for(Duration::from_millis(200)).await;
     }
     assert!(agent.claude_runs().is_empty(), "the job started after the edge gave it up: {:?}\n{}", agent.claude_runs(), agent.log());
-    // An edge answers again: the job's result says it never started.
-    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    // An edge answers again, its welcome naming the job it ended: the job's result says it
+    // never started.
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| Envelope::seal(Domain::Welcome, &Welcome { given_up: vec!["held".into()], ..welcome }, &edge.edge_key))
+        .await;
     assert!(hello.is_some(), "{}", agent.log());
     let result = loop {
         match recv(&mut ws).await.expect("the held job's result") {
@@ -1665,4 +1671,93 @@ async fn a_hop_that_reads_everything_and_answers_nothing_does_not_keep_a_printin
         }
     }
     assert!(eventually(Duration::from_secs(60), || agent.log().contains("nothing the edge proved in answer to heartbeat")).await, "{}", agent.log());
+}
+
+/// Hostile review rev30, 1, end to end in the review's shape: a job prints (64 KiB four
+/// times a second); another waits at the refresh gate; a hop cuts the edge off and reads —
+/// and drops — everything the agent writes, answering nothing. The edge ends the waiting
+/// job `lost` after its LOST_AFTER_MS and tells its `/execute` caller to fall back; the
+/// agent, whose bound on the edge's silence still allows for the bytes it wrote, is
+/// "connected" for seconds more, and the old rule (asked only while disconnected) let the
+/// job start when the gate opened: the task ran twice. The start rule asks whether the
+/// last frame the edge proved it read was written less than LOST_AFTER_MS ago, connected
+/// or not: the job is held; once the agent is back, the welcome names it as given up, and
+/// it ends "not started".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_at_its_start_does_not_start_while_a_hop_keeps_the_agent_connected_without_the_edge() {
+    const LOST_AFTER_MS: u64 = 2_000;
+    let edge = FakeEdge { lost_after_ms: Some(LOST_AFTER_MS), ..FakeEdge::with_heartbeat(1_000).await };
+    let agent = edge.start_agent_with(&[("CLAUDE_CODE_OAUTH_TOKEN", ""), ("MAX_CONCURRENT_JOBS", "2")]);
+    let config = agent.data.path().join("claude-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let fresh = serde_json::json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh-0123456789", "refreshToken": "sk-ant-ort01-fresh-0123456789", "expiresAt": 4_000_000_000_000u64}});
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let mut chatty = edge.order("chatty", "spark", t, t + 60_000, "chatty @megabytes=6 @gap_ms=250");
+    chatty.spec.timeout_ms = 120_000;
+    send_job(&mut ws, Envelope::seal(Domain::Job, &chatty, &edge.edge_key)).await;
+    // The edge answers every beat while the first job prints, and the second waits at the
+    // gate (a login due a refresh, which another process holds the lock to make).
+    let answer = |text: &str| match serde_json::from_str::<AgentMessage>(text) {
+        Ok(AgentMessage::Heartbeat { envelope }) => Some(edge.ack(&envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap())),
+        _ => None,
+    };
+    let mut other = None;
+    let waits = || agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains("held"));
+    while !waits() {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        if let Some(ack) = answer(&text) {
+            ws.send(ack).await.unwrap();
+        }
+        if other.is_none() && agent.claude_runs().iter().any(|r| r["prompt"].to_string().contains("chatty")) {
+            other = Some(stale_login_with_the_refresh_held(&config).await);
+            let t = now();
+            let mut held = edge.order("held", "spark", t, t + 60_000, "held at the gate");
+            held.spec.timeout_ms = 60_000;
+            send_job(&mut ws, Envelope::seal(Domain::Job, &held, &edge.edge_key)).await;
+        }
+    }
+    // The hop cuts the edge off: it reads all the agent writes and answers nothing.
+    let cut = std::time::Instant::now();
+    let (sink, mut stream) = ws.split();
+    let sinking = tokio::spawn(async move {
+        while let Some(Ok(_)) = stream.next().await {}
+        drop(sink);
+    });
+    // Past LOST_AFTER_MS (the edge has ended the job and told its caller to fall back), the
+    // other process is done: the login fresh, the lock free, and the job goes on to its
+    // start, which it must not make.
+    tokio::time::sleep(Duration::from_millis(LOST_AFTER_MS + 1_000)).await;
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    let mut other = other.expect("the lock was taken");
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    let ran_held = || agent.claude_runs().iter().any(|r| r["prompt"].to_string().contains("held at the gate"));
+    let held = || agent.log().contains("job held before its start");
+    assert!(eventually(Duration::from_secs(60), || held() || ran_held()).await, "{}", agent.log());
+    assert!(!ran_held(), "the job started {:?} after the cut, with the edge gone for longer than LOST_AFTER_MS\n{}", cut.elapsed(), agent.log());
+    // The agent leaves the sunk connection, and is back: the welcome names the job as given up.
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| Envelope::seal(Domain::Welcome, &Welcome { given_up: vec!["held".into()], ..welcome }, &edge.edge_key))
+        .await;
+    sinking.abort();
+    let hello = hello.unwrap_or_else(|| panic!("no hello\n{}", agent.log()));
+    assert!(hello.running.iter().any(|id| id == "held"), "{:?}", hello.running);
+    let result = loop {
+        match recv(&mut ws).await.expect("the held job's result") {
+            AgentMessage::Result { envelope } => {
+                let report = edge.report(&envelope);
+                if report.job_id == "held" {
+                    break report.result;
+                }
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!((result.error_code, result.retryable), (Some(shared::contract::ErrorCode::RunnerLost), Some(true)), "{result:?}");
+    assert!(result.error.as_deref().unwrap_or_default().starts_with("not started"), "{result:?}");
+    assert!(!ran_held(), "{:?}", agent.claude_runs());
 }

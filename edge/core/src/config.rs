@@ -129,7 +129,7 @@ pub enum ConfigError {
     #[error("{body} ({body_value}) is more than {pending} ({pending_value}): a job that large would be taken only while no other job is pending; set {pending} to at least {body_value}, lower {body}, or unset {pending} (unset, it is at least {body})")]
     BodyPastPending { body: String, body_value: u64, pending: String, pending_value: u64 },
     /// Named as set, with both ways out.
-    #[error("{lost} ({lost_value}) is less than twice {heartbeat} ({heartbeat_value}): an agent notices a silent edge only after two heartbeat intervals, so the edge would end its jobs `lost` (their callers told to run them elsewhere) while the agent still took itself for connected and went on starting them; set {lost} to at least {least} or {heartbeat} to at most {most} (unset, they are {} and {})", DEFAULT_LOST_AFTER_MS, DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    #[error("{lost} ({lost_value}) is less than twice {heartbeat} ({heartbeat_value}): the edge would give an agent's jobs up (their callers told to run them elsewhere) before the agent can notice a silent edge (two heartbeat intervals), and a job would wait up to an interval for a heartbeat's answer before it starts; set {lost} to at least {least} or {heartbeat} to at most {most} (unset, they are {} and {})", DEFAULT_LOST_AFTER_MS, DEFAULT_HEARTBEAT_INTERVAL_MS)]
     LostBeforeTwoBeats { lost: String, lost_value: u64, heartbeat: String, heartbeat_value: u64, least: u64, most: u64 },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
@@ -560,7 +560,9 @@ impl Config {
         let lost_after_ms = bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?;
         // rev30-1: the agent learns it is cut off only when a beat's ack is two intervals
         // overdue; given up by the edge sooner, a job it held went on to start after the
-        // caller had been told to run it elsewhere.
+        // caller had been told to run it elsewhere (the agent's start rule now holds such a
+        // start, but jobs would wait for beats' answers, and blips the agent never saw
+        // would lose jobs).
         if lost_after_ms < 2 * heartbeat_interval_ms {
             return Err(ConfigError::LostBeforeTwoBeats {
                 lost: own_name("LOST_AFTER_MS"),

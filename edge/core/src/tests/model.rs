@@ -5,10 +5,10 @@
 //! is written, on the connection there is then), then ending, heartbeats,
 //! disconnections, reconnections, agents paused and resumed, agent crashes (which report
 //! their started jobs lost, as the started records make them, and forget the jobs they
-//! accepted and had not started; away from the edge past the last welcome's
-//! `lost_after_ms`, an agent starts no job it accepted then — nor once back, if the
-//! welcome names it as given up, and it starts one the welcome does not name — the
-//! agent's own rule, its result "not started" instead), time passing, failed store writes and edge restarts
+//! accepted and had not started; an agent starts a job only while it heard the edge less
+//! than the last welcome's `lost_after_ms` ago, connected or not, and holds it otherwise —
+//! and never once a welcome names it as given up, its result "not started" instead; it
+//! starts one the welcome does not name — the agent's own rule), time passing, failed store writes and edge restarts
 //! (a clean stop, or a crash, then a restore from what was stored; a start whose writes
 //! fail serves nothing, as the hosts do). Most submissions carry one idempotency key, so
 //! most are repeats. After every step:
@@ -95,7 +95,8 @@ struct ModelAgent {
     /// Jobs accepted and not started yet: a crash forgets them (no started record).
     accepted: BTreeSet<String>,
     /// When it last heard a frame the edge proved (its welcome included), and the last
-    /// welcome's `lost_after_ms`: the agent's `link.rs::given_up` rule (see `World::start`).
+    /// welcome's `lost_after_ms`: the agent's start rule, `link.rs::Link::start` (see
+    /// `World::start`).
     /// One clock for edge and agents: the real agent's is monotonic, at the same rate.
     heard_at: Option<u64>,
     lost_after_ms: Option<u64>,
@@ -127,17 +128,15 @@ impl ModelAgent {
         self.running.union(&self.accepted).cloned().collect()
     }
 
-    /// The agent's `link.rs::given_up` at `now`: no connection, and nothing heard from the
-    /// edge for longer than the last welcome's `lost_after_ms` (the edge has given up the
-    /// jobs it held then, or is about to: it counts from when it lost the connection).
-    fn away_past(&self, now: u64) -> bool {
-        self.session.is_none() && self.heard_at.zip(self.lost_after_ms).is_some_and(|(heard, lost)| now.saturating_sub(heard) > lost)
-    }
-
-    /// Whether accepted job `id` must not start at `now`: the last welcome named it, or
-    /// away past the rule (`Link::given_up`).
-    fn given_up(&self, id: &str, now: u64) -> bool {
-        self.welcome_gave_up.contains(id) || self.away_past(now)
+    /// The agent's start rule at `now` (`link.rs::fresh`): a job starts only while it
+    /// heard the edge less than the last welcome's `lost_after_ms` ago — connected or not
+    /// (the edge gives a job up that long after it lost the connection, no earlier than the
+    /// agent's last frame from it). The model's agent hears at delivery; the real one dates
+    /// an ack by its beat's writing, and a held start goes only on a frame written after
+    /// the check, which its delivery here is.
+    fn fresh(&self, now: u64) -> bool {
+        let Some(lost) = self.lost_after_ms else { return true };
+        self.heard_at.is_some_and(|heard| now.saturating_sub(heard) < lost)
     }
 
     /// Whether it holds `job_id`: accepted, running, or with its result.
@@ -395,20 +394,24 @@ impl World {
     }
 
     /// An accepted job of agent `a` starts: its started record is written, then its
-    /// `Started` goes on the connection there is (none: it is never sent). Unless the
-    /// agent's rule says the edge gave the job up (`ModelAgent::given_up`, checked as the
-    /// real agent does before the record and again before the prompt): then it never
-    /// starts and ends `RUNNER_LOST` "not started", retryable, spooled and sent on the next
-    /// connection. Returns whether the job runs now (started here or before).
+    /// `Started` goes on the connection there is (none: it is never sent). Unless the last
+    /// welcome named the job as given up: then it never starts and ends `RUNNER_LOST` "not
+    /// started", retryable, spooled and sent on the next connection; or the agent's start
+    /// rule holds it (`ModelAgent::fresh`, checked as the real agent does before the record
+    /// and again before the prompt): then it stays accepted, and starts at a later step by
+    /// the rule. Returns whether the job runs now (started here or before).
     fn start(&mut self, a: usize, id: &str) -> bool {
         let now = self.now;
         let agent = &mut self.agents[a];
         if !agent.accepted.contains(id) {
             return agent.running.contains(id);
         }
-        if agent.given_up(id, now) {
+        if agent.welcome_gave_up.contains(id) {
             let result = JobResult { retryable: Some(true), ..JobResult::lost("not started: the edge had given the job up; run it again", 0) };
             agent.end(id, result);
+            return false;
+        }
+        if !agent.fresh(now) {
             return false;
         }
         agent.accepted.remove(id);
@@ -773,14 +776,22 @@ fn not_started_after_its_fallback(case: &[Step]) {
 
 /// What the model found once a job's start was a step of its own: its agent accepted it,
 /// went silent and was cut off, stayed away past the orphan deadline (the job ended `lost`,
-/// its `/execute` caller told to fall back), then started it. The agent's rule
-/// (`link.rs::given_up`) keeps it from starting: the job's result says "not started",
-/// sent on the next connection, where the edge keeps its own end.
+/// its `/execute` caller told to fall back), then started it. The agent's start rule
+/// (`link.rs::Link::start`) holds it: nothing heard from the edge within `lost_after_ms`.
+/// Back, the welcome names it as given up (the next test).
 #[test]
 fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
     use Step::*;
     let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Start(1, 0)];
-    not_started_after_its_fallback(&case);
+    let mut world = World::new();
+    for s in &case {
+        world.run(s);
+    }
+    let id = world.jobs[0].clone();
+    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
+    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
+    assert!(world.agents[1].accepted.contains(&id), "held, not ended, until the edge says (a welcome) or proves it is there");
+    run_case(&case);
 }
 
 /// The same, with the agent back before its job could start (a long checkout, the refresh
