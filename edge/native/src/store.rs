@@ -185,7 +185,7 @@ impl Store {
         )?;
         for job in &writes.saves {
             self.record.clear();
-            serde_json::to_writer(&mut self.record, job)?;
+            serde_json::to_writer(&mut self.record, &**job)?;
             // Bound as text, as before: serde_json writes UTF-8 (checked, not assumed).
             save.execute(params![job.id, std::str::from_utf8(&self.record)?])?;
         }
@@ -221,11 +221,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-store-locked-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
-        store.apply(&Writes { saves: vec![job("a")], forgets: vec![], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![job("a").into()], forgets: vec![], alerts: None }).unwrap();
         let holder = Connection::open(dir.join("edge.sqlite3")).unwrap();
         holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
         let started = std::time::Instant::now();
-        let failed = store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None });
+        let failed = store.apply(&Writes { saves: vec![job("b").into()], forgets: vec!["a".into()], alerts: None });
         let took = started.elapsed();
         assert!(failed.is_err());
         // It used to wait 5 s per write, the whole edge with it.
@@ -234,7 +234,7 @@ mod tests {
         let ids: Vec<String> = store.load().unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(ids, vec!["a".to_string()], "all of the event's writes or none");
         // The failed transaction was rolled back: the next event's writes go in.
-        store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![job("b").into()], forgets: vec!["a".into()], alerts: None }).unwrap();
         let ids: Vec<String> = store.load().unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(ids, vec!["b".to_string()]);
     }
@@ -284,11 +284,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
         let mut a = job("a");
-        store.apply(&Writes { saves: vec![a.clone(), job("b")], forgets: vec![], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![a.clone().into(), job("b").into()], forgets: vec![], alerts: None }).unwrap();
         let rowid = |store: &Store| -> i64 { store.conn.query_row("SELECT rowid FROM jobs WHERE id = 'a'", [], |r| r.get(0)).unwrap() };
         let before = rowid(&store);
         a.attempts = 3;
-        store.apply(&Writes { saves: vec![a], forgets: vec![], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![a.into()], forgets: vec![], alerts: None }).unwrap();
         assert_eq!(store.load_one("a").unwrap().unwrap().attempts, 3);
         // Updated where it was: a replace would have moved it (and rewritten the id index).
         assert_eq!(rowid(&store), before);
@@ -307,13 +307,13 @@ mod tests {
         let mut big = job("big");
         std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(2 * RECORD_BUFFER_KEPT);
         let (small, other) = (job("small"), job("other"));
-        store.apply(&Writes { saves: vec![small.clone(), big.clone(), other.clone()], forgets: vec![], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![small.clone().into(), big.clone().into(), other.clone().into()], forgets: vec![], alerts: None }).unwrap();
         // Each record whole and alone, though written through the same buffer.
         assert_eq!(store.load_one("small").unwrap().unwrap(), small);
         assert_eq!(store.load_one("big").unwrap().unwrap(), big);
         assert_eq!(store.load_one("other").unwrap().unwrap(), other);
         assert_eq!(store.record.capacity(), 0, "a big record's buffer is let go");
-        store.apply(&Writes { saves: vec![small.clone()], forgets: vec![], alerts: None }).unwrap();
+        store.apply(&Writes { saves: vec![small.clone().into()], forgets: vec![], alerts: None }).unwrap();
         assert!(store.record.capacity() > 0 && store.record.capacity() <= RECORD_BUFFER_KEPT);
         let _ = std::fs::remove_dir_all(&dir);
     }

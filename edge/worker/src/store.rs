@@ -140,8 +140,9 @@ impl Store {
                 // A forgotten job's stub (its kept idempotency key) is all there is of it.
                 if job.state.is_terminal() && !job.forgotten {
                     let (id, whole) = (job.id.clone(), encode(&job)?);
-                    // The job's header made from itself, not from a copy of it.
-                    let header = encode(&job.in_memory())?;
+                    // The job's header made from itself, not from a copy of it (the machine
+                    // keeps its own header, so this record is the `Save`'s alone).
+                    let header = encode(&std::sync::Arc::unwrap_or_clone(job).in_memory())?;
                     store.save(&id, &header, Some(&whole)).map_err(|e| JsValue::from_str(&e))?;
                 } else {
                     store.save(&job.id, &encode(&job)?, None).map_err(|e| JsValue::from_str(&e))?;

@@ -204,7 +204,7 @@ fn ready_records() -> &'static (Session, Job) {
             .expect("a valid body");
         let job = match edge.submit(NOW, "j1".into(), submission, Mode::Detached) {
             Ok(submitted) => submitted.effects.into_iter().find_map(|e| match e {
-                Effect::Save(job) => Some(*job),
+                Effect::Save(job) => Some(std::sync::Arc::unwrap_or_clone(job)),
                 _ => None,
             }),
             Err(e) => panic!("{e:?}"),

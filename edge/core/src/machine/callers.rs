@@ -153,7 +153,7 @@ impl Edge {
         if self.give_ended(caller, job_id, Form::Answer, effects) {
             return Ok(());
         }
-        if self.jobs.get(job_id).is_some_and(|j| j.state == JobState::Queued) && !self.is_online() {
+        if self.job(job_id).is_some_and(|j| j.state == JobState::Queued) && !self.is_online() {
             let mut refused = ApiError::new(
                 ErrorCode::RunnerOffline,
                 format!(
@@ -202,7 +202,7 @@ impl Edge {
     /// in all and per caller count the places each job's callers hold ([`Kind::held`]);
     /// a caller that would hold none (an `/execute` job's own) is always taken.
     fn crowded(&self, kind: Kind, job_id: &str) -> Option<Crowded> {
-        let job = self.jobs.get(job_id)?;
+        let job = self.job(job_id)?;
         let list = match kind {
             Kind::Waiter => &self.callers.waiters,
             Kind::Follower => &self.callers.followers,
@@ -213,7 +213,7 @@ impl Edge {
         }
         let places = kind.places();
         let held_by = |of: &dyn Fn(&Job) -> bool| -> usize {
-            list.iter().filter_map(|(id, callers)| self.jobs.get(id).filter(|j| of(j)).map(|j| kind.held(j, callers.len()))).sum()
+            list.iter().filter_map(|(id, callers)| self.job(id).filter(|j| of(j)).map(|j| kind.held(j, callers.len()))).sum()
         };
         // A caller with its own secret holds its own share of the places (the operator's
         // callers of its jobs too), so it cannot take every one; the pool secret's are held
@@ -300,7 +300,7 @@ impl Edge {
     /// way holds already ([`Given`]), else from storage ([`Effect::Deliver`], then
     /// [`Edge::delivered`]) — and returns true.
     pub(crate) fn give_ended(&mut self, caller: CallerId, job_id: &str, form: Form, effects: &mut Vec<Effect>) -> bool {
-        if !self.jobs.get(job_id).is_some_and(|j| j.state.is_terminal()) {
+        if !self.job(job_id).is_some_and(|j| j.state.is_terminal()) {
             return false;
         }
         if let Some((status, text)) = self.callers.given.get(job_id, form) {
@@ -432,7 +432,7 @@ impl Edge {
 
     /// Whether `job_id` is a queued `/execute` job nobody waits for any more.
     pub(super) fn unwaited_in_queue(&self, job_id: &str) -> bool {
-        self.jobs.get(job_id).is_some_and(|job| job.state == JobState::Queued && self.unwaited(job))
+        self.job(job_id).is_some_and(|job| job.state == JobState::Queued && self.unwaited(job))
     }
 
     fn forget_caller(&mut self, job_id: &str, caller: CallerId) {

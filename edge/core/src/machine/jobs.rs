@@ -101,7 +101,7 @@ impl Edge {
             if let Some(answer) = self.spent_repeat(now, existing, &submission, mode) {
                 return Err(answer);
             }
-            let refused = self.jobs.get(existing).and_then(|job| Repeatable::of(job).refused(&job.id, &submission, mode));
+            let refused = self.job(existing).and_then(|job| Repeatable::of(job).refused(&job.id, &submission, mode));
             if let Some(refused) = refused {
                 return Err(refused);
             }
@@ -145,9 +145,8 @@ impl Edge {
         // A job sent at once (the common case) was saved as sent; one still queued is
         // saved as it is. Either way the event's transaction holds it once, and no copy
         // of it is made only to be dropped again by `split_writes`.
-        let job = &self.jobs[&job_id];
-        if job.state == JobState::Queued {
-            effects.push(Effect::Save(Box::new(job.clone())));
+        if self.jobs[&job_id].state == JobState::Queued {
+            effects.push(self.save(&job_id));
         }
         Ok(Submitted { job_id, existing: false, effects })
     }
@@ -346,7 +345,7 @@ impl Edge {
         job.new_order(&challenge, order_no);
         // The record's own task, shared (never copied) into the order sealed below.
         let (nonce, spec, caller, sent_proven) = (job.order_nonce(), std::sync::Arc::clone(&job.spec), job.placement.caller().to_string(), job.caller_proven);
-        effects.push(Effect::Save(Box::new(job.clone())));
+        effects.push(self.save(job_id));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
         // The caller goes with the order: the agent resumes a Claude session only for the
         // caller whose job made it (agent/src/sessions.rs). Proven when the caller's own
@@ -413,7 +412,7 @@ impl Edge {
     pub fn cancel(&mut self, now: impl Into<Now>, job_id: &str) -> Result<Vec<Effect>, ApiError> {
         let now = now.into();
         let mut effects = Vec::new();
-        let job = self.jobs.get(job_id).ok_or_else(|| ApiError::job_not_found(job_id))?;
+        let job = self.job(job_id).ok_or_else(|| ApiError::job_not_found(job_id))?;
         match job.state {
             JobState::Queued => {
                 let result = JobResult::failure(ErrorCode::Cancelled, "cancelled before it started", 0);
@@ -425,9 +424,8 @@ impl Edge {
                 // asked for while the agent is away is acted on when it is back.
                 let connected = job.session_id.as_ref().filter(|s| self.sessions.contains_key(*s)).cloned();
                 let agent = job.agent_id.clone();
-                let job = self.job_mut(job_id).expect("the job exists");
-                job.cancel_requested = true;
-                effects.push(Effect::Save(Box::new(job.clone())));
+                self.job_mut(job_id).expect("the job exists").cancel_requested = true;
+                effects.push(self.save(job_id));
                 match (connected, agent) {
                     (Some(session), Some(agent)) => {
                         info!(job_id, agent_id = %agent, "cancel sent to agent");
@@ -490,7 +488,7 @@ impl Edge {
         let (status, body) = job.answer().expect("finished jobs have results");
         self.announce_end(job_id, status, &body, effects);
         self.start_callback(now, &job, effects);
-        effects.push(Effect::Save(Box::new(job)));
+        effects.push(Effect::Save(std::sync::Arc::new(job)));
         self.keep_within_caps(Some(ended), effects);
     }
 
@@ -516,7 +514,7 @@ impl Edge {
             .alerts
             .callbacks
             .keys()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.job(id))
             .filter(|job| job.state.is_terminal())
             .map(|job| (super::retained_entry(job), job.approximate_bytes()))
             .filter(|(entry, _)| self.retained.contains(entry))
@@ -555,7 +553,7 @@ impl Edge {
     /// Forgets the ended job at this place of `retained`; with `keep_key` (forgotten before
     /// its retention ended) its idempotency key, if it has one, stays (`spent.rs`).
     fn forget_retained(&mut self, entry: (shared::Millis, String), keep_key: bool, effects: &mut Vec<Effect>) {
-        match self.jobs.get(&entry.1).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
+        match self.job(&entry.1).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
             Some((owner, bytes)) => self.count_retained_of(&owner, &entry, bytes, false),
             // Never expected (every retained id is a job's): taken out wherever it is, so
             // the caps' loop ends.
@@ -569,7 +567,7 @@ impl Edge {
         }
         let id = entry.1;
         // What stays of a keyed job forgotten before its retention ended (`spent.rs`).
-        let stub = self.jobs.get(&id).filter(|job| keep_key && job.idempotency_key.is_some() && job.may_have_run()).map(Job::spent_key);
+        let stub = self.job(&id).filter(|job| keep_key && job.idempotency_key.is_some() && job.may_have_run()).map(Job::spent_key);
         self.forget_job(&id);
         // Its callback, if still waiting, cannot be made without the record (a retry
         // gives it up as no longer kept): it goes now, or it would hold its place among
@@ -594,7 +592,7 @@ impl Edge {
     /// whose caller is gone: that caller may have run the task elsewhere, so it never
     /// starts — or one its caller cancelled meanwhile, which ends cancelled.
     pub(super) fn send_again(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        let Some(job) = self.jobs.get(job_id) else { return };
+        let Some(job) = self.job(job_id) else { return };
         if job.cancel_requested {
             let result = JobResult::failure(ErrorCode::Cancelled, "cancelled before it started", 0);
             self.finish(now, job_id, result, effects);
@@ -620,8 +618,8 @@ impl Edge {
         job.dispatched_at = None;
         job.orphaned_at = None;
         job.order_no = 0;
-        let job = job.clone();
-        effects.push(Effect::Save(Box::new(job.clone())));
+        let job = std::sync::Arc::clone(&self.jobs[job_id]);
+        effects.push(Effect::Save(std::sync::Arc::clone(&job)));
         self.active.remove(job_id);
         self.enqueue(&job);
     }

@@ -321,7 +321,7 @@ impl Edge {
 
     /// [`Edge::end_held_back_waits`] for the one job `job_id`, just queued again.
     pub(super) fn end_held_back_wait(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        let Some(job) = self.jobs.get(job_id).filter(|j| j.state == JobState::Queued && j.mode == Mode::Wait) else { return };
+        let Some(job) = self.job(job_id).filter(|j| j.state == JobState::Queued && j.mode == Mode::Wait) else { return };
         if let Some(err) = self.held_back_only(now, &job.placement) {
             self.end_queued(now, vec![(job_id.to_string(), err)], HELD_BACK_ENDED, effects);
         }

@@ -69,6 +69,7 @@ use shared::oauth::OAuthReport;
 use shared::Millis;
 use crate::queue::FairQueue;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
@@ -93,8 +94,9 @@ pub const MAX_CALLBACKS_PER_RECEIVER: usize = MAX_CALLBACKS_IN_FLIGHT / 2;
 /// [`split_writes`] and [`Edge::store_failed`]. The rest in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Store this job record (insert or replace).
-    Save(Box<Job>),
+    /// Store this job record (insert or replace): as the event left it, shared with the
+    /// machine's memory (a later change there copies it first, `storage.rs`).
+    Save(Arc<Job>),
     /// Delete a job record: its retention is over.
     Forget { job_id: String },
     /// Keep this session record where it survives the host's memory (the Durable Object
@@ -157,7 +159,9 @@ pub struct Stats {
 
 pub struct Edge {
     cfg: Config,
-    jobs: HashMap<String, Job>,
+    /// Every job's record (an ended one's header). Shared with the journal and with the
+    /// `Save`s of the event that changed it, never copied for them ([`Edge::job_mut`]).
+    jobs: HashMap<String, Arc<Job>>,
     /// Queued jobs: a lane per caller, callers in turn.
     queue: FairQueue,
     /// Dispatched or running job ids.
@@ -311,6 +315,7 @@ impl Edge {
             if let Some(slot) = job.idempotency_slot() {
                 edge.idempotency.insert(slot, job.id.clone());
             }
+            let mut changed = false;
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
                 JobState::Queued => {}
@@ -322,12 +327,16 @@ impl Edge {
                     // LOST_AFTER_MS lost every job whose agent was away, at the first tick.
                     if !connected && (job.orphaned_at.is_none() || how == Resumed::AfterDowntime) {
                         job.orphaned_at = Some(now.at);
-                        effects.push(Effect::Save(Box::new(job.clone())));
+                        changed = true;
                     }
                 }
                 _ => {}
             }
             edge.index(&job);
+            let job = Arc::new(job);
+            if changed {
+                effects.push(Effect::Save(Arc::clone(&job)));
+            }
             edge.jobs.insert(job.id.clone(), job);
         }
         for id in callerless {
@@ -345,7 +354,7 @@ impl Edge {
     }
 
     pub fn job(&self, id: &str) -> Option<&Job> {
-        self.jobs.get(id)
+        self.jobs.get(id).map(|job| &**job)
     }
 
     pub fn session(&self, id: &str) -> Option<&Session> {

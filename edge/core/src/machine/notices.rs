@@ -154,14 +154,14 @@ impl Edge {
     pub(super) fn callbacks_full(&self, submission: &shared::contract::Submission) -> Option<shared::contract::ApiError> {
         // Not ended yet: queued, or sent to an agent (bounded by the queue's cap and the
         // agents' slots).
-        let coming = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(|j| j.callback_url.is_some());
+        let coming = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.job(id)).filter(|j| j.callback_url.is_some());
         let coming: Vec<&str> = coming.map(super::share_of).collect();
         let pending = self.alerts.callbacks.len() + coming.len();
         let share = super::share(submission.caller_proven, &submission.placement);
         let mine = match share {
             "" => pending,
             _ => {
-                let waiting = self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share));
+                let waiting = self.alerts.callbacks.keys().filter(|id| self.job(*id).is_some_and(|j| super::share_of(j) == share));
                 waiting.count() + coming.iter().filter(|s| **s == share).count()
             }
         };
@@ -264,7 +264,7 @@ impl Edge {
             let Some(next) = next else { break };
             let (_, id, to) = waiting.swap_remove(next);
             flying.take(to);
-            match self.jobs.get(&id) {
+            match self.job(&id) {
                 // Posted now: the attempt marks it on its way.
                 Some(job) if !job.header_only => {
                     let job = job.clone();

@@ -292,9 +292,8 @@ impl Edge {
             self.note_departed(now, &agent_id, !stopped, effects);
         }
         for id in orphans {
-            let job = self.job_mut(&id).expect("active jobs exist");
-            job.orphaned_at = Some(now.at);
-            effects.push(Effect::Save(Box::new(job.clone())));
+            self.job_mut(&id).expect("active jobs exist").orphaned_at = Some(now.at);
+            effects.push(self.save(&id));
         }
         if !self.is_online() {
             self.offline_since = Some(now.at);
@@ -675,7 +674,7 @@ impl Edge {
                     // the agent restarted before the start (found by the model).
                     job.unstarted = true;
                 }
-                effects.push(Effect::Save(Box::new(job.clone())));
+                effects.push(self.save(&id));
                 if resend_cancel {
                     self.send_cancel(now, session_id, agent_id, &id, "cancelled by the caller", effects);
                 }
@@ -724,7 +723,7 @@ impl Edge {
     fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], turn: u64, effects: &mut Vec<Effect>) {
         let mut strays = Vec::new();
         for id in running {
-            let reason = match self.jobs.get(id) {
+            let reason = match self.job(id) {
                 Some(job) if job.state.is_terminal() => "the edge already ended this job",
                 Some(job) if job.agent_id.as_deref() == Some(agent_id) => continue,
                 Some(_) => "the edge has this job queued or on another agent (this order reached the agent late)",
@@ -820,7 +819,7 @@ impl Edge {
                     // anyone on the path could make up must not count as that).
                     job.unstarted = true;
                     info!(job_id = %job_id, agent_id = %agent_id, "job running");
-                    effects.push(Effect::Save(Box::new(job.clone())));
+                    effects.push(self.save(&job_id));
                 }
             }
             AgentMessage::Started { envelope } => {
@@ -834,17 +833,18 @@ impl Edge {
                     }
                     return;
                 }
-                let job = self.job_mut(&id).expect("active jobs exist");
                 // Its `Accepted` may be held back on the path, or lost with a connection.
+                let job = &self.jobs[&id];
                 let accepted = job.state == JobState::Dispatched;
-                if accepted {
-                    job.state = JobState::Running;
-                    job.started_at = Some(now.at);
-                }
                 if accepted || job.unstarted {
+                    let job = self.job_mut(&id).expect("active jobs exist");
+                    if accepted {
+                        job.state = JobState::Running;
+                        job.started_at = Some(now.at);
+                    }
                     job.unstarted = false;
                     info!(job_id = %id, agent_id = %agent_id, "job started: its Claude has the prompt");
-                    effects.push(Effect::Save(Box::new(job.clone())));
+                    effects.push(self.save(&id));
                 }
             }
             AgentMessage::Rejected { envelope } => {
@@ -961,7 +961,7 @@ impl Edge {
                 // another edge may have issued that job (the agent moved, its EDGE_URL
                 // changed, a tunnel flipped), and the agent keeps the result for it —
                 // sending it no more on this connection.
-                let taken = match self.jobs.get(&job_id) {
+                let taken = match self.job(&job_id) {
                     Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
                         warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent not taken");
                         false
@@ -1164,9 +1164,7 @@ impl Edge {
     }
 
     fn own_active_job(&self, job_id: &str, agent_id: &str) -> Option<&Job> {
-        self.jobs
-            .get(job_id)
-            .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
+        self.job(job_id).filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
     }
 }
 

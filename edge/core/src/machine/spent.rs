@@ -143,7 +143,7 @@ impl Edge {
         };
         self.note_spent(&stub.id);
         self.keep_spent(&stub.id, spent);
-        effects.push(Effect::Save(Box::new(stub)));
+        effects.push(Effect::Save(std::sync::Arc::new(stub)));
         self.keep_spent_within_cap(effects);
     }
 

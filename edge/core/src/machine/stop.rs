@@ -45,9 +45,8 @@ impl Edge {
         // LOST_AFTER_MS loses every running job at the restart, before any agent is back.
         let waiting: Vec<String> = self.active.iter().filter(|id| self.jobs[*id].orphaned_at.is_some()).cloned().collect();
         for id in waiting {
-            let job = self.job_mut(&id).expect("active jobs exist");
-            job.orphaned_at = None;
-            effects.push(Effect::Save(Box::new(job.clone())));
+            self.job_mut(&id).expect("active jobs exist").orphaned_at = None;
+            effects.push(self.save(&id));
         }
         effects
     }

@@ -214,9 +214,9 @@ impl Edge {
         let now = now.into();
         let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.sent_by_own_secret_of(c));
         let mut active: Vec<&crate::record::Job> =
-            self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
+            self.queue.ids().chain(self.active.iter()).filter_map(|id| self.job(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));
-        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).filter(listed).take(LISTED_FINISHED_JOBS);
+        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.job(id)).filter(listed).take(LISTED_FINISHED_JOBS);
         // Why each queued job waits, judged once per (labels, agent_id, reader) however many share them.
         let mut judged: HashMap<(&Labels, Option<&str>, super::login::Told), WaitingFor> = HashMap::new();
         let mut shown = Vec::with_capacity(active.len());

@@ -143,3 +143,24 @@ fn a_jobs_events_cost_the_same_whatever_its_task_holds() {
     let grown: Vec<String> = events.iter().zip(small.iter().zip(large)).filter(|(_, (small, large))| *large > **small + 24).map(|(event, (small, large))| format!("{event}: {large} against {small}")).collect();
     assert!(grown.is_empty(), "allocations of a job of 256 tools against one of none: {grown:?}");
 }
+
+/// An event that changes a job copies its record once at most, for the version it keeps
+/// for an undo (copy on write): the record it saves is the one memory keeps, shared with
+/// it. An acceptance and a start each copied it twice (the undo's, the `Save`'s) — with
+/// the result's two, a fifth of the edge's allocations in the bench (issue 11).
+#[test]
+fn an_event_that_changes_a_job_copies_its_record_once() {
+    let (mut edge, sid) = ready_edge();
+    let s = edge.submit(1, "j1".into(), submission("x", 10_000, None), Mode::Detached).unwrap();
+    order_of(&s.effects, &sid, "spark", 1);
+    let copy = allocations(|| edge.job("j1").unwrap().clone()).0;
+    // The same frame for a job the agent was not sent: read alike, and nothing changes.
+    let nothing = AgentMessage::Accepted { job_id: "j0".into() }.to_text();
+    let (read, effects) = allocations(|| edge.message(1, &sid, &nothing));
+    assert!(effects.is_empty(), "{effects:?}");
+    let accepted = AgentMessage::Accepted { job_id: "j1".into() }.to_text();
+    let (cost, effects) = allocations(|| edge.message(1, &sid, &accepted));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Save(j) if j.state == JobState::Running)), "{effects:?}");
+    // Besides the copy: the journal's entry and the effect list.
+    assert!(cost <= read + copy + 6, "an acceptance took {cost} allocations: reading it {read}, one copy of the record {copy}");
+}

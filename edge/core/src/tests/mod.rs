@@ -879,7 +879,7 @@ fn a_key_used_again_for_another_placement_or_delivery_is_a_conflict() {
     forgotten(&mut edge, first());
     // Restored from its stub, the key answers the same.
     let (writes, _) = crate::split_writes(effects);
-    let stub = writes.saves.iter().find(|j| j.id == "j1").expect("j1's key is stored").clone();
+    let stub = writes.saves.iter().find(|j| j.id == "j1").expect("j1's key is stored").as_ref().clone();
     let (mut edge, _) = Edge::restore(cfg.clone(), vec![stub.clone()], vec![], None, 6);
     conflicts(&mut edge, 6);
     // The stub of an edge of before kept no digest of the placement and callback (nor
@@ -923,7 +923,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     let mut keep = |effects: Vec<Effect>| {
         for e in effects {
             if let Effect::Save(j) = e {
-                saved.insert(j.id.clone(), *j);
+                saved.insert(j.id.clone(), std::sync::Arc::unwrap_or_clone(j));
             }
         }
     };

@@ -290,7 +290,7 @@ impl World {
                 if !self.jobs.contains(&job.id) {
                     self.jobs.push(job.id.clone());
                 }
-                self.stored.insert(job.id.clone(), job);
+                self.stored.insert(job.id.clone(), std::sync::Arc::unwrap_or_clone(job));
             }
             for id in writes.forgets {
                 assert!(self.ended.contains_key(&id), "job {id} was forgotten before it ended");

@@ -106,7 +106,7 @@ fn a_restore_counts_the_jobs_not_ended() {
     for (id, mode) in [("sent", Mode::Detached), ("waiting", Mode::Detached), ("execute", Mode::Wait)] {
         for e in edge.submit(1, id.into(), submission(&prompt, 60_000, None), mode).unwrap().effects {
             if let Effect::Save(job) = e {
-                saved.insert(job.id.clone(), *job);
+                saved.insert(job.id.clone(), std::sync::Arc::unwrap_or_clone(job));
             }
         }
     }

@@ -665,9 +665,9 @@ fn a_key_whose_job_the_caps_forgot_is_told_the_job_ran_not_run_again() {
     assert!(metrics.contains("claude_runner_forgotten_job_keys 1\n") && metrics.contains("claude_runner_jobs_retained 1\n"), "{metrics}");
     assert!(!effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
     let (writes, _) = crate::split_writes(effects);
-    let stub = writes.saves.iter().find(|j| j.id == "j0").expect("j0's key is stored").clone();
+    let stub = writes.saves.iter().find(|j| j.id == "j0").expect("j0's key is stored").as_ref().clone();
     assert!(stub.forgotten && stub.result.is_none() && stub.spec.prompt.is_empty(), "{stub:?}");
-    let j1 = writes.saves.iter().find(|j| j.id == "j1").unwrap().clone();
+    let j1 = writes.saves.iter().find(|j| j.id == "j1").unwrap().as_ref().clone();
 
     let told = |edge: &mut Edge, now: u64| {
         let err = edge.submit(now, format!("again-{now}"), keyed(), Mode::Wait).expect_err("a repeat of a forgotten job's key runs nothing");
@@ -1142,7 +1142,7 @@ fn across_an_edge_restart_the_first_keeps_its_job_and_the_second_stays_out() {
     let mut stored: std::collections::BTreeMap<String, crate::record::Job> = Default::default();
     for e in effects {
         if let Effect::Save(job) = e {
-            stored.insert(job.id.clone(), *job);
+            stored.insert(job.id.clone(), std::sync::Arc::unwrap_or_clone(job));
         }
     }
     let job = edge.job("j1").unwrap();
@@ -1309,7 +1309,7 @@ fn a_result_of_an_order_the_edge_forgot_is_never_taken_for_a_new_order() {
     let mut stored: std::collections::BTreeMap<String, crate::record::Job> = Default::default();
     for e in edge.submit(0, "j".into(), submission("x", 600_000, None), Mode::Detached).unwrap().effects {
         if let Effect::Save(job) = e {
-            stored.insert(job.id.clone(), *job);
+            stored.insert(job.id.clone(), std::sync::Arc::unwrap_or_clone(job));
         }
     }
     // Dispatched on the agent's statement of slots: the power cut loses that event's save.

@@ -997,7 +997,7 @@ fn an_idempotency_key_is_each_callers_own() {
 fn an_idempotency_key_used_by_the_pools_secret_does_not_answer_the_callers_own() {
     const X_SECRET: &str = "caller-x-secret-0123456789";
     let saved = |h: Handled| -> Vec<Job> {
-        h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(*j) } else { None }).collect()
+        h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(std::sync::Arc::unwrap_or_clone(j)) } else { None }).collect()
     };
     let mut edge = Edge::new(pool_config(), 0);
     let h = http::handle(&mut edge, 1, [1; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})));
@@ -1099,7 +1099,7 @@ fn whether_a_caller_is_proven_is_decided_when_its_job_is_submitted() {
         assert_eq!(answer(&h).0, 202);
         for e in h.effects {
             if let Effect::Save(j) = e {
-                saved.insert(j.id.clone(), *j);
+                saved.insert(j.id.clone(), std::sync::Arc::unwrap_or_clone(j));
             }
         }
     }
@@ -1835,7 +1835,7 @@ fn jobs_the_pool_secret_queued_under_a_name_are_not_the_names_own() {
     for now in 1..=2 {
         let h = request(&mut edge, now, SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "ci"}));
         assert_eq!(answer(&h).0, 202);
-        saved.extend(h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(*j) } else { None }));
+        saved.extend(h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(std::sync::Arc::unwrap_or_clone(j)) } else { None }));
     }
     let after = Config { caller_secrets: vec![("ci".into(), CI_SECRET.into())], max_queued_per_caller: 2, ..pool_config() };
     let (mut edge, _) = Edge::restore(after, saved, vec![], None, 10);

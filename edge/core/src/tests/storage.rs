@@ -30,7 +30,7 @@ impl Host {
             return instead;
         }
         for job in writes.saves {
-            self.stored.insert(job.id.clone(), job);
+            self.stored.insert(job.id.clone(), std::sync::Arc::unwrap_or_clone(job));
         }
         for id in writes.forgets {
             self.stored.remove(&id);
@@ -291,7 +291,7 @@ fn an_events_saves_keep_each_jobs_last_version_in_order() {
         let spec = serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
         let mut job = Job::new(id.into(), spec, crate::record::Mode::Detached, None, 0);
         job.attempts = attempts;
-        Effect::Save(Box::new(job))
+        Effect::Save(std::sync::Arc::new(job))
     };
     let (writes, _) = split_writes(vec![job("a", 1), job("b", 1), job("a", 2), Effect::Forget { job_id: "c".into() }, job("b", 3)]);
     let kept: Vec<(&str, u32)> = writes.saves.iter().map(|j| (j.id.as_str(), j.attempts)).collect();
@@ -308,7 +308,7 @@ fn a_job_forgotten_and_saved_in_one_event_is_written_as_it_ended() {
         let spec = serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
         let mut job = Job::new(id.into(), spec, crate::record::Mode::Detached, None, 0);
         job.attempts = attempts;
-        Effect::Save(Box::new(job))
+        Effect::Save(std::sync::Arc::new(job))
     };
     let forget = |id: &str| Effect::Forget { job_id: id.into() };
     let (writes, _) = split_writes(vec![job("a", 1), forget("a"), job("a", 2), job("b", 1), forget("b")]);
