@@ -231,7 +231,7 @@ fn ready_records() -> &'static (Session, Job) {
         let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text();
         let ready = edge.message(NOW, &session, &frame).into_iter().rev().find_map(|e| match e {
-            Effect::SaveSession(s) if s.agent().is_some() => Some(*s),
+            Effect::SaveSession(s) if s.agent().is_some() => Some(std::sync::Arc::unwrap_or_clone(s)),
             _ => None,
         });
         (ready.expect("the handshake passes"), job.expect("the job is saved"))

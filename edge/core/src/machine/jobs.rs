@@ -334,7 +334,7 @@ impl Edge {
         let instance = agent.instance_key().to_string();
         // The agent takes it on this connection only, numbered in the order sent.
         let challenge = agent.challenge.clone();
-        let saved = Effect::SaveSession(Box::new(session.clone()));
+        let saved = self.save_session(session_id);
         let job = self.job_mut(job_id).expect("queued jobs exist");
         job.state = JobState::Dispatched;
         job.dispatched_at = Some(now.at);

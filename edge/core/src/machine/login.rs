@@ -361,7 +361,7 @@ impl Edge {
             let agent = session.agent_mut().expect("ready session");
             agent.usage_hold_until = None;
             info!(agent_id = %agent.agent_id, "the usage window has reset; work flows again");
-            effects.push(Effect::SaveSession(Box::new(session.clone())));
+            effects.push(self.save_session(&id));
         }
     }
 
@@ -594,7 +594,7 @@ impl Edge {
     fn set_relay(&mut self, session_id: &str, relay: Option<LoginRelay>, effects: &mut Vec<Effect>) {
         let session = self.session_mut(session_id).expect("relays live on ready sessions");
         session.agent_mut().expect("ready session").login = relay;
-        effects.push(Effect::SaveSession(Box::new(session.clone())));
+        effects.push(self.save_session(session_id));
     }
 
     #[allow(clippy::too_many_arguments)]

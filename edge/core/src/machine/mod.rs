@@ -100,8 +100,9 @@ pub enum Effect {
     /// Delete a job record: its retention is over.
     Forget { job_id: String },
     /// Keep this session record where it survives the host's memory (the Durable Object
-    /// stores it in the socket's attachment; the native host may ignore it).
-    SaveSession(Box<Session>),
+    /// stores it in the socket's attachment; the native host may ignore it). Shared with
+    /// the machine's memory, as a job's `Save` is.
+    SaveSession(Arc<Session>),
     /// Send a text frame on an agent connection.
     Send { session: String, text: String },
     /// Close an agent connection (the machine has already forgotten it).
@@ -175,7 +176,8 @@ pub struct Edge {
     /// bytes: what the caps take from first ([`Edge::keep_within_caps`]), found without
     /// going through the others' jobs.
     retained_by: BTreeMap<String, Held>,
-    sessions: BTreeMap<String, Session>,
+    /// Shared with the journal and the `SaveSession`s, as `jobs` are.
+    sessions: BTreeMap<String, Arc<Session>>,
     /// Jobs by (caller, `Idempotency-Key`): each caller's keys are its own, so another
     /// caller's key (guessed or shared) never finds, and never waits on, its job.
     idempotency: HashMap<(String, String), String>,
@@ -301,7 +303,7 @@ impl Edge {
                     edge.alerts.paused.insert(a.agent_id.clone());
                 }
             }
-            edge.sessions.insert(s.id.clone(), s);
+            edge.sessions.insert(s.id.clone(), Arc::new(s));
         }
         let mut jobs = jobs;
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
@@ -358,7 +360,7 @@ impl Edge {
     }
 
     pub fn session(&self, id: &str) -> Option<&Session> {
-        self.sessions.get(id)
+        self.sessions.get(id).map(|s| &**s)
     }
 
     pub fn stats(&self) -> &Stats {

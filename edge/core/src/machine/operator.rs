@@ -44,7 +44,7 @@ impl Edge {
         for id in &sessions {
             let session = self.session_mut(id).expect("ready sessions exist");
             session.agent_mut().expect("ready session").paused = pause;
-            effects.push(Effect::SaveSession(Box::new(session.clone())));
+            effects.push(self.save_session(id));
         }
         info!(agent_id, paused = pause, connected = !sessions.is_empty(), "agent {}", if pause { "paused" } else { "resumed" });
         // A pause ends the queued `/execute` jobs only paused agents fit (their callers fall

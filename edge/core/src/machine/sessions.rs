@@ -17,6 +17,7 @@ use shared::Millis;
 use shared::oauth::OAuthReport;
 use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, RawProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 /// Connections that have not answered their challenge yet, at most. Past it a new one is
@@ -128,9 +129,9 @@ impl Edge {
             server_time: now.wall,
             proof,
         };
-        effects.push(Effect::SaveSession(Box::new(session.clone())));
-        effects.push(Effect::Send { session: id.clone(), text: challenge.to_text() });
         self.insert_session(session);
+        effects.push(self.save_session(&id));
+        effects.push(Effect::Send { session: id.clone(), text: challenge.to_text() });
         (id, effects)
     }
 
@@ -179,7 +180,7 @@ impl Edge {
     /// with silent connections thus closes its own, while an agent's connection, which
     /// proves itself within one round trip, is never the oldest for long.
     fn pending_victim(&self, source: &str) -> Option<String> {
-        let pending: Vec<&Session> = self.sessions.values().filter(|s| s.agent().is_none()).collect();
+        let pending: Vec<&Session> = self.sessions.values().map(|s| &**s).filter(|s| s.agent().is_none()).collect();
         let mut per_source: BTreeMap<&str, usize> = BTreeMap::new();
         for s in &pending {
             *per_source.entry(s.source.as_str()).or_default() += 1;
@@ -339,7 +340,7 @@ impl Edge {
         self.begin(Origin::Session(session_id.to_string()), Some(now));
         let mut effects = Vec::new();
         // Not journaled: a later last_seen is right whatever else is undone.
-        let Some(session) = self.sessions.get_mut(session_id) else {
+        let Some(session) = self.sessions.get_mut(session_id).map(Arc::make_mut) else {
             return Self::unknown_connection(session_id);
         };
         // A proven agent is heard in its heartbeats alone ([`Edge::take_beat`]): any other
@@ -506,8 +507,7 @@ impl Edge {
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
-        let saved = Effect::SaveSession(Box::new(session.clone()));
-        effects.push(saved);
+        effects.push(self.save_session(session_id));
         // The welcome goes here, first on the connection, but is made once the hello's jobs
         // are settled: it lists those the agent must not start.
         let welcome_at = effects.len();
@@ -611,7 +611,7 @@ impl Edge {
         if was != is {
             info!(agent_id = %agent_id, needs_login = is.0, usage_limited = is.1, "agent's login or usage window changed");
         }
-        effects.push(Effect::SaveSession(Box::new(session.clone())));
+        effects.push(self.save_session(session_id));
         self.last_oauth = Some((agent_id, oauth));
         self.keep_usage_hold(hold, effects);
         self.observe(now, effects);
@@ -807,7 +807,7 @@ impl Edge {
             AgentMessage::Credit { slots } => {
                 let session = self.session_mut(session_id).expect("session exists");
                 session.agent_mut().expect("ready session").state(slots);
-                effects.push(Effect::SaveSession(Box::new(session.clone())));
+                effects.push(self.save_session(session_id));
                 self.dispatch(now, effects);
             }
             AgentMessage::Accepted { job_id } => {
@@ -993,7 +993,7 @@ impl Edge {
             AgentMessage::Mirrors { names } => {
                 let session = self.session_mut(session_id).expect("session exists");
                 session.agent_mut().expect("ready session").mirrors = mirror_names(&names);
-                effects.push(Effect::SaveSession(Box::new(session.clone())));
+                effects.push(self.save_session(session_id));
             }
             AgentMessage::LoginProgress { envelope } => {
                 // It can log the agent in again (and let held work go): MACed, like results.
@@ -1069,7 +1069,7 @@ impl Edge {
     /// connection writes them as fast as the link carries them (rev21, 1).
     fn unproven_logged(&mut self, session_id: &str, agent_id: &str) -> bool {
         // Not journaled: a count for the log, whatever else is undone.
-        let Some(agent) = self.sessions.get_mut(session_id).and_then(|s| s.agent_mut()) else { return true };
+        let Some(agent) = self.sessions.get_mut(session_id).and_then(|s| Arc::make_mut(s).agent_mut()) else { return true };
         agent.unproven = agent.unproven.saturating_add(1);
         if agent.unproven == shared::protocol::MAX_UNPROVEN_FRAMES + 1 {
             warn!(
@@ -1095,7 +1095,10 @@ impl Edge {
             heard.clear();
         }
         if heard.insert(job_id.to_string()) {
-            self.session_mut(session_id).expect("ready session").last_seen = now.at;
+            // Not journaled, like `last_seen` in `message`: right whatever else is undone.
+            if let Some(session) = self.sessions.get_mut(session_id) {
+                Arc::make_mut(session).last_seen = now.at;
+            }
         }
     }
 
@@ -1108,7 +1111,7 @@ impl Edge {
     /// content: what turns out to be nothing new earns nothing. Hosts that hand each frame
     /// to the machine as it arrives (the Worker: a `webSocketMessage` event) never call it.
     pub fn frame_waiting(&mut self, session_id: &str, arrived_at: Option<Millis>) {
-        if let Some(session) = self.sessions.get_mut(session_id) {
+        if let Some(session) = self.sessions.get_mut(session_id).map(Arc::make_mut) {
             // Not journaled, like `last_seen`.
             session.waiting = arrived_at;
         }
@@ -1123,7 +1126,7 @@ impl Edge {
     /// whole frames (the Worker) do not call it.
     pub fn arriving(&mut self, now: impl Into<Now>, session_id: &str, read: u64) {
         let now: Now = now.into();
-        let Some(session) = self.sessions.get_mut(session_id) else { return };
+        let Some(session) = self.sessions.get_mut(session_id).map(Arc::make_mut) else { return };
         if session.agent().is_none() {
             return;
         }

@@ -128,7 +128,7 @@ pub(super) struct Journal {
     jobs: HashMap<String, Option<Arc<Job>>>,
     /// Forgotten jobs' kept keys (`spent.rs`), by job id.
     spent: HashMap<String, Option<super::spent::Spent>>,
-    sessions: HashMap<String, Option<Session>>,
+    sessions: HashMap<String, Option<Arc<Session>>>,
     /// A job's (waiters, followers) lists.
     callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
     backlogs: Vec<(String, Backlog)>,
@@ -197,25 +197,31 @@ impl Edge {
         }
     }
 
-    /// A session to change, its version before noted.
+    /// A session to change, its version before noted: copied on write, as a job is
+    /// ([`Edge::job_mut`]).
     pub(super) fn session_mut(&mut self, id: &str) -> Option<&mut Session> {
         let session = self.sessions.get(id)?;
         if !self.journal.sessions.contains_key(id) {
-            self.journal.sessions.insert(id.to_string(), Some(session.clone()));
+            self.journal.sessions.insert(id.to_string(), Some(Arc::clone(session)));
         }
-        self.sessions.get_mut(id)
+        self.sessions.get_mut(id).map(Arc::make_mut)
+    }
+
+    /// The session's record as it is now, for the host to keep: shared, not copied.
+    pub(super) fn save_session(&self, id: &str) -> Effect {
+        Effect::SaveSession(Arc::clone(&self.sessions[id]))
     }
 
     pub(super) fn insert_session(&mut self, session: Session) {
         let prior = self.sessions.get(&session.id).cloned();
         self.journal.sessions.entry(session.id.clone()).or_insert(prior);
-        self.sessions.insert(session.id.clone(), session);
+        self.sessions.insert(session.id.clone(), Arc::new(session));
     }
 
-    pub(super) fn remove_session(&mut self, id: &str) -> Option<Session> {
+    pub(super) fn remove_session(&mut self, id: &str) -> Option<Arc<Session>> {
         let session = self.sessions.remove(id)?;
         self.results_heard.remove(id);
-        self.journal.sessions.entry(id.to_string()).or_insert_with(|| Some(session.clone()));
+        self.journal.sessions.entry(id.to_string()).or_insert_with(|| Some(Arc::clone(&session)));
         Some(session)
     }
 
@@ -298,7 +304,7 @@ impl Edge {
             }
             Origin::Session(session) => {
                 // The agent proved itself on this connection (in this event or before).
-                let agent_id = self.sessions.get(&session).and_then(Session::agent_id).map(str::to_string);
+                let agent_id = self.sessions.get(&session).and_then(|s| s.agent_id()).map(str::to_string);
                 self.undo(now);
                 if self.sessions.contains_key(&session) {
                     let refused = Refused::new(

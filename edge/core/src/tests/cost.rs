@@ -164,3 +164,44 @@ fn an_event_that_changes_a_job_copies_its_record_once() {
     // Besides the copy: the journal's entry and the effect list.
     assert!(cost <= read + copy + 6, "an acceptance took {cost} allocations: reading it {read}, one copy of the record {copy}");
 }
+
+/// One job's events on session `sid`: the allocations of its submission (which sends it),
+/// its result and the agent's credit after it.
+fn session_costs(edge: &mut Edge, sid: &str, n: u64) -> [u64; 3] {
+    let job_id = format!("job-{n:05}");
+    let (sent, s) = allocations(|| {
+        edge.begin_request(n);
+        edge.submit(n, job_id.clone(), submission("x", 10_000, None), Mode::Detached).unwrap()
+    });
+    order_of(&s.effects, sid, "spark", n);
+    say(edge, n, sid, AgentMessage::Accepted { job_id: job_id.clone() });
+    let result = result_msg(edge, &job_id, ok_result()).to_text();
+    let ended = allocations(|| edge.message(n, sid, &result)).0;
+    assert!(edge.job(&job_id).unwrap().state.is_terminal(), "the job ended");
+    let credit = credit(1, n + 1).to_text();
+    let credited = allocations(|| edge.message(n, sid, &credit)).0;
+    [sent, ended, credited]
+}
+
+/// A job's events copy its agent's session record — its keys, login, labels and mirrors,
+/// an allocation each — once at most, for the undo of an event that changes it: its
+/// `SaveSession` shares it, and a result, which only marks the agent as heard from (not
+/// undone, as a frame's arrival is not), copies none of it. The order's dispatch and the
+/// credit copied it twice each and the result once (issue 11: 6 % of the edge's
+/// allocations in the bench).
+#[test]
+fn a_jobs_events_copy_its_agents_session_once_at_most() {
+    let (mut edge, sid) = ready_edge();
+    session_costs(&mut edge, &sid, 0);
+    let light = session_costs(&mut edge, &sid, 1);
+    // 256 mirrors: a copy of the session is some 280 allocations more (the names, and the
+    // nodes of the tree that holds them).
+    let names: Vec<String> = (0..256).map(|i| format!("repo-{i:03}")).collect();
+    say(&mut edge, 2, &sid, AgentMessage::Mirrors { names });
+    assert_eq!(edge.session(&sid).unwrap().agent().unwrap().mirrors.len(), 256);
+    let heavy = session_costs(&mut edge, &sid, 2);
+    let allowed = [1, 0, 1].map(|copies| copies * 300 + 16);
+    let events = ["submission and order", "result", "credit"];
+    let over: Vec<String> = (0..3).filter(|&i| heavy[i] > light[i] + allowed[i]).map(|i| format!("{}: {} against {}", events[i], heavy[i], light[i])).collect();
+    assert!(over.is_empty(), "allocations with 256 mirrors against none, more than one copy of the session: {over:?}");
+}
