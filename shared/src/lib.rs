@@ -10,7 +10,8 @@
 //! - [`usage`]: the subscription's usage window (Claude's `rate_limit_event`s).
 //! - [`repo`]: repository addresses (`repo_url`), git names, and mirror names.
 //! - [`placement`]: agent labels, and where a job may run, whose it is, its priority.
-//! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
+//! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket; `frame` reads
+//!   them by their `type` first.
 //! - [`envelope`]: ed25519-signed envelopes and MACed ones, with domain separation (jobs,
 //!   cancels, hello, reports).
 //! - [`link`]: the keys of one connection: X25519 in the signed handshake, HMAC-SHA256.
@@ -23,6 +24,7 @@
 
 pub mod contract;
 pub mod envelope;
+mod frame;
 pub mod ids;
 pub mod job;
 pub mod keys;

@@ -254,8 +254,9 @@ pub mod close {
     }
 }
 
-/// Edge → agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Edge → agent. Written by serde as an internally tagged enum; read by its `type` first
+/// ([`crate::frame`], [`EdgeMessageFields`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EdgeMessage {
     Challenge {
@@ -292,8 +293,9 @@ pub enum EdgeMessage {
     Unknown,
 }
 
-/// Agent → edge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Agent → edge. Written by serde as an internally tagged enum; read by its `type` first
+/// ([`crate::frame`], [`AgentMessageFields`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
@@ -343,6 +345,79 @@ pub enum AgentMessage {
     LoginProgress { envelope: Tagged },
     #[serde(other)]
     Unknown,
+}
+
+/// [`EdgeMessage`]'s variants as serde reads them once [`crate::frame`] has its `type`:
+/// the same kinds and fields, with their defaults (a `remote` derive, checked by the
+/// compiler against [`EdgeMessage`] field for field; a kind left out here would not
+/// read, which `every_kind_of_frame_reads_back_as_it_was_written` catches).
+#[derive(Deserialize)]
+#[serde(remote = "EdgeMessage", rename_all = "snake_case")]
+enum EdgeMessageFields {
+    Challenge {
+        protocol: u32,
+        nonce: String,
+        edge_version: String,
+        server_time: Millis,
+        #[serde(default)]
+        proof: Option<String>,
+    },
+    Welcome { envelope: Envelope },
+    Job { envelope: Envelope },
+    Cancel { envelope: Envelope },
+    Login { envelope: Envelope },
+    ResultAck { envelope: Tagged },
+    HeartbeatAck { envelope: Tagged },
+    Goodbye { code: u16, reason: String },
+    #[serde(other)]
+    Unknown,
+}
+
+/// [`AgentMessage`]'s variants as serde reads them once [`crate::frame`] has its `type`
+/// (as [`EdgeMessageFields`] for [`EdgeMessage`]).
+#[derive(Deserialize)]
+#[serde(remote = "AgentMessage", rename_all = "snake_case")]
+enum AgentMessageFields {
+    Hello { protocol: u32, agent_id: String, envelope: Envelope },
+    Probe { protocol: u32, agent_id: String, envelope: Envelope },
+    Heartbeat { envelope: Tagged },
+    Credit { slots: Slots },
+    Mirrors { names: Vec<String> },
+    Accepted { job_id: String },
+    Started { envelope: Tagged },
+    Rejected { envelope: Tagged },
+    OrderRefused { reason: String },
+    Event { envelope: Tagged },
+    Result { envelope: Tagged },
+    LoginProgress { envelope: Tagged },
+    #[serde(other)]
+    Unknown,
+}
+
+impl<'de> crate::frame::ByType<'de> for EdgeMessage {
+    const NAME: &'static str = "EdgeMessage";
+    fn variant<D: serde::Deserializer<'de>>(frame: D) -> Result<Self, D::Error> {
+        EdgeMessageFields::deserialize(frame)
+    }
+}
+
+impl<'de> crate::frame::ByType<'de> for AgentMessage {
+    const NAME: &'static str = "AgentMessage";
+    fn variant<D: serde::Deserializer<'de>>(frame: D) -> Result<Self, D::Error> {
+        AgentMessageFields::deserialize(frame)
+    }
+}
+
+impl<'de> Deserialize<'de> for EdgeMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(frame: D) -> Result<Self, D::Error> {
+        crate::frame::read(frame)
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(frame: D) -> Result<Self, D::Error> {
+        crate::frame::read(frame)
+    }
 }
 
 /// The agent's slots, stated absolutely: how many jobs it could start now, and the number
@@ -1279,6 +1354,136 @@ mod tests {
         assert_eq!(AgentMessage::result_text(envelope.payload.clone(), &key), AgentMessage::Result { envelope });
     }
 
+    /// One frame of every kind each side sends (a kind added to an enum must be added
+    /// here: the `match` below does not compile without it).
+    fn every_kind() -> (Vec<AgentMessage>, Vec<EdgeMessage>) {
+        let key = MacKey::from_bytes([1; 32]);
+        let envelope = Envelope { payload: r#"{"a":"\"quoted\""}"#.into(), sig: "c2ln".into() };
+        let tagged = Tagged::seal_text(Domain::Result, r#"{"job_id":"j\u00e9"}"#.into(), &key);
+        let agent = vec![
+            AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: envelope.clone() },
+            AgentMessage::Probe { protocol: 3, agent_id: "doctor".into(), envelope: envelope.clone() },
+            AgentMessage::Heartbeat { envelope: tagged.clone() },
+            AgentMessage::Credit { slots: Slots { free: 2, received: 7 } },
+            AgentMessage::Mirrors { names: vec!["github.com/a/b".into(), "c".into()] },
+            AgentMessage::Accepted { job_id: "j1".into() },
+            AgentMessage::Started { envelope: tagged.clone() },
+            AgentMessage::Rejected { envelope: tagged.clone() },
+            AgentMessage::OrderRefused { reason: "bad \"order\"\n".into() },
+            AgentMessage::Event { envelope: tagged.clone() },
+            AgentMessage::Result { envelope: tagged.clone() },
+            AgentMessage::LoginProgress { envelope: tagged.clone() },
+            AgentMessage::Unknown,
+        ];
+        let edge = vec![
+            EdgeMessage::Challenge { protocol: 11, nonce: "n".into(), edge_version: "1".into(), server_time: 5, proof: Some("p".into()) },
+            EdgeMessage::Challenge { protocol: 11, nonce: "n".into(), edge_version: "1".into(), server_time: 5, proof: None },
+            EdgeMessage::Welcome { envelope: envelope.clone() },
+            EdgeMessage::Job { envelope: envelope.clone() },
+            EdgeMessage::Cancel { envelope: envelope.clone() },
+            EdgeMessage::Login { envelope },
+            EdgeMessage::ResultAck { envelope: tagged.clone() },
+            EdgeMessage::HeartbeatAck { envelope: tagged },
+            EdgeMessage::Goodbye { code: 4002, reason: "why".into() },
+            EdgeMessage::Unknown,
+        ];
+        for m in &agent {
+            match m {
+                AgentMessage::Hello { .. } | AgentMessage::Probe { .. } | AgentMessage::Heartbeat { .. } | AgentMessage::Credit { .. } => {}
+                AgentMessage::Mirrors { .. } | AgentMessage::Accepted { .. } | AgentMessage::Started { .. } | AgentMessage::Rejected { .. } => {}
+                AgentMessage::OrderRefused { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } => {}
+                AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {}
+            }
+        }
+        for m in &edge {
+            match m {
+                EdgeMessage::Challenge { .. } | EdgeMessage::Welcome { .. } | EdgeMessage::Job { .. } | EdgeMessage::Cancel { .. } => {}
+                EdgeMessage::Login { .. } | EdgeMessage::ResultAck { .. } | EdgeMessage::HeartbeatAck { .. } => {}
+                EdgeMessage::Goodbye { .. } | EdgeMessage::Unknown => {}
+            }
+        }
+        (agent, edge)
+    }
+
+    /// What either side writes, the other reads back as it was, every kind of frame
+    /// (`crate::frame` reads each kind's fields by its own list of them).
+    #[test]
+    fn every_kind_of_frame_reads_back_as_it_was_written() {
+        let (agent, edge) = every_kind();
+        for m in agent {
+            let text = m.to_text();
+            assert!(text.starts_with(r#"{"type":""#), "{text}");
+            assert_eq!(decode::<AgentMessage>(&text), Ok(m), "{text}");
+        }
+        for m in edge {
+            let text = m.to_text();
+            assert!(text.starts_with(r#"{"type":""#), "{text}");
+            assert_eq!(decode::<EdgeMessage>(&text), Ok(m), "{text}");
+        }
+    }
+
+    /// A frame reads the same whatever the order of its fields, or as a list, as serde's
+    /// reading of an internally tagged enum took it: only what an agent and an edge write
+    /// (`type` first) is read without buffering its fields.
+    #[test]
+    fn a_frame_reads_alike_whatever_the_order_of_its_fields() {
+        let credit = AgentMessage::Credit { slots: Slots { free: 1, received: 3 } };
+        for text in [
+            r#"{"type":"credit","slots":{"free":1,"received":3}}"#,
+            r#" { "slots" : {"received":3,"free":1} , "type" : "credit" } "#,
+            r#"{"pad":[1,{"x":null}],"type":"credit","slots":{"free":1,"received":3},"more":"x"}"#,
+            r#"{"t\u0079pe":"cr\u0065dit","slots":{"free":1,"received":3}}"#,
+            r#"["credit",{"free":1,"received":3}]"#,
+        ] {
+            assert_eq!(decode::<AgentMessage>(text), Ok(credit.clone()), "{text}");
+        }
+        let goodbye = EdgeMessage::Goodbye { code: 4002, reason: "r".into() };
+        assert_eq!(decode::<EdgeMessage>(r#"{"reason":"r","code":4002,"type":"goodbye"}"#), Ok(goodbye));
+        for text in [r#"{"x":{"y":[1,2]},"type":"telemetry_v9"}"#, r#"{"type":"telemetry_v9","x":{"y":[1,2]}}"#, r#"["shiny"]"#] {
+            assert_eq!(decode::<AgentMessage>(text), Ok(AgentMessage::Unknown), "{text}");
+        }
+        // What no kind reads is passed over, its JSON checked but not decoded (serde's
+        // buffering refused these: a number past f64's range, a lone surrogate).
+        let credit_with = |junk: &str| format!(r#"{{"type":"credit","slots":{{"free":1,"received":3,"x":{junk}}},"y":{junk}}}"#);
+        for junk in ["1e999", r#""\ud800""#] {
+            assert_eq!(decode::<AgentMessage>(&credit_with(junk)), Ok(credit.clone()), "{junk}");
+            assert_eq!(decode::<AgentMessage>(&format!(r#"{{"y":{junk},"type":"credit","slots":{{"free":1,"received":3}}}}"#)), Ok(credit.clone()), "{junk}");
+        }
+        assert!(decode::<AgentMessage>(r#"{"type":"credit","slots":{"free":1e999,"received":3}}"#).is_err(), "a value read is decoded");
+    }
+
+    /// What serde refused of a frame is refused still, in its words: a `type` missing or
+    /// given twice (first or not), a field missing, repeated or of the wrong kind, a
+    /// `type` that is no name. (Where in the frame is now said too, for what the fields'
+    /// own reading finds.)
+    #[test]
+    fn a_hostile_frame_is_refused_in_serdes_words() {
+        for (text, words) in [
+            (r#"{}"#, "missing field `type`"),
+            (r#"{"slots":{"free":1,"received":3}}"#, "missing field `type`"),
+            (r#"{"type":"credit","slots":{"free":1,"received":3},"type":"credit"}"#, "duplicate field `type`"),
+            (r#"{"slots":{"free":1,"received":3},"type":"credit","type":"mirrors"}"#, "duplicate field `type`"),
+            (r#"{"type":"credit"}"#, "missing field `slots`"),
+            (r#"{"received":3,"type":"credit"}"#, "missing field `slots`"),
+            (r#"{"type":"credit","slots":{"free":1,"received":3},"slots":{"free":1,"received":3}}"#, "duplicate field `slots`"),
+            (r#"{"slots":{"free":1,"received":3},"slots":{"free":1,"received":3},"type":"credit"}"#, "duplicate field `slots`"),
+            (r#"{"type":"credit","slots":{"free":-1,"received":0}}"#, "invalid value: integer `-1`"),
+            (r#"{"slots":{"free":-1,"received":0},"type":"credit"}"#, "invalid value: integer `-1`"),
+            (r#"{"type":"accepted","job_id":7}"#, "invalid type: integer `7`, expected a string"),
+            (r#"{"type":["credit"],"slots":{"free":1,"received":3}}"#, "invalid type: sequence"),
+            (r#"[]"#, "missing field `type`"),
+            (r#"["shiny",1,2]"#, "invalid length 2, expected 0 elements in sequence"),
+            (r#"["credit",{"free":1,"received":3},5]"#, "invalid length 2, expected 1 element in sequence"),
+            (r#"{"envelope":{"payload":"p","mac":"m","payload":"q"},"type":"event"}"#, "duplicate field `payload`"),
+            (r#"{"envelope":{"payload":"p"},"type":"event"}"#, "missing field `mac`"),
+            (r#""credit""#, "invalid type: string \"credit\", expected internally tagged enum AgentMessage"),
+            (r#"{"type":"credit","slots":{"free":1,"received":3}"#, "EOF while parsing an object"),
+        ] {
+            let err = decode::<AgentMessage>(text).expect_err(text);
+            assert!(err.starts_with("unreadable frame: ") && err.contains(words), "{text}: {err}");
+        }
+    }
+
     /// A relayed login's sign-in URL is shown only under its agent's own signature: one
     /// by another key (an edge's made-up claim), for another login or agent, or over
     /// another URL (an edge's own `claude auth login`'s page) does not hold (rev21-2).
@@ -1439,3 +1644,4 @@ mod tests {
         }
     }
 }
+

@@ -10,7 +10,8 @@
 //! - [`connections`]: unproven connections from arbitrary peers (the address a host
 //!   passes, `CF-Connecting-IP` on the Worker): the bounds on them hold, and the real
 //!   agent always gets in.
-//! - [`wire`]: `shared::protocol::decode` of both message kinds, and their round trip.
+//! - [`wire`]: `shared::protocol::decode` of both message kinds, their round trip, and
+//!   that it takes what serde's own reading of them took.
 //! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
 //!   `open_order`, with forged and with valid signatures.
 //! - [`credentials`]: Claude's `.credentials.json`.
@@ -34,8 +35,8 @@ use edge_core::record::{Job, Mode};
 use edge_core::session::Session;
 use edge_core::{Config, Edge, Effect};
 use shared::contract::{ExecuteRequest, Limits};
-use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader};
-use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, LoginOrder, Welcome, PROTOCOL_VERSION};
+use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader, Tagged};
+use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, LoginOrder, Slots, Welcome, PROTOCOL_VERSION};
 use std::sync::OnceLock;
 
 /// A fuzz target: takes any bytes, must not panic or hang.
@@ -378,15 +379,94 @@ pub fn connections(data: &[u8]) {
     }
 }
 
-/// One frame, decoded as each side would; what decodes re-encodes to the same message.
+/// One frame, decoded as each side would; what decodes re-encodes to the same message,
+/// and reads as serde's own reading of an internally tagged enum read it (every field
+/// buffered first, [`SerdeAgentMessage`]): the same frames taken, as the same messages.
 pub fn wire(data: &[u8]) {
     let frame = text(data);
-    if let Ok(m) = shared::protocol::decode::<AgentMessage>(&frame) {
-        assert_eq!(shared::protocol::decode::<AgentMessage>(&m.to_text()).as_ref(), Ok(&m));
+    let agent = shared::protocol::decode::<AgentMessage>(&frame);
+    if let Ok(m) = &agent {
+        assert_eq!(shared::protocol::decode::<AgentMessage>(&m.to_text()).as_ref(), Ok(m));
     }
-    if let Ok(m) = shared::protocol::decode::<EdgeMessage>(&frame) {
-        assert_eq!(shared::protocol::decode::<EdgeMessage>(&m.to_text()).as_ref(), Ok(&m));
+    let serdes = as_serde_read(&frame, |de| SerdeAgentMessage::deserialize(de));
+    read_alike(&frame, &agent, &serdes);
+    let edge = shared::protocol::decode::<EdgeMessage>(&frame);
+    if let Ok(m) = &edge {
+        assert_eq!(shared::protocol::decode::<EdgeMessage>(&m.to_text()).as_ref(), Ok(m));
     }
+    let serdes = as_serde_read(&frame, |de| SerdeEdgeMessage::deserialize(de));
+    read_alike(&frame, &edge, &serdes);
+}
+
+/// Both took the frame, as the same message, or both refused it — but for a value no
+/// kind reads (`shared/src/frame.rs`): serde's reading decoded every value of the frame
+/// and refused one that does not decode (a number past `f64`'s range, a lone surrogate
+/// escape); ours passes over a field it does not read as serde passes over any struct's
+/// unknown field, its JSON checked only. A value a kind reads is decoded by both, so such
+/// a refusal with ours taking the frame can only be of one no kind reads.
+fn read_alike<T: PartialEq + std::fmt::Debug>(frame: &str, ours: &Result<T, String>, serdes: &Result<T, serde_json::Error>) {
+    const UNDECODED: &[&str] = &["number out of range", "lone leading surrogate in hex escape", "invalid unicode code point", "unexpected end of hex escape"];
+    match (ours, serdes) {
+        (Ok(m), Ok(s)) => assert_eq!(m, s, "{frame:?}"),
+        (Err(_), Err(_)) => {}
+        (Ok(_), Err(e)) if UNDECODED.iter().any(|w| e.to_string().starts_with(w)) => {}
+        _ => panic!("{frame:?}: ours {ours:?}, serde's {serdes:?}"),
+    }
+}
+
+/// A frame read whole by `read`, as `serde_json::from_str` reads one (nothing after it).
+fn as_serde_read<'a, T>(
+    frame: &'a str,
+    read: impl FnOnce(&mut serde_json::Deserializer<serde_json::de::StrRead<'a>>) -> Result<T, serde_json::Error>,
+) -> Result<T, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(frame);
+    let m = read(&mut de)?;
+    de.end()?;
+    Ok(m)
+}
+
+/// serde's own reading of [`AgentMessage`], as the enum derived it before frames were read
+/// by their `type` first (`shared/src/frame.rs`): the reference [`wire`] holds that one to.
+#[derive(serde::Deserialize)]
+#[serde(remote = "AgentMessage", tag = "type", rename_all = "snake_case")]
+enum SerdeAgentMessage {
+    Hello { protocol: u32, agent_id: String, envelope: Envelope },
+    Probe { protocol: u32, agent_id: String, envelope: Envelope },
+    Heartbeat { envelope: Tagged },
+    Credit { slots: Slots },
+    Mirrors { names: Vec<String> },
+    Accepted { job_id: String },
+    Started { envelope: Tagged },
+    Rejected { envelope: Tagged },
+    OrderRefused { reason: String },
+    Event { envelope: Tagged },
+    Result { envelope: Tagged },
+    LoginProgress { envelope: Tagged },
+    #[serde(other)]
+    Unknown,
+}
+
+/// [`SerdeAgentMessage`] for [`EdgeMessage`].
+#[derive(serde::Deserialize)]
+#[serde(remote = "EdgeMessage", tag = "type", rename_all = "snake_case")]
+enum SerdeEdgeMessage {
+    Challenge {
+        protocol: u32,
+        nonce: String,
+        edge_version: String,
+        server_time: u64,
+        #[serde(default)]
+        proof: Option<String>,
+    },
+    Welcome { envelope: Envelope },
+    Job { envelope: Envelope },
+    Cancel { envelope: Envelope },
+    Login { envelope: Envelope },
+    ResultAck { envelope: Tagged },
+    HeartbeatAck { envelope: Tagged },
+    Goodbye { code: u16, reason: String },
+    #[serde(other)]
+    Unknown,
 }
 
 /// What the agent does with an edge frame: decode it, open the envelope. With the first
