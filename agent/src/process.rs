@@ -128,12 +128,7 @@ pub fn claude_environment(
     login: Vec<(&'static str, String)>,
     job: Vec<(String, OsString)>,
 ) -> Vec<(OsString, OsString)> {
-    let passed = |name: &str| {
-        !crate::config::SECRET_VARS.contains(&name)
-            && (PASSED.contains(&name) || PASSED_PREFIXES.iter().any(|p| name.starts_with(p)) || allow.iter().any(|a| a == name))
-    };
-    let mut env: Vec<(OsString, OsString)> =
-        inherited.into_iter().filter(|(name, _)| name.to_str().is_some_and(passed)).collect();
+    let mut env = passed_on(inherited, allow);
     let set = login.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).chain(job.into_iter().map(|(k, v)| (OsString::from(k), v)));
     for (name, value) in set {
         env.retain(|(n, _)| *n != name);
@@ -175,9 +170,24 @@ fn with_git_settings(env: &mut Vec<(OsString, OsString)>) {
 /// What of the agent's own environment Claude may inherit ([`claude_environment`]'s
 /// allow-lists, applied to it). Read once, when the agent starts (after
 /// [`crate::config`] has taken its secrets out of it; nothing changes it later), rather
-/// than copied whole and filtered again at every job's start.
+/// than copied whole and filtered again at every job's start. Only filtered: a job's
+/// [`claude_environment`] adds the rest once. Made by it whole, with the git settings,
+/// the settings were added again at each job's start after the operator's pairs, one
+/// index past them: an operator passing `GIT_CONFIG_COUNT` and its pairs
+/// (`JOB_ENV_ALLOW`) left a gap at that index, and every git Claude ran failed ("missing
+/// config key").
 pub fn inherited_environment(allow: &[String]) -> Vec<(OsString, OsString)> {
-    claude_environment(std::env::vars_os(), allow, Vec::new(), Vec::new())
+    passed_on(std::env::vars_os(), allow)
+}
+
+/// The variables of `vars` Claude may inherit: allow-listed ([`PASSED`],
+/// [`PASSED_PREFIXES`], the operator's `allow`), and never one of the agent's secrets.
+fn passed_on(vars: impl IntoIterator<Item = (OsString, OsString)>, allow: &[String]) -> Vec<(OsString, OsString)> {
+    let passed = |name: &str| {
+        !crate::config::SECRET_VARS.contains(&name)
+            && (PASSED.contains(&name) || PASSED_PREFIXES.iter().any(|p| name.starts_with(p)) || allow.iter().any(|a| a == name))
+    };
+    vars.into_iter().filter(|(name, _)| name.to_str().is_some_and(passed)).collect()
 }
 
 /// One run of Claude: what to start and where.
@@ -726,6 +736,27 @@ mod tests {
             let env = git(&env_of(inherited, allow));
             assert_eq!(env, pairs(&[("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "safe.bareRepository"), ("GIT_CONFIG_VALUE_0", "explicit")]));
         }
+    }
+
+    /// The operator's git settings passed on (`JOB_ENV_ALLOW`) and ours after them make a
+    /// whole set git reads, in the environment a job's Claude gets as the runner makes it
+    /// (the agent's share of its own environment, read once at its start, then the job's
+    /// additions). The share was made with the git settings already in it and the job's
+    /// added them again, one index further: git refused the set ("missing config key
+    /// GIT_CONFIG_KEY_1") and every git Claude ran failed.
+    #[test]
+    fn the_operators_git_settings_and_ours_make_a_set_git_reads() {
+        let agents = [("PATH", "/usr/bin:/bin"), ("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "core.abbrev"), ("GIT_CONFIG_VALUE_0", "9")];
+        let allow: Vec<String> = ["GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0"].map(String::from).to_vec();
+        let inherited = passed_on(agents.map(|(k, v)| (OsString::from(k), OsString::from(v))), &allow);
+        let env = claude_environment(inherited, &allow, Vec::new(), Vec::new());
+        let git = |key: &str| {
+            let out = std::process::Command::new("git").args(["config", "--get", key]).env_clear().envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+            assert!(out.status.success(), "git refused the environment: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        assert_eq!(git("core.abbrev"), "9", "the operator's setting");
+        assert_eq!(git("safe.bareRepository"), "explicit", "ours");
     }
 
     /// The prompt goes into Claude's stdin from the thread that made the job's started
