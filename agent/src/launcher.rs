@@ -39,7 +39,9 @@
 //! lost, the one thread that asks for every launcher and lives as long as the agent
 //! ([`Running::start`]).
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
+#[cfg(test)]
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -79,7 +81,7 @@ pub struct Spawn<'a> {
     pub program: &'a Path,
     pub cwd: &'a Path,
     pub args: &'a [String],
-    pub env: &'a [(OsString, OsString)],
+    pub env: &'a crate::process::ClaudeEnv,
 }
 
 /// The child's ends that the launcher passes on (the agent keeps the other ends).
@@ -498,7 +500,7 @@ fn encode(spawn: &Spawn) -> std::io::Result<Vec<u8>> {
         + spawn.cwd.as_os_str().len()
         + 24
         + spawn.args.iter().map(|a| a.len() + 1).sum::<usize>()
-        + spawn.env.iter().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
+        + spawn.env.vars().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
     let mut body = Vec::with_capacity(size);
     let mut nul = false;
     let mut field = |parts: &[&[u8]]| {
@@ -514,7 +516,7 @@ fn encode(spawn: &Spawn) -> std::io::Result<Vec<u8>> {
     for arg in spawn.args {
         field(&[arg.as_bytes()]);
     }
-    for (name, value) in spawn.env {
+    for (name, value) in spawn.env.vars() {
         field(&[name.as_bytes(), b"=", value.as_bytes()]);
     }
     if nul {
@@ -1110,8 +1112,8 @@ pub(crate) fn recv_with_fds(socket: RawFd, buf: &mut [u8], max_fds: usize) -> st
 
 /// `OsString`s of the environment, as the request wants them (used by tests).
 #[cfg(test)]
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
-    pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect()
+fn env_of(pairs: &[(&str, &str)]) -> crate::process::ClaudeEnv {
+    pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect::<Vec<_>>().into()
 }
 
 #[cfg(test)]
@@ -1547,7 +1549,7 @@ mod tests {
     #[test]
     fn a_field_holding_a_nul_is_refused_not_split_in_two() {
         let clean = env_of(&[("HOME", "/h")]);
-        let spawn = |args: &[String], env: &[(OsString, OsString)]| {
+        let spawn = |args: &[String], env: &crate::process::ClaudeEnv| {
             encode(&Spawn { program: Path::new("/usr/bin/claude"), cwd: Path::new("/w"), args, env }).map(|_| ()).map_err(|e| e.kind())
         };
         let refused = Err(std::io::ErrorKind::InvalidInput);

@@ -698,7 +698,7 @@ async fn run_claude(
     if let Some(dir) = &cfg.claude_config_dir {
         job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
-    let env = process::claude_environment(ctx.inherited_env.iter().cloned(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
+    let env = process::claude_environment(&ctx.inherited_env, ctx.login.claude_env(crate::now_ms()), job_env);
     let session = Session::of(spec, runtime::entropy);
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
