@@ -119,20 +119,17 @@ const PASSED_PREFIXES: &[&str] = &["LC_", "CLAUDE_CODE_", "DISABLE_", "ANTHROPIC
 
 /// The whole environment of one Claude run: `inherited`, the agent's share of its own
 /// ([`inherited_environment`]: its allow-listed variables — the operator's `allow` list,
-/// `JOB_ENV_ALLOW`, among them), then how Claude logs in (`login`, from
-/// [`crate::oauth::Login::claude_env`]) and what this job needs (`job`: e.g.
-/// `CLAUDE_CONFIG_DIR`, a repository's settings), then [`GIT_SETTINGS`]. The agent's
-/// secrets ([`crate::config::SECRET_VARS`]) are never inherited, whatever the lists say;
-/// only `login` and `job` can set one, on purpose.
+/// `JOB_ENV_ALLOW`, among them — and [`GIT_SETTINGS`]), then how Claude logs in (`login`,
+/// from [`crate::oauth::Login::claude_env`]) and what this job needs (`job`: e.g.
+/// `CLAUDE_CONFIG_DIR`). The agent's secrets ([`crate::config::SECRET_VARS`]) are never
+/// inherited, whatever the lists say; only `login` and `job` can set one, on purpose.
 pub fn claude_environment(inherited: &Arc<[(OsString, OsString)]>, login: Vec<(&'static str, String)>, job: Vec<(String, OsString)>) -> ClaudeEnv {
     let mut set: Vec<(OsString, OsString)> = Vec::new();
     for (name, value) in login.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).chain(job.into_iter().map(|(k, v)| (OsString::from(k), v))) {
         set.retain(|(n, _)| *n != name);
         set.push((name, value));
     }
-    let mut env = ClaudeEnv { inherited: Arc::clone(inherited), set };
-    with_git_settings(&mut env);
-    env
+    ClaudeEnv { inherited: Arc::clone(inherited), set }
 }
 
 /// Claude's whole environment for one run ([`claude_environment`]): the agent's share of
@@ -197,17 +194,25 @@ fn with_git_settings(env: &mut ClaudeEnv) {
     env.set(count.into(), theirs.saturating_add(GIT_SETTINGS.len()).to_string().into());
 }
 
-/// What of the agent's own environment Claude may inherit ([`claude_environment`]'s
-/// allow-lists, applied to it). Read once, when the agent starts (after
-/// [`crate::config`] has taken its secrets out of it; nothing changes it later), rather
-/// than copied whole and filtered again at every job's start. Only filtered: a job's
-/// [`claude_environment`] adds the rest once. Made by it whole, with the git settings,
-/// the settings were added again at each job's start after the operator's pairs, one
-/// index past them: an operator passing `GIT_CONFIG_COUNT` and its pairs
-/// (`JOB_ENV_ALLOW`) left a gap at that index, and every git Claude ran failed ("missing
-/// config key").
+/// What of the agent's own environment Claude inherits: its allow-listed variables, then
+/// [`GIT_SETTINGS`] after the operator's git settings. Made once, when the agent starts
+/// (after [`crate::config`] has taken its secrets out of it; nothing changes it later),
+/// rather than copied whole and filtered again at every job's start; a job's
+/// [`claude_environment`] adds only its login and its own variables. (Made with the git
+/// settings and then filtered again for each job, which added them a second time one
+/// index past the operator's pairs, the share left a gap at that index for an operator
+/// passing `GIT_CONFIG_COUNT` and its pairs, `JOB_ENV_ALLOW`: every git Claude ran failed,
+/// "missing config key".)
 pub fn inherited_environment(allow: &[String]) -> Vec<(OsString, OsString)> {
-    passed_on(std::env::vars_os(), allow)
+    agents_share(std::env::vars_os(), allow)
+}
+
+/// [`inherited_environment`] of the agent's environment `vars`.
+fn agents_share(vars: impl IntoIterator<Item = (OsString, OsString)>, allow: &[String]) -> Vec<(OsString, OsString)> {
+    let mut share = ClaudeEnv::from(passed_on(vars, allow));
+    with_git_settings(&mut share);
+    // Nothing inherited: every variable is in what it sets, in order.
+    share.set
 }
 
 /// The variables of `vars` Claude may inherit: allow-listed ([`PASSED`],
@@ -718,7 +723,7 @@ mod tests {
         let allow = vec!["NPM_CONFIG_REGISTRY".to_string(), "RUNNER_SECRET".to_string()];
         let login = vec![("CLAUDE_CODE_OAUTH_TOKEN", "login-token".to_string())];
         let job = vec![("CLAUDE_CONFIG_DIR".to_string(), OsString::from("/cfg")), ("HOME".to_string(), OsString::from("/job-home"))];
-        let inherited: Arc<[(OsString, OsString)]> = passed_on(inherited, &allow).into();
+        let inherited: Arc<[(OsString, OsString)]> = agents_share(inherited, &allow).into();
         let env = claude_environment(&inherited, login, job);
         let names: Vec<&OsStr> = env.vars().map(|(k, _)| k).collect();
         assert!(names.iter().all(|n| names.iter().filter(|m| *m == n).count() == 1), "each once: {names:?}");
@@ -740,7 +745,7 @@ mod tests {
         let env_of = |inherited: &[(&str, &str)], allow: &[&str]| -> std::collections::HashMap<String, String> {
             let inherited = inherited.iter().map(|(k, v)| (OsString::from(k), OsString::from(v)));
             let allow: Vec<String> = allow.iter().map(|a| a.to_string()).collect();
-            let inherited: Arc<[(OsString, OsString)]> = passed_on(inherited, &allow).into();
+            let inherited: Arc<[(OsString, OsString)]> = agents_share(inherited, &allow).into();
             claude_environment(&inherited, Vec::new(), Vec::new()).vars().map(|(k, v)| (k.to_str().unwrap().to_string(), v.to_str().unwrap().to_string())).collect()
         };
         let git = |env: &std::collections::HashMap<String, String>| {
@@ -771,15 +776,17 @@ mod tests {
     }
 
     /// A job's environment holds the agent's share of its own as it is, not a copy of it
-    /// (each variable copied, and the allow-lists applied again, at every job's start:
-    /// 5 % of the agent's allocations, issue 11), and gives each variable once, what the
-    /// job sets in place of what it inherits.
+    /// (each variable copied, the allow-lists applied again and the git settings made
+    /// again at every job's start: 5-7 % of the agent's allocations, issue 11), and gives
+    /// each variable once, what the job sets in place of what it inherits.
     #[test]
     fn a_jobs_environment_shares_the_agents_own() {
         let agents: Arc<[(OsString, OsString)]> = [("HOME", "/home/spark"), ("PATH", "/usr/bin"), ("LANG", "C.UTF-8")].map(|(k, v)| (OsString::from(k), OsString::from(v))).into();
         let env = claude_environment(&agents, vec![("CLAUDE_CODE_OAUTH_TOKEN", "t".to_string())], vec![("HOME".to_string(), OsString::from("/job"))]);
         assert_eq!(Arc::strong_count(&agents), 2, "shared, not copied");
-        let vars: Vec<(&str, &str)> = env.vars().map(|(k, v)| (k.to_str().unwrap(), v.to_str().unwrap())).filter(|(k, _)| !k.starts_with("GIT_CONFIG_")).collect();
+        // The git settings are the share's, made once at the agent's start: a job adds
+        // only its login and its own.
+        let vars: Vec<(&str, &str)> = env.vars().map(|(k, v)| (k.to_str().unwrap(), v.to_str().unwrap())).collect();
         assert_eq!(vars, [("PATH", "/usr/bin"), ("LANG", "C.UTF-8"), ("CLAUDE_CODE_OAUTH_TOKEN", "t"), ("HOME", "/job")]);
         drop(env);
         assert_eq!(Arc::strong_count(&agents), 1);
@@ -795,7 +802,7 @@ mod tests {
     fn the_operators_git_settings_and_ours_make_a_set_git_reads() {
         let agents = [("PATH", "/usr/bin:/bin"), ("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "core.abbrev"), ("GIT_CONFIG_VALUE_0", "9")];
         let allow: Vec<String> = ["GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0"].map(String::from).to_vec();
-        let inherited: Arc<[(OsString, OsString)]> = passed_on(agents.map(|(k, v)| (OsString::from(k), OsString::from(v))), &allow).into();
+        let inherited: Arc<[(OsString, OsString)]> = agents_share(agents.map(|(k, v)| (OsString::from(k), OsString::from(v))), &allow).into();
         let env = claude_environment(&inherited, Vec::new(), Vec::new());
         let git = |key: &str| {
             let out = std::process::Command::new("git").args(["config", "--get", key]).env_clear().envs(env.vars()).output().unwrap();
