@@ -14,9 +14,12 @@
 //! in what no kind reads: a field a kind does not have (at any depth), and everything in a
 //! kind the enum does not know, is passed over as serde passes over any struct's unknown
 //! field — its JSON checked, its values not decoded — where serde's buffering decoded
-//! every value of the frame, and so refused a number past `f64`'s range or a lone
-//! surrogate `\u` escape in a field it then ignored. Such a frame is now taken, as any
-//! other JSON body with an unknown field is across Claude Runner.
+//! every value of the frame, and so refused a number past `f64`'s range, a lone
+//! surrogate `\u` escape, or a value nested past serde_json's 128 levels in a field it
+//! then ignored. Such a frame is now taken, as any other JSON body with an unknown field
+//! is across Claude Runner: passing over a value walks it without recursing (serde_json's
+//! `ignore_value` keeps its own stack, a byte a level), so depth costs no more than the
+//! frame's length, which the frame limit bounds.
 //!
 //! The variants are read by serde's derive of each enum as an externally tagged one (a
 //! `remote` derive, which the compiler checks field for field against the enum): [`read`]

@@ -1443,9 +1443,11 @@ mod tests {
             assert_eq!(decode::<AgentMessage>(text), Ok(AgentMessage::Unknown), "{text}");
         }
         // What no kind reads is passed over, its JSON checked but not decoded (serde's
-        // buffering refused these: a number past f64's range, a lone surrogate).
+        // buffering refused these: a number past f64's range, a lone surrogate, a value
+        // nested past 128 levels).
         let credit_with = |junk: &str| format!(r#"{{"type":"credit","slots":{{"free":1,"received":3,"x":{junk}}},"y":{junk}}}"#);
-        for junk in ["1e999", r#""\ud800""#] {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for junk in ["1e999", r#""\ud800""#, &deep] {
             assert_eq!(decode::<AgentMessage>(&credit_with(junk)), Ok(credit.clone()), "{junk}");
             assert_eq!(decode::<AgentMessage>(&format!(r#"{{"y":{junk},"type":"credit","slots":{{"free":1,"received":3}}}}"#)), Ok(credit.clone()), "{junk}");
         }
