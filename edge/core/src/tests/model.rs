@@ -297,6 +297,17 @@ impl World {
                 self.stored.remove(&id);
             }
         }
+        // After every event, stored or undone, a live job in memory is as its stored record
+        // (but for `orphaned_at`, kept in memory only): records are shared with the undo
+        // journal and the Save and copied on write, so a copy missed would show here.
+        for (id, stored) in &self.stored {
+            if stored.state.is_terminal() || stored.forgotten { continue; }
+            if let Some(mem) = self.edge.job(id) {
+                let (mut m, mut st) = (mem.clone(), stored.clone());
+                m.orphaned_at = None; st.orphaned_at = None;
+                assert_eq!(m, st, "job {id} in memory differs from its stored record");
+            }
+        }
         for effect in rest {
             match effect {
                 Effect::Send { session, text } => {
