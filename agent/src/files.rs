@@ -436,7 +436,28 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
     if !std::fs::symlink_metadata(top)?.is_dir() {
         return std::fs::remove_file(top);
     }
-    let root = Folder::open(top)?;
+    empty(Folder::open(top)?)?;
+    std::fs::remove_dir(top)
+}
+
+/// Removes everything under the folder `top`, as [`remove_tree`] does, and keeps `top`
+/// itself: for a folder whose absence, however short, someone else may see (a mirror's
+/// `refs`, without which libgit2 takes the mirror for no repository). `top` is never a
+/// link (refused, ELOOP or ENOTDIR: what it points to is not emptied); closed to its owner
+/// (a job's `chmod 000`), it is opened up first.
+pub fn empty_tree(top: &Path) -> std::io::Result<()> {
+    let root = match Folder::open(top) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            open_up_folder(top)?;
+            Folder::open(top)?
+        }
+        opened => opened?,
+    };
+    empty(root)
+}
+
+/// Empties the folder `root` (for [`remove_tree`] and [`empty_tree`]).
+fn empty(root: Folder) -> std::io::Result<()> {
     // The folders being emptied, below `root`, each with its name in its parent.
     let mut open: Vec<(Folder, std::ffi::CString)> = Vec::new();
     let mut moved: u64 = 0;
@@ -491,8 +512,7 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    drop(root);
-    std::fs::remove_dir(top)
+    Ok(())
 }
 
 /// Folders [`remove_tree`] holds open at most.
@@ -871,6 +891,30 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A folder emptied in place stays, whatever it held (a folder closed to its owner, a
+    /// link, which goes, not what it names), and one that is a link is refused, what it
+    /// names left as it was: a mirror's `refs` is emptied so ([`crate::repo::mirror`]).
+    #[test]
+    fn a_folder_emptied_in_place_stays_and_is_never_emptied_through_a_link() {
+        let root = std::env::temp_dir().join(format!("cr-files-empty-{}", std::process::id()));
+        let _ = remove_tree(&root);
+        let (top, elsewhere) = (root.join("refs"), root.join("elsewhere"));
+        std::fs::create_dir_all(top.join("heads/main.d/deeper")).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("kept"), "kept").unwrap();
+        std::fs::write(top.join("heads/main"), "0123").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, top.join("link")).unwrap();
+        std::fs::set_permissions(top.join("heads/main.d"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o000)).unwrap();
+        empty_tree(&top).unwrap();
+        assert!(std::fs::symlink_metadata(&top).unwrap().is_dir(), "the folder stays");
+        assert_eq!(std::fs::read_dir(&top).unwrap().count(), 0, "and holds nothing");
+        std::os::unix::fs::symlink(&elsewhere, root.join("a-link")).unwrap();
+        assert!(empty_tree(&root.join("a-link")).is_err(), "a link is refused");
+        assert_eq!(std::fs::read_to_string(elsewhere.join("kept")).unwrap(), "kept", "what a link names is left as it was");
+        remove_tree(&root).unwrap();
     }
 
     /// The folders made are counted, for the durable file that goes under them

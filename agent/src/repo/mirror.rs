@@ -5,6 +5,9 @@
 //!   worker that fetches ([`super::worker`]) is dead — answered, or killed with the job that
 //!   gave up on it — never while it may still write. Jobs on different repositories fetch
 //!   in parallel.
+//! - A fetch runs while other jobs' checkouts open and read the mirror (they hold a
+//!   [`Lease`], not the lock): at each of its steps the mirror stays a repository libgit2
+//!   opens, its objects and `HEAD`, `refs` and `config` there ([`reset_files`]).
 //! - A job that waited while another fetched *after* it asked takes that fetch's result
 //!   instead of fetching again.
 //! - A failed fetch with a usable mirror runs the job on the last fetched state only when
@@ -1000,9 +1003,18 @@ const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode =
 fn reset_files(dir: &Path, head: &str) -> Result<(), RepoError> {
     let action = "restore the mirror";
     remove_odd_entries(dir);
-    let remove = |name: &str| match crate::files::remove_tree(&dir.join(name)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local(action, e)),
-        _ => Ok(()),
+    let remove = |name: &str| {
+        let removed = match crate::files::remove_tree(&dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local(action, e)),
+            _ => Ok(()),
+        };
+        reset_step(dir);
+        removed
+    };
+    let write = |name: &str, text: &[u8]| {
+        let written = crate::files::write_atomically(&dir.join(name), text, false).map_err(|e| local(action, e));
+        reset_step(dir);
+        written
     };
     // Written anew below, by a rename, which a folder in their place would refuse.
     for written in ["config", "HEAD"] {
@@ -1010,14 +1022,43 @@ fn reset_files(dir: &Path, head: &str) -> Result<(), RepoError> {
             remove(written)?;
         }
     }
-    crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
-    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir", "packed-refs", "refs"] {
+    write("config", MIRROR_CONFIG.as_bytes())?;
+    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir", "packed-refs"] {
         remove(planted)?;
+    }
+    // `refs` is emptied, never removed: other jobs' checkouts open the mirror while this
+    // fetch runs (they hold a lease, not the fetch lock), and libgit2 takes a folder
+    // without `refs` for no repository — a checkout that opened it in that instant failed
+    // "path is not a repository". Only a `refs` that is no folder of the mirror's own (a
+    // job's file or link) goes whole, the mirror no repository for an instant then.
+    let refs = dir.join("refs");
+    let emptied = std::fs::symlink_metadata(&refs).is_ok_and(|m| m.is_dir()) && crate::files::empty_tree(&refs).is_ok();
+    reset_step(dir);
+    if !emptied {
+        remove("refs")?;
     }
     for folder in ["refs/heads", "refs/tags"] {
         std::fs::create_dir_all(dir.join(folder)).map_err(|e| local(action, e))?;
+        reset_step(dir);
     }
-    crate::files::write_atomically(&dir.join("HEAD"), format!("ref: {head}\n").as_bytes(), false).map_err(|e| local(action, e))
+    write("HEAD", format!("ref: {head}\n").as_bytes())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run after each change [`reset_files`] makes to a mirror, on its thread: a test
+    /// checks out from the mirror there, as another job's checkout may at that instant.
+    pub(super) static AFTER_RESET_STEP: std::cell::RefCell<Option<Box<dyn FnMut(&Path)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A step of [`reset_files`] is done (for the tests' [`AFTER_RESET_STEP`]).
+fn reset_step(_dir: &Path) {
+    #[cfg(test)]
+    AFTER_RESET_STEP.with(|step| {
+        if let Some(step) = step.borrow_mut().as_mut() {
+            step(_dir);
+        }
+    });
 }
 
 /// Writes the refs of `known` (the agent's last fetch) whose objects the mirror holds as the

@@ -126,6 +126,46 @@ async fn one_fetch_at_a_time_per_repository() {
     }
 }
 
+/// A job's checkout opens its mirror while another job's fetch of the same repository
+/// puts the mirror's files back (the checkout holds a lease, not the fetch lock): at every
+/// step of that the mirror is whole, and the checkout is made. `refs` was removed and made
+/// again, and a checkout that opened the mirror in between ended REPO_ERROR "path is not a
+/// repository" (seen under load in `repos::two_jobs_on_one_repository_fetch_one_at_a_time_and_both_succeed`).
+/// Here the checkout is made at each step, on the fetching thread, as it might at that
+/// instant.
+#[tokio::test]
+async fn a_checkout_made_while_another_job_fetches_finds_the_mirror_whole_at_every_step() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let tmp = TempDir::new("whole");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    // The first job holds the mirror; it left a folder where a branch was, and a tag.
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    std::fs::create_dir_all(lease.dir.join("refs/heads/main.d/deeper")).unwrap();
+    std::fs::write(lease.dir.join("refs/tags/planted"), "0000000000000000000000000000000000000000\n").unwrap();
+    let made: Rc<RefCell<Vec<Result<(), String>>>> = Rc::default();
+    let (fetched, into, seen) = (Arc::clone(&lease.fetched), tmp.path().join("co"), Rc::clone(&made));
+    std::fs::create_dir(&into).unwrap();
+    super::mirror::AFTER_RESET_STEP.with(|step| {
+        *step.borrow_mut() = Some(Box::new(move |mirror: &Path| {
+            let mut seen = seen.borrow_mut();
+            let dir = into.join(seen.len().to_string());
+            seen.push(checkout::create(mirror, &fetched, &dir, None, "file://server", u64::MAX).map(drop).map_err(|e| e.to_string()));
+        }))
+    });
+    // The second job's fetch (not alone: the first holds the mirror), here on this thread.
+    let answer = super::mirror::fetch_into(&lease.dir, &source(&bare), Some(&lease.fetched), false, &AtomicBool::new(false));
+    super::mirror::AFTER_RESET_STEP.with(|step| step.borrow_mut().take());
+    assert!(answer.result.is_ok(), "{:?}", answer.result.err());
+    let made = made.borrow();
+    assert!(made.len() >= 8, "a checkout at each step of the reset: {} steps", made.len());
+    for (step, made) in made.iter().enumerate() {
+        assert!(made.is_ok(), "the checkout made after step {step} of another job's fetch failed: {}", made.as_ref().unwrap_err());
+    }
+    assert!(!lease.dir.join("refs/heads/main.d").exists() && !lease.dir.join("refs/tags/planted").exists(), "the job's refs went all the same");
+}
+
 /// Unused mirrors go, least recently used first, and with each the refs its last fetch
 /// found, which an agent kept in memory for good (hostile review rev11, 3).
 #[tokio::test]
