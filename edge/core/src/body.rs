@@ -81,6 +81,10 @@ struct Held {
     by_holder: BTreeMap<String, usize>,
     /// By pool (a Worker's isolate serves several): only pools with bytes in flight.
     by_pool: BTreeMap<String, usize>,
+    /// Each pool's whole ([`Bound::whole`]: pools may have their own values), as its
+    /// latest body reserved said: the process may hold what the largest of those with
+    /// bytes in flight lets in ([`crate::http::pool_past_its_share`]).
+    whole_by_pool: BTreeMap<String, usize>,
 }
 
 impl Held {
@@ -99,6 +103,9 @@ impl Held {
                 }
             }
         }
+        if !self.by_pool.contains_key(pool) {
+            self.whole_by_pool.remove(pool);
+        }
     }
 }
 
@@ -107,7 +114,7 @@ static IN_FLIGHT: InFlight = InFlight::new();
 
 impl InFlight {
     pub(crate) const fn new() -> InFlight {
-        InFlight(Mutex::new(Held { by_holder: BTreeMap::new(), by_pool: BTreeMap::new() }))
+        InFlight(Mutex::new(Held { by_holder: BTreeMap::new(), by_pool: BTreeMap::new(), whole_by_pool: BTreeMap::new() }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Held> {
@@ -276,11 +283,18 @@ impl Intake {
         // not ended ([`crate::http::pool_past_its_share`]; review rev27, 1: one pool's
         // uploads filled it, and every other pool's bodies were refused; then the process
         // held twice the whole).
-        let others: Vec<u64> = held.by_pool.iter().filter(|(p, _)| *p != pool).map(|(_, n)| bytes(*n)).collect();
+        let whole_of = |p: &str| held.whole_by_pool.get(p).copied().unwrap_or(bound.whole);
+        let others: Vec<crate::http::OtherPool> = held
+            .by_pool
+            .iter()
+            .filter(|(p, _)| *p != pool)
+            .map(|(p, n)| crate::http::OtherPool { holds: bytes(*n), bound: bytes(whole_of(p)) })
+            .collect();
         if crate::http::pool_past_its_share(bytes(ours), &others, bytes(wanted), bytes(bound.whole), bound.pools).is_some() {
             return Err(crowded(Past::Part));
         }
         held.add(pool, holder, wanted);
+        held.whole_by_pool.insert(pool.to_string(), bound.whole);
         drop(held);
         let charge = Charge { in_flight, pool: pool.to_string(), holder: holder.to_string(), bytes: wanted };
         Ok(Intake::with(limit, DRAIN_LIMIT, wanted, Some(charge)))
@@ -433,6 +447,22 @@ mod tests {
         let back = reserve("gpu", 1000).expect("gpu's own part, whatever team-b holds");
         drop((team, more, after, back));
         assert_eq!(IN_FLIGHT.bytes("team-b/callers"), (0, 0));
+    }
+
+    /// Pools of one process with values of their own (`MAX_PENDING_BYTES_GPU`): each still
+    /// starts bodies within its own part whatever the others hold (review rev32, 2: team-b,
+    /// holding nothing, was refused its own part once gpu's bodies passed team-b's value).
+    #[test]
+    fn a_pool_of_a_smaller_whole_gets_its_own_part_beside_a_pool_of_a_larger_one() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let (large, small) = (Bound { whole: 40_000, holders: 1, pools: 2 }, Bound { whole: 4_000, holders: 1, pools: 2 });
+        let reserve = |pool: &str, declared: u64, bound: Bound| Intake::reserve_in(&IN_FLIGHT, 10_000, Some(declared), pool, pool, bound);
+        let gpu: Vec<Intake> = (0..3).map(|_| reserve("gpu", 10_000, large).expect("gpu's own part and the rest")).collect();
+        assert_eq!(reserve("gpu", 1, large).unwrap_err().past, Past::Part, "team-b's part kept for it, by gpu's value");
+        let team = reserve("team-b", 1_000, small).expect("team-b's own part, whatever gpu holds");
+        assert_eq!(reserve("team-b", 1, small).unwrap_err().past, Past::Part, "past it, team-b is held to its own value");
+        assert_eq!(IN_FLIGHT.bytes("team-b").0, 31_000);
+        drop((gpu, team));
     }
 
     proptest::proptest! {

@@ -208,15 +208,23 @@ pub fn owners(config: &Config) -> usize {
     1 + config.caller_secrets.len()
 }
 
+/// Another pool counted in the process, as [`pool_past_its_share`] weighs it: what it
+/// holds, and its own value of the bound (`MAX_PENDING_BYTES_<POOL>`, or the edge's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OtherPool {
+    pub holds: u64,
+    pub bound: u64,
+}
+
 /// Whether a pool of one process (a Worker's isolate, whose memory every pool in it
 /// shares) may take `new` more bytes of a bound the pools share — the jobs not ended
 /// (`machine/pending.rs`) and the bodies being read ([`crate::body`]) both ask this — or
-/// the part it is refused past. `ours`: what the pool holds; `others`: what each other
-/// pool counted in the process holds; `bound`: the pool's own value, which the process
-/// holds in all; `pools`: the pools the edge serves ([`Config::pools`]: one on the native
-/// edge, where the rule is the bound alone).
+/// the part it is refused past. `ours`: what the pool holds; `others`: each other pool
+/// counted in the process, what it holds and its value; `bound`: the pool's own value;
+/// `pools`: the pools the edge serves ([`Config::pools`]: one on the native edge, where
+/// the rule is the bound alone).
 ///
-/// Each pool has a part of its own, [`own_part`]: half the bound split evenly among the
+/// Each pool has a part of its own, [`own_part`]: half its value split evenly among the
 /// pools. A pool may always fill its own part, and past it take what the others leave,
 /// but never what the others have not filled of their own parts. So the process holds at
 /// most the bound (the pools' parts, filled or not, and what they took past them), and no
@@ -227,17 +235,28 @@ pub fn owners(config: &Config) -> usize {
 /// always gets jobs in up to its own part, and a larger one when the others leave room
 /// for it.
 ///
+/// Pools may have values of their own (`MAX_PENDING_BYTES_GPU`, or a pool's
+/// `MAX_BODY_BYTES` raising its unset value). A pool past its own part is held to its own
+/// value for the whole process; within its part, to the largest value of the pools
+/// counted: those are what the process may hold, by the operator's word for the pool that
+/// filled it. Before (review rev32, 2), a pool within its part was held to its own value
+/// too: a pool of 32 MiB holding nothing was refused its own part once one of 1 GiB had
+/// filled the isolate, and told it was past it. Each pool past its part keeps the others'
+/// parts by its own (`kept` below); a smaller pool's part is less than the part a larger
+/// one keeps, and a larger one's part fits beside what a smaller one may hold, so the
+/// process still holds the largest value at most.
+///
 /// One exception keeps "a job always fits when none is pending": with nothing held in
 /// the process, one job fits whatever its size (its overhead may take it past the bound,
 /// or it may be larger than the rest the other pools' parts leave). While such a job is
 /// held the process is still held to the bound (or to that job alone), and the others get
 /// what is left of their parts.
-pub fn pool_past_its_share(ours: u64, others: &[u64], new: u64, bound: u64, pools: usize) -> Option<PastShare> {
+pub fn pool_past_its_share(ours: u64, others: &[OtherPool], new: u64, bound: u64, pools: usize) -> Option<PastShare> {
     let own = own_part(bound, pools);
     // An edge of one pool (the native edge) shares its process with no other: what the
     // process counts of others is not this edge's, and the pool's own bound is the rule.
     let others = if pools > 1 { others } else { &[] };
-    let held = others.iter().copied().fold(ours, u64::saturating_add);
+    let held = others.iter().map(|other| other.holds).fold(ours, u64::saturating_add);
     if held == 0 {
         return None;
     }
@@ -246,10 +265,13 @@ pub fn pool_past_its_share(ours: u64, others: &[u64], new: u64, bound: u64, pool
     // yet). Never more than the pools the edge serves: one of another setting (a test's, a
     // pool since taken out of `POOLS`) keeps nothing.
     let kept = own.saturating_mul(pools.saturating_sub(1) as u64);
-    let unfilled = kept.saturating_sub(others.iter().map(|theirs| (*theirs).min(own)).fold(0, u64::saturating_add));
+    let unfilled = kept.saturating_sub(others.iter().map(|other| other.holds.min(own)).fold(0, u64::saturating_add));
     let past = held.saturating_add(new);
     // Within its own part a pool always has room — but for a job let in alone past the rest.
-    let fits = past <= bound && (ours.saturating_add(new) <= own || past.saturating_add(unfilled) <= bound);
+    let fits = match ours.saturating_add(new) <= own {
+        true => past <= others.iter().map(|other| other.bound).fold(bound, u64::max),
+        false => past <= bound && past.saturating_add(unfilled) <= bound,
+    };
     (!fits).then_some(PastShare { own, unfilled })
 }
 

@@ -236,7 +236,7 @@ impl Edge {
     pub fn new(cfg: Config, now: impl Into<Now>) -> Edge {
         let now = now.into();
         Edge {
-            pending: pending::Pending::new(&cfg.pool, cfg.heartbeat_interval_ms, now.at),
+            pending: pending::Pending::new(&cfg.pool, cfg.max_pending_bytes, cfg.heartbeat_interval_ms, now.at),
             cfg,
             jobs: HashMap::new(),
             queue: FairQueue::default(),

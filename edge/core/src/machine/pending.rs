@@ -17,8 +17,10 @@
 //! holds at most the bound in all. Each pool has its own part of it (half the bound split
 //! among the pools the edge serves), which it may always fill, and past it takes what the
 //! others leave of the rest, never what they have not filled of their own parts
-//! ([`crate::http::pool_past_its_share`], asked by [`Edge::pending_full`]). (The native
-//! edge serves one pool: there the two counts agree, and its part is the whole bound.)
+//! ([`crate::http::pool_past_its_share`], asked by [`Edge::pending_full`]); pools with
+//! values of their own each keep their own entry's value, and the process holds at most
+//! the largest. (The native edge serves one pool: there the two counts agree, and its
+//! part is the whole bound.)
 //!
 //! The process's count is kept by pool ([`Registry`]), each pool's entry written by its
 //! newest machine alone: a machine takes a fresh generation when it is built, and its
@@ -68,6 +70,9 @@ struct Entry {
     touched: Millis,
     /// How long after `touched` it counts for the others ([`counted_for`]).
     counted_for: Millis,
+    /// The pool's own `MAX_PENDING_BYTES` (pools may have their own values): the process
+    /// may hold what the largest of those counted lets in ([`crate::http::pool_past_its_share`]).
+    bound: u64,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -110,15 +115,15 @@ impl Drop for Pending {
 }
 
 impl Pending {
-    /// A new machine's count of `pool`, nothing pending: its entry replaces the one of any
-    /// machine of the pool built before.
-    pub(super) fn new(pool: &str, heartbeat_interval_ms: u64, now: Millis) -> Pending {
+    /// A new machine's count of `pool`, held to `bound`, nothing pending: its entry
+    /// replaces the one of any machine of the pool built before.
+    pub(super) fn new(pool: &str, bound: u64, heartbeat_interval_ms: u64, now: Millis) -> Pending {
         let registry = registry();
         let generation = {
             let mut registry = lock(registry);
             registry.next += 1;
             let generation = registry.next;
-            let entry = Entry { generation, bytes: 0, touched: now, counted_for: counted_for(heartbeat_interval_ms) };
+            let entry = Entry { generation, bytes: 0, touched: now, counted_for: counted_for(heartbeat_interval_ms), bound };
             registry.pools.insert(pool.to_string(), entry);
             generation
         };
@@ -182,14 +187,14 @@ impl Pending {
     }
 
     /// The bytes of the other pools' jobs not ended yet in this process at `now`, each
-    /// pool's: those whose machines handled an event lately and hold some.
-    pub(super) fn others(&self, now: Millis) -> Vec<u64> {
+    /// pool's with its value: those whose machines handled an event lately and hold some.
+    pub(super) fn others(&self, now: Millis) -> Vec<crate::http::OtherPool> {
         let registry = self.lock();
         registry
             .pools
             .iter()
             .filter(|(pool, entry)| **pool != self.pool && entry.bytes > 0 && now <= entry.touched.saturating_add(entry.counted_for))
-            .map(|(_, entry)| entry.bytes)
+            .map(|(_, entry)| crate::http::OtherPool { holds: entry.bytes, bound: entry.bound })
             .collect()
     }
 

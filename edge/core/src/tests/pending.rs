@@ -273,16 +273,19 @@ proptest::proptest! {
 
     /// The rule the pools of one process share a bound by, on its own: any number of pools
     /// taking and giving back sizes in any order, each up to what the others' parts leave
-    /// (a larger one fits only alone: [`a_job_larger_than_the_others_leave_fits_alone`]).
-    /// The process never holds more than the bound, and a pool that stays within its own
-    /// part is never refused.
+    /// (a larger one fits only alone: [`a_job_larger_than_the_others_leave_fits_alone`]),
+    /// each pool with a value of its own or all with one. The process never holds more than
+    /// the largest value, nor a pool past its own part more than its own, and a pool that
+    /// stays within its own part is never refused.
     #[test]
     fn the_pools_rule_holds_the_bound_and_each_pools_own_part(
         pools in 1usize..10,
-        bound in 1_000u64..100_000,
+        bounds in proptest::collection::vec(1_000u64..100_000, 10),
+        one_value in proptest::bool::ANY,
         steps in proptest::collection::vec((0usize..10, 1u64..=1_000_000, proptest::bool::ANY), 1..300),
     ) {
-        let own = http::own_part(bound, pools);
+        let bound = |pool: usize| if one_value { bounds[0] } else { bounds[pool] };
+        let largest = (0..pools).map(bound).max().unwrap();
         let mut held: Vec<Vec<u64>> = vec![Vec::new(); pools];
         for (pool, size, give_back) in steps {
             let pool = pool % pools;
@@ -290,21 +293,62 @@ proptest::proptest! {
                 held[pool].pop();
                 continue;
             }
-            let size = size % (bound - own * (pools as u64 - 1)) + 1;
+            let own = http::own_part(bound(pool), pools);
+            let size = size % (bound(pool) - own * (pools as u64 - 1)) + 1;
             let ours: u64 = held[pool].iter().sum();
-            let others: Vec<u64> = (0..pools).filter(|p| *p != pool).map(|p| held[p].iter().sum::<u64>()).filter(|n| *n > 0).collect();
-            let all = ours + others.iter().sum::<u64>();
-            match http::pool_past_its_share(ours, &others, size, bound, pools) {
-                None => held[pool].push(size),
+            let others: Vec<http::OtherPool> = (0..pools)
+                .filter(|p| *p != pool)
+                .map(|p| http::OtherPool { holds: held[p].iter().sum::<u64>(), bound: bound(p) })
+                .filter(|other| other.holds > 0)
+                .collect();
+            let all = ours + others.iter().map(|other| other.holds).sum::<u64>();
+            match http::pool_past_its_share(ours, &others, size, bound(pool), pools) {
+                None => {
+                    held[pool].push(size);
+                    proptest::prop_assert!(ours + size <= own || all == 0 || all + size <= bound(pool), "past its part, past its own value");
+                }
                 Some(past) => {
-                    proptest::prop_assert!(ours + size > own, "a pool within its own part ({own}) refused: {ours} + {size}");
+                    proptest::prop_assert!(ours + size > own, "a pool within its own part ({own}) refused: {ours} + {size} ({all} held)");
                     proptest::prop_assert_eq!(past.own, own);
                 }
             }
             let after: u64 = held.iter().flatten().sum();
-            proptest::prop_assert!(after <= bound, "{after} held, past the bound {bound} (before: {all})");
+            proptest::prop_assert!(after <= largest, "{after} held, past the largest value {largest} (before: {all})");
         }
     }
+}
+
+/// Pools of one process with values of their own (`MAX_PENDING_BYTES_GPU`, or a pool's
+/// `MAX_BODY_BYTES` raising its unset bound): each still gets its own part whatever the
+/// others hold. Before (review rev32, 2), each pool judged the whole process by its own
+/// value: after gpu (100,000) filled the process past 10,000, team-b (10,000), holding
+/// nothing, was refused its own part and told it was past it.
+#[test]
+fn a_pool_of_a_smaller_value_gets_its_own_part_beside_a_pool_of_a_larger_one() {
+    let mut gpu = Edge::new(Config { max_pending_bytes: 100_000, ..pool("gpu") }, 0);
+    let mut team = Edge::new(pool("team-b"), 0);
+    let gpus: Vec<String> = (0..8).map(|_| queued(&mut gpu, 1, task(7_000))).collect();
+    let held = |edge: &Edge, ids: &[String]| ids.iter().map(|id| edge.job(id).unwrap().approximate_bytes()).sum::<u64>();
+    assert!(held(&gpu, &gpus) > 60_000);
+    // team-b's own part: 2,500 of its 10,000.
+    let first = queued(&mut team, 2, task(1_000));
+    // Past it, team-b is held to its own value for the whole process, which gpu's jobs pass.
+    assert_past_its_part(&call(&mut team, 3, "POST", "/jobs", task(1_000)), "this pool's jobs not ended yet hold 1512 bytes");
+    // The process is held to the largest value of its pools: gpu still keeps team-b's part
+    // by its own (25,000 of 100,000) and takes no more than the rest.
+    let mut gpus = gpus;
+    for now in 4..100 {
+        let h = call(&mut gpu, now, "POST", "/jobs", task(1_000));
+        match answer_to(&h.effects, h.caller).expect("answered at once") {
+            (202, body) => gpus.push(body["job_id"].as_str().unwrap().to_string()),
+            (status, body) => {
+                assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
+                break;
+            }
+        }
+    }
+    let all = held(&gpu, &gpus) + held(&team, &[first]);
+    assert!(all > 70_000 && all <= 100_000, "the process holds {all}: gpu takes the rest of its 100,000 but team-b's part");
 }
 
 /// A job always fits when nothing is pending: one larger than what the other pools' parts
@@ -313,11 +357,12 @@ proptest::proptest! {
 #[test]
 fn a_job_larger_than_the_others_leave_fits_alone() {
     // Two pools of 10,000: 2,500 each, so 7,500 is the most a pool takes beside the other's part.
+    let other = |holds| http::OtherPool { holds, bound: 10_000 };
     assert_eq!(http::own_part(10_000, 2), 2_500);
     assert_eq!(http::pool_past_its_share(0, &[], 10_500, 10_000, 2), None, "alone, past the bound by its overhead");
     assert_eq!(http::pool_past_its_share(0, &[], 9_000, 10_000, 2), None, "alone");
-    assert!(http::pool_past_its_share(0, &[9_000], 2_000, 10_000, 2).is_some(), "the bound first");
-    assert_eq!(http::pool_past_its_share(0, &[9_000], 1_000, 10_000, 2), None, "what is left of its part");
+    assert!(http::pool_past_its_share(0, &[other(9_000)], 2_000, 10_000, 2).is_some(), "the bound first");
+    assert_eq!(http::pool_past_its_share(0, &[other(9_000)], 1_000, 10_000, 2), None, "what is left of its part");
     assert!(http::pool_past_its_share(9_000, &[], 1, 10_000, 2).is_some(), "the other's part kept");
     assert!(http::pool_past_its_share(100, &[], 9_000, 10_000, 2).is_some(), "not alone");
 }
