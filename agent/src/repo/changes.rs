@@ -9,7 +9,7 @@
 //! read each file by its path (a FIFO swapped in held it, a huge file was read whole).
 
 use super::checkout::FileSystem;
-use super::error::{local, one_line, AuthSeen, RepoError, Talk};
+use super::error::{git, local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::{callbacks, own_config};
 use super::settings::Token;
 use super::staging;
@@ -87,21 +87,21 @@ pub const MAX_FILES_CHANGED_BYTES: usize = shared::protocol::MAX_FRAME_BYTES / 4
 /// (staging lists and reads it from descriptors, [`super::staging`]), and takes the
 /// attributes from the index, as staged.
 fn open_checkout(dir: &Path, fs: FileSystem, action: &'static str) -> Result<Repository, RepoError> {
-    let git = dir.join(".git");
+    let dot_git = dir.join(".git");
     let shown = |odd: &Path| one_line(&odd.strip_prefix(dir).unwrap_or(odd).display().to_string());
     // A folder (not a link, not a `.git` file naming another) before anything is written in it.
-    if !std::fs::symlink_metadata(&git).map_err(|e| local(action, e))?.is_dir() {
-        return Err(RepoError::OddGitEntry { path: shown(&git) });
+    if !std::fs::symlink_metadata(&dot_git).map_err(|e| local(action, e))?.is_dir() {
+        return Err(RepoError::OddGitEntry { path: shown(&dot_git) });
     }
-    put_back_config(&git, fs).map_err(|e| local(action, e))?;
-    let mut odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
+    put_back_config(&dot_git, fs).map_err(|e| local(action, e))?;
+    let mut odd = crate::files::odd_entries(&dot_git, 1).map_err(|e| local(action, e))?;
     // `commondir` sends libgit2 to another folder for config, refs and objects.
-    odd.extend(["commondir", "gitdir"].map(|f| git.join(f)).into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok()));
+    odd.extend(["commondir", "gitdir"].map(|f| dot_git.join(f)).into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok()));
     if let Some(odd) = odd.first() {
         return Err(RepoError::OddGitEntry { path: shown(odd) });
     }
     // libgit2 reads it whole, by path, for the attributes of each file staged or diffed.
-    let attributes = git.join("info/attributes");
+    let attributes = dot_git.join("info/attributes");
     if let Ok(meta) = std::fs::symlink_metadata(&attributes) {
         if meta.len() > super::untracked::MAX_IGNORE_BYTES {
             return Err(local(action, format!("the checkout's `.git/info/attributes` is {} bytes, more than git reads of one ({} MiB): ask Claude not to change the repository's .git folder", meta.len(), super::untracked::MAX_IGNORE_BYTES >> 20)));
@@ -109,8 +109,8 @@ fn open_checkout(dir: &Path, fs: FileSystem, action: &'static str) -> Result<Rep
     }
     // The `.git` folder itself, as a bare repository: no search upward, no `.git` file,
     // and neither `core.worktree` nor `core.bare` of its config (the job's to write) read.
-    let err = |e: git2::Error| local(action, e.message());
-    let repo = Repository::open_bare(&git).map_err(err)?;
+    let err = |e: git2::Error| git(action, &e);
+    let repo = Repository::open_bare(&dot_git).map_err(err)?;
     // No config at all from here on but what libgit2 found the file system can hold: the
     // checkout's `core.symlinks = false` had a link read as the file it names,
     // `core.attributesFile`, `core.excludesFile` and `filter.*` run or read what the job
@@ -173,7 +173,7 @@ pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abor
     let pushing = push && plan.unpushable.is_none();
     let budget = if pushing { MAX_PUSH_BYTES } else { MAX_DIFF_READ_BYTES };
     if !pushing || plan.bytes <= IN_MEMORY_MAX_BYTES {
-        repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
+        repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| git(action, &e))?;
     }
     listed();
     let staging::Staging { mut unpushable, unread } = plan.stage(&repo, &mut index, dir, fs, budget, abort)?;
@@ -181,7 +181,7 @@ pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abor
     if let Some(at_least) = unread.filter(|_| pushing) {
         unpushable.get_or_insert(too_much(at_least));
     }
-    let tree = index.write_tree().map_err(|e| local(action, e.message()))?;
+    let tree = index.write_tree().map_err(|e| git(action, &e))?;
     Ok(Staged { repo, base, tree, fs, unpushable, cut: unread.is_some() })
 }
 
@@ -238,7 +238,7 @@ pub(super) fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoErro
     });
     if let Err(e) = printed {
         if !truncated.get() {
-            return Err(local("compute the diff", e.message()));
+            return Err(git("compute the diff", &e));
         }
     }
     Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files, files_truncated })
@@ -252,14 +252,14 @@ fn framed_bytes(change: &FileChange) -> usize {
 impl Staged {
     fn diff(&self) -> Result<Diff<'_>, RepoError> {
         let action = "compute the diff";
-        let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
-        let new = self.repo.find_tree(self.tree).map_err(|e| local(action, e.message()))?;
+        let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(|e| git(action, &e))?;
+        let new = self.repo.find_tree(self.tree).map_err(|e| git(action, &e))?;
         let mut options = DiffOptions::new();
         // A blob over what a push carries is binary, its content never loaded: one Claude
         // staged itself (`git add`), which the push refuses.
         options.context_lines(3).max_size(MAX_PUSH_FILE_BYTES as i64);
-        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options)).map_err(|e| local(action, e.message()))?;
-        diff.find_similar(Some(DiffFindOptions::new().renames(true))).map_err(|e| local(action, e.message()))?;
+        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options)).map_err(|e| git(action, &e))?;
+        diff.find_similar(Some(DiffFindOptions::new().renames(true))).map_err(|e| git(action, &e))?;
         Ok(diff)
     }
 
@@ -309,7 +309,7 @@ impl Staged {
     /// Claude's own commits that the push carries, each with its diff against its first
     /// parent (a first commit: against nothing).
     fn own_commits(&self) -> Result<Vec<(git2::Commit<'_>, Diff<'_>)>, RepoError> {
-        let err = |e: git2::Error| local("compute the diff", e.message());
+        let err = |e: git2::Error| git("compute the diff", &e);
         let Some(head) = self.claudes_head().filter(|h| *h != self.base) else { return Ok(Vec::new()) };
         let mut walk = self.repo.revwalk().map_err(err)?;
         walk.push(head).map_err(err)?;
@@ -330,7 +330,7 @@ impl Staged {
     /// from the object headers; nothing is read. The diffs look for no renames: that reads
     /// the files.
     fn check_sizes(&self) -> Result<(), RepoError> {
-        let err = |e: git2::Error| local("collect the job's changes", e.message());
+        let err = |e: git2::Error| git("collect the job's changes", &e);
         let odb = self.repo.odb().map_err(err)?;
         let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(err)?;
         let new = self.repo.find_tree(self.tree).map_err(err)?;
@@ -362,7 +362,7 @@ impl Staged {
         // Never a commit of a tree the push may not carry (a file staged unread).
         self.pushable()?;
         let action = "commit the job's changes";
-        let err = |e: git2::Error| local(action, e.message());
+        let err = |e: git2::Error| git(action, &e);
         let parent = self.claudes_head().unwrap_or(self.base);
         let parent = self.repo.find_commit(parent).map_err(err)?;
         if parent.tree_id() == self.tree {
@@ -387,7 +387,7 @@ impl Staged {
         if push.default_branch.as_deref() == Some(branch.as_str()) {
             return Err(RepoError::PushToDefault { branch: branch.clone() });
         }
-        self.repo.reference(PUSH_REF, commit, true, "claude-runner push").map_err(|e| local(action, e.message()))?;
+        self.repo.reference(PUSH_REF, commit, true, "claude-runner push").map_err(|e| git(action, &e))?;
         let auth = Cell::new(AuthSeen::default());
         let fail = |e: git2::Error| {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
@@ -397,8 +397,8 @@ impl Staged {
         // elsewhere; the pack limits join what the file system can hold.
         let pack = [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)];
         let settings: Vec<_> = self.fs.settings().into_iter().chain(pack).collect();
-        own_config(&self.repo, &settings).map_err(|e| local(action, e.message()))?;
-        let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
+        own_config(&self.repo, &settings).map_err(|e| git(action, &e))?;
+        let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| git(action, &e))?;
         // What libgit2 would talk to, checked whatever it read: exactly the requested URL.
         let (url, pushurl) = (remote.url_bytes().to_vec(), remote.pushurl_bytes().map(<[u8]>::to_vec));
         if url != push.url.as_bytes() || pushurl.as_ref().is_some_and(|p| p != push.url.as_bytes()) {
@@ -471,7 +471,7 @@ fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str
         return Ok(true);
     }
     let found = Cell::new(false);
-    let failed: RefCell<Option<String>> = RefCell::new(None);
+    let failed: RefCell<Option<git2::Error>> = RefCell::new(None);
     let printed = diff.print(DiffFormat::Patch, |delta, _h, line| {
         let hit = match line.origin() {
             '+' => is_secret(&String::from_utf8_lossy(line.content())),
@@ -482,7 +482,7 @@ fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str
                 // A deleted binary file carries nothing new.
                 Err(_) if delta.new_file().id().is_zero() => false,
                 Err(e) => {
-                    *failed.borrow_mut() = Some(e.message().to_string());
+                    *failed.borrow_mut() = Some(e);
                     return false;
                 }
             },
@@ -495,10 +495,10 @@ fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str
         true
     });
     if let Some(e) = failed.into_inner() {
-        return Err(local("read a binary file of the changes", &e));
+        return Err(git("read a binary file of the changes", &e));
     }
     match printed {
-        Err(e) if !found.get() => Err(local("compute the diff", e.message())),
+        Err(e) if !found.get() => Err(git("compute the diff", &e)),
         _ => Ok(found.get()),
     }
 }

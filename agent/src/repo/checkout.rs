@@ -320,7 +320,7 @@ pub fn fits_with_reserve(needed: u64, space: crate::workspace::DiskSpace) -> boo
 pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_entries): (u64, u64, u64), url: &str) -> Result<Measured, RepoError> {
     let action = "measure the checkout";
     let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| reading(action, url, e))?;
-    let odb = repo.odb().map_err(|e| local(action, e.message()))?;
+    let odb = repo.odb().map_err(|e| super::error::git(action, &e))?;
     let (mut total, mut entries, mut refused) = (0u64, 0u64, None);
     // The root folder's "." and "..", and the index's ends.
     let (mut index, mut names) = (INDEX_ENDS_BYTES + TREE_CACHE_BYTES, 2 * (DIRENT_BYTES + 4));

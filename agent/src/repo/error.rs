@@ -406,4 +406,20 @@ mod tests {
         assert!(matches!(e, RepoError::DiskFull { .. }), "{e}");
         assert!(matches!(local("check out", format!("'a/b': {}", std::io::Error::from_raw_os_error(libc::ENOSPC))), RepoError::DiskFull { .. }));
     }
+    /// A libgit2 error of the agent's own steps (the hand-back's, `changes.rs`, the
+    /// checkout's, the repack's) is read by its class (rev32-3): one of the OS class ending
+    /// in the OS's words is the agent's full disk; any other class's words are libgit2's
+    /// own and what it quotes (a server's answer, a path, a ref's name), whose ending may be
+    /// anything, and are said as they are (`Git`, not retryable).
+    #[test]
+    fn a_libgit2_error_is_the_disks_only_when_of_the_os_class() {
+        let full = "No space left on device";
+        for class in [ErrorClass::Net, ErrorClass::Http, ErrorClass::Reference, ErrorClass::Index, ErrorClass::Tree, ErrorClass::Callback] {
+            let e = git2::Error::new(ErrorCode::GenericError, class, format!("remote error: unable to write: {full}"));
+            let said = git("push the job's commit", &e);
+            assert!(matches!(said, RepoError::Git { .. }) && !said.retryable(), "{class:?}: {said}");
+        }
+        let e = git2::Error::new(ErrorCode::GenericError, ErrorClass::Os, format!("failed to write 'x': {full}"));
+        assert!(matches!(git("commit the job's changes", &e), RepoError::DiskFull { .. }));
+    }
 }

@@ -789,18 +789,18 @@ pub(super) fn combine_packs(dir: &Path, into: &Path, at: usize) -> Result<Option
             }
         }
     }
-    let odb = git2::Odb::new().map_err(|e| local(action, e.message()))?;
+    let odb = git2::Odb::new().map_err(|e| super::error::git(action, &e))?;
     let objects = dir.join("objects");
     let objects = objects.to_str().ok_or_else(|| local(action, "the mirror's path is not UTF-8"))?;
-    odb.add_disk_alternate(objects).map_err(|e| local(action, e.message()))?;
-    let repo = Repository::from_odb(odb).map_err(|e| local(action, e.message()))?;
-    let mut builder = repo.packbuilder().map_err(|e| local(action, e.message()))?;
+    odb.add_disk_alternate(objects).map_err(|e| super::error::git(action, &e))?;
+    let repo = Repository::from_odb(odb).map_err(|e| super::error::git(action, &e))?;
+    let mut builder = repo.packbuilder().map_err(|e| super::error::git(action, &e))?;
     // One core: it runs beside the jobs.
     builder.set_threads(1);
     for id in &ids {
-        builder.insert_object(*id, None).map_err(|e| local(action, e.message()))?;
+        builder.insert_object(*id, None).map_err(|e| super::error::git(action, &e))?;
     }
-    builder.write(into, 0).map_err(|e| local(action, e.message()))?;
+    builder.write(into, 0).map_err(|e| super::error::git(action, &e))?;
     let made = list_packs(into);
     let [(name, _)] = made.as_slice() else {
         return Err(local(action, format!("the repack left {} packs, not one", made.len())));
@@ -1067,7 +1067,7 @@ fn reset_step(_dir: &Path) {
 fn put_back_refs(repo: &Repository, dir: &Path, known: Option<&Fetched>) -> Result<(), RepoError> {
     let action = "restore the mirror's refs";
     let Some(known) = known else { return Ok(()) };
-    let odb = repo.odb().map_err(|e| local(action, e.message()))?;
+    let odb = repo.odb().map_err(|e| super::error::git(action, &e))?;
     let mut refs: Vec<(&str, Oid)> = known
         .refs
         .iter()
@@ -1113,9 +1113,9 @@ fn open_or_create(dir: &Path, name: &str, known: Option<&Fetched>, remake: bool)
     }
     std::fs::create_dir_all(dir).map_err(|e| local("create the mirror", e))?;
     std::fs::write(dir.join(NAME_FILE), name).map_err(|e| local("create the mirror", e))?;
-    drop(Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))?);
+    drop(Repository::init_bare(dir).map_err(|e| super::error::git("create the mirror", &e))?);
     reset_files(dir, head)?;
-    Repository::open_bare(dir).map_err(|e| local("create the mirror", e.message()))
+    Repository::open_bare(dir).map_err(|e| super::error::git("create the mirror", &e))
 }
 
 /// Makes `repo` read the agent's settings `entries` (`section.key`, integers) and nothing
@@ -1213,8 +1213,8 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     // (libgit2's policy is by host name), from the first request on. The connection below
     // takes this setting (libgit2's default there follows the first request's redirect);
     // the download, its own `follow_redirects`.
-    own_config(&repo, &[("http.followRedirects", 0)]).map_err(|e| local(action, e.message()))?;
-    let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
+    own_config(&repo, &[("http.followRedirects", 0)]).map_err(|e| super::error::git(action, &e))?;
+    let mut remote = repo.remote_anonymous(&source.url).map_err(|e| super::error::git(action, &e))?;
     if remote.url_bytes() != source.url.as_bytes() || remote.pushurl_bytes().is_some() {
         return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))).into());
     }
@@ -1268,7 +1268,7 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     drop(connection);
     drop(remote);
     let wanted: HashSet<&str> = advertised.iter().map(|(n, _)| n.as_str()).collect();
-    let in_mirror = |e: git2::Error| Failed::in_mirror(local(action, e.message()));
+    let in_mirror = |e: git2::Error| Failed::in_mirror(super::error::git(action, &e));
     for (name, oid) in &advertised {
         // Unchanged since the refs were put back: not written again (a repository may have
         // a hundred thousand tags).

@@ -293,7 +293,7 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// [`changes::MAX_PUSH_BYTES`] (more is refused, and staged as for a diff alone).
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
     let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
-    let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
+    let base = git2::Oid::from_str(&base).map_err(|e| error::git("collect the job's changes", &e))?;
     let mut outcome = Outcome::default();
     let unstopped = AtomicBool::new(false);
     // A diff alone reads at most `MAX_DIFF_READ_BYTES` of the files and writes none of them

@@ -143,7 +143,7 @@ fn measured(unpushable: &mut Option<RepoError>, path: &[u8], size: u64) {
 /// the working tree as staged) counts by its object's header, its blob unread. A file gone
 /// from the working tree is carried by no push, staged or not: it counts nothing.
 pub(super) fn list(repo: &Repository, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<(Index, Plan), RepoError> {
-    let err = |e: git2::Error| local(ACTION, e.message());
+    let err = |e: git2::Error| super::error::git(ACTION, &e);
     let failed = |path: &[u8], e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
     let given_up = || match abort.load(Ordering::SeqCst) {
         true => Err(local(ACTION, "given up")),
@@ -248,7 +248,7 @@ fn stage_of(entry: &IndexEntry) -> u16 {
 /// What the index holds that Claude staged itself (against HEAD) and the working tree does
 /// not change, by its objects' headers; one over [`MAX_PUSH_FILE_BYTES`] is kept aside.
 fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)], unpushable: &mut Option<RepoError>) -> Result<u64, RepoError> {
-    let err = |e: git2::Error| local(ACTION, e.message());
+    let err = |e: git2::Error| super::error::git(ACTION, &e);
     let odb = repo.odb().map_err(err)?;
     let head = repo.head().and_then(|h| h.peel_to_tree()).ok();
     let from_tree: std::collections::HashSet<&[u8]> = steps.iter().map(|(path, _)| path.as_slice()).collect();
@@ -290,7 +290,7 @@ impl Plan {
     /// reads the attributes of a repository without a working tree from its index), as git
     /// reads them from the working tree. Each is then given its own conversions too.
     pub(super) fn stage(self, repo: &Repository, index: &mut Index, workdir: &Path, fs: FileSystem, budget: u64, abort: &AtomicBool) -> Result<Staging, RepoError> {
-        let err = |e: git2::Error| local(ACTION, e.message());
+        let err = |e: git2::Error| super::error::git(ACTION, &e);
         let given_up = || match abort.load(Ordering::SeqCst) {
             true => Err(local(ACTION, "given up")),
             false => Ok(()),
@@ -369,7 +369,7 @@ impl Read {
     /// Puts what was read (not a [`Read::File`], which has its conversions first) in the index.
     fn put(self, index: &mut Index, path: &[u8], held: Option<Held>) -> Result<(), RepoError> {
         match self {
-            Read::Gone => index.remove_path(as_path(path)).map_err(|e| local(ACTION, e.message())),
+            Read::Gone => index.remove_path(as_path(path)).map_err(|e| super::error::git(ACTION, &e)),
             Read::Unchanged => Ok(()),
             Read::File { mode, bytes } | Read::Blob { mode, blob: bytes } => put(index, path, mode, &bytes, held),
         }
@@ -451,7 +451,7 @@ fn link(path: &[u8], target: Vec<u8>) -> Result<Read, RepoError> {
 /// Puts `blob` in the index at `path` with `mode`; a tracked file read unchanged keeps its
 /// entry (and its stat data).
 fn put(index: &mut Index, path: &[u8], mode: u32, blob: &[u8], held: Option<Held>) -> Result<(), RepoError> {
-    let err = |e: git2::Error| local(ACTION, e.message());
+    let err = |e: git2::Error| super::error::git(ACTION, &e);
     if let Some(held) = held.filter(|h| h.tracked && h.mode == mode) {
         if Oid::hash_object(ObjectType::Blob, blob).map_err(err)? == held.id {
             return Ok(());
