@@ -1391,6 +1391,53 @@ async fn a_checkout_whose_index_meets_a_full_disk_is_told_so_never_no_error() {
     assert!(agent.claude_runs().is_empty(), "claude ran");
 }
 
+/// libgit2 loses the error of a write that fails in its buffered files, a fetch's pack
+/// index (`.idx`) among them: a fetch whose index met a full disk was told "could not
+/// fetch the repository: no error" (closing-28, left). The disk is asked, as a
+/// checkout's is. Here the mirrors' folder is a disk with room for the pack the server
+/// sends and not for its index (sizes from a clone of the same repository), and the job
+/// is told the fetch filled the disk holding DATA_DIR, never "no error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_pack_index_meets_a_full_disk_is_told_so_never_no_error() {
+    let git = harness::git_server::GitServer::start(None);
+    // Many small objects: an index of 28 bytes an object beside a pack of about as much.
+    let names: Vec<String> = (0..12_000).map(|i| format!("d{}/{i}", i / 100)).collect();
+    let bodies: Vec<String> = (0..12_000).map(|i| format!("{i}\n")).collect();
+    let files: Vec<(&str, &[u8])> = names.iter().zip(&bodies).map(|(n, b)| (n.as_str(), b.as_bytes())).collect();
+    let seed = git.seed("many", &files);
+    let clone = TempDir::new("fetch-index-clone");
+    let status = std::process::Command::new("git")
+        .args(["clone", "-q", "--bare", "--no-local"])
+        .arg(&seed.bare)
+        .arg(clone.path().join("c.git"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let size_of = |ext: &str| -> u64 {
+        let packs = std::fs::read_dir(clone.path().join("c.git/objects/pack")).unwrap();
+        packs.flatten().filter(|e| e.path().extension().is_some_and(|x| x == ext)).map(|e| e.metadata().unwrap().len()).sum()
+    };
+    let (pack, index) = (size_of("pack"), size_of("idx"));
+    assert!(index > 256 << 10, "an index of {index} bytes");
+    // Room for the pack, the mirror's few files and half the index, in whole pages.
+    let disk = (pack + (64 << 10) + index / 2).next_multiple_of(4096);
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let client = Client::new(&edge.url());
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR/repos", &disk.to_string());
+    let agent = AgentProc::start(opts);
+    client.wait_online().await;
+    let answer = client.execute(json!({"prompt": "must not run", "repo_url": git.url("many"), "timeout_ms": 120000})).await;
+    let said = answer.body["error"].as_str().unwrap_or_default();
+    assert_eq!((answer.status, answer.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}\n{}", answer.text, agent.log());
+    assert!(!said.contains("no error"), "{said}");
+    assert!(said.contains("the disk holding DATA_DIR"), "{said}");
+    assert!(agent.claude_runs().is_empty(), "claude ran");
+}
+
 /// The agent's launcher, found among its children.
 fn launcher_of(agent: &AgentProc) -> Option<u32> {
     process_tree(agent.pid().unwrap()).into_iter().find(|pid| {

@@ -157,7 +157,7 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     // error", of no class), and the disk is asked instead ([`unsaid`]).
     let failed = |e: git2::Error| {
         filled(match e.class() {
-            ErrorClass::None => unsaid(dir, measured),
+            ErrorClass::None => super::error::unsaid(dir, action, "the checkout", measured.index, "its index needs"),
             _ => reading(action, url, e),
         })
     };
@@ -194,27 +194,8 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
-/// The error of a libgit2 step of the checkout into `dir` that failed without a word
-/// (see [`create`]), never "no error": the disk holding `dir` has less free than the
-/// checkout's index needs — the index is written last, and its buffered file gives back,
-/// removed, all it held — then the disk is full ([`RepoError::DiskFull`], judged as any:
-/// `runner::full_disk`); else what is known (hostile review rev31, 5: a checkout whose
-/// index met a full disk was told "could not check out the repository: no error").
-fn unsaid(dir: &Path, measured: Measured) -> RepoError {
-    let action = "check out the repository";
-    let why = "libgit2 stopped writing the checkout without saying why";
-    match crate::workspace::disk_space(dir) {
-        Ok(space) if space.free < whole_blocks(measured.index, space.block).saturating_add(space.block) => RepoError::DiskFull {
-            detail: format!("{why}, and the disk holding it has {} bytes free, less than its index needs ({} bytes)", space.free, measured.index),
-            needed: None,
-        },
-        Ok(space) => local(action, format!("{why}, with {} bytes free on the disk holding it", space.free)),
-        Err(e) => local(action, format!("{why}, and the disk holding it could not be asked for its free space ({e})")),
-    }
-}
-
 /// `bytes` rounded up to whole `block`s.
-fn whole_blocks(bytes: u64, block: u64) -> u64 {
+pub(super) fn whole_blocks(bytes: u64, block: u64) -> u64 {
     bytes.div_ceil(block.max(1)).saturating_mul(block.max(1))
 }
 

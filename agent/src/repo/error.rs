@@ -280,6 +280,27 @@ pub fn git(action: &'static str, e: &git2::Error) -> RepoError {
     .unwrap_or(RepoError::Git { action: action.into(), detail: message })
 }
 
+/// The error of a libgit2 step that failed without a word, writing into `dir`: libgit2
+/// loses the error of a write refused in one of its buffered files (its `filebuf`: a
+/// checkout's index, written last, a fetch's pack index, the config), and fails with "no
+/// error", of no class. Never said so: the disk holding `dir` is asked. Less free than
+/// `needs` bytes (`what` names them: "its index needs") — the buffered file gives back,
+/// removed, all it held, and a fetch's pack goes with its index — and the disk is full
+/// ([`RepoError::DiskFull`], judged as any: `runner::full_disk`); else what is known
+/// (hostile review rev31, 5: a checkout told "could not check out the repository: no
+/// error"; closing-28: a fetch told "could not fetch the repository: no error").
+pub fn unsaid(dir: &std::path::Path, action: &'static str, writing: &str, needs: u64, what: &str) -> RepoError {
+    let why = format!("libgit2 stopped writing {writing} without saying why");
+    match crate::workspace::disk_space(dir) {
+        Ok(space) if space.free < super::checkout::whole_blocks(needs, space.block).saturating_add(space.block) => RepoError::DiskFull {
+            detail: format!("{why}, and the disk holding it has {} bytes free, less than {what} ({needs} bytes)", space.free),
+            needed: None,
+        },
+        Ok(space) => local(action, format!("{why}, with {} bytes free on the disk holding it", space.free)),
+        Err(e) => local(action, format!("{why}, and the disk holding it could not be asked for its free space ({e})")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1184,6 +1184,13 @@ pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<Aut
     cb
 }
 
+/// The bytes of a pack's index (`.idx`, version 2) for `objects` objects of SHA-1 ids (the
+/// mirrors'): a header, a fan-out table, each object's id, checksum and offset, and the
+/// pack's and its own checksums (offsets past 2 GiB take 8 more each, left out).
+fn pack_index_bytes(objects: u64) -> u64 {
+    8 + 256 * 4 + objects.saturating_mul(20 + 4 + 4) + 2 * 20
+}
+
 /// Fetches every branch and tag of `source` into the mirror at `dir` (creating it, or
 /// anew when `remake`) from the refs of `known`, prunes what the server no longer has, and
 /// points the mirror's HEAD at the server's default branch. Returns what it found.
@@ -1248,9 +1255,21 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     // What the server sends is counted as it arrives: past the cap the fetch stops (a
     // server streaming a pack without end filled the disk within the job's timeout).
     let over = Cell::new(false);
-    let fail = |e: git2::Error| if over.get() { RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes }.into() } else { fail(e) };
+    // The pack's bytes and objects as they arrive: what its write and its index's need.
+    let received = Cell::new((0u64, 0u64));
+    let fail = |e: git2::Error| match e.class() {
+        _ if over.get() => RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes }.into(),
+        // libgit2 loses the error of a refused write of the pack's index (a buffered file):
+        // the disk is asked instead, never "no error".
+        ErrorClass::None => {
+            let (pack, objects) = received.get();
+            Failed::from(super::error::unsaid(dir, action, "the fetch", pack.saturating_add(pack_index_bytes(objects)), "its pack and the pack's index need"))
+        }
+        _ => fail(e),
+    };
     let mut cb = callbacks(source.token.as_ref(), &source.host, &auth, abort);
     cb.transfer_progress(|progress| {
+        received.set((progress.received_bytes() as u64, progress.total_objects() as u64));
         if progress.received_bytes() as u64 > source.max_bytes {
             over.set(true);
         }
