@@ -17,6 +17,29 @@ async fn edge_with_agent() -> (EdgeServer, AgentProc, Client) {
     (edge, agent, client)
 }
 
+/// The harness's own promise: a request sent at once after `edge.restart()` reaches the
+/// new edge. A connection kept to the edge stopped was taken for it and failed before any
+/// answer ("error sending request": hyper's `IncompleteMessage`), so a POST right after a
+/// restart failed the test (closing-28; d76a265 asked a GET again, for GETs alone). Not
+/// sent again, as that error does not prove the edge never read it: the connections kept
+/// are dropped at every edge start ([`harness::Client`]). On one thread, on purpose: the
+/// restart holds it, so the client never reads the old connection's close before it
+/// sends, as on a loaded machine (on two, this passed before the fix).
+#[tokio::test]
+async fn a_request_right_after_an_edge_restart_reaches_the_new_edge() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let client = Client::new(&edge.url());
+    for round in 0..20 {
+        // A connection kept by the client, to the edge about to stop.
+        let kept = client.try_send("GET", "/health", None, None).await;
+        assert!(kept.is_ok(), "round {round}: {kept:?}");
+        edge.restart();
+        let sent = client.try_send("POST", "/jobs", Some(SECRET), Some(json!({"prompt": "after a restart"}).to_string().into_bytes())).await;
+        assert_eq!(sent.map(|a| a.status), Ok(202), "round {round}: the first request after a restart");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_the_edge_answers_waiting_callers_with_where_to_look() {
     let (mut edge, agent, client) = edge_with_agent().await;
