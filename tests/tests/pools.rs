@@ -546,6 +546,42 @@ async fn a_worker_var_that_is_neither_text_nor_a_number_is_refused_not_unset() {
     assert!(a.text.contains("MAX_QUEUED_JOBS must be a whole number"), "{}", a.text);
 }
 
+/// Pools with values of their own share one isolate's memory: gpu (`MAX_PENDING_BYTES_GPU`
+/// 16 MiB) fills it with queued jobs past the default pool's 4 MiB, and the default pool,
+/// holding nothing, still gets its own part (1 MiB: half its value between two pools) —
+/// before (review rev32, 2) it was refused it, told it was past it. Past its part it is
+/// held to its own value for the isolate, which gpu's jobs pass: so both pools are counted
+/// in one isolate here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn a_pool_of_a_smaller_bound_gets_its_own_part_while_a_larger_one_fills_the_isolate() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark", "rig"]);
+    let key_of = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
+    let (spark, rig) = (key_of("spark"), key_of("rig"));
+    let settings = [
+        ("AGENT_PUBLIC_KEYS", spark.as_str()),
+        ("POOLS", "gpu"),
+        ("RUNNER_SECRET_GPU", GPU_SECRET),
+        ("AGENT_PUBLIC_KEYS_GPU", rig.as_str()),
+        ("MAX_PENDING_BYTES", "4194304"),
+        ("MAX_PENDING_BYTES_GPU", "16777216"),
+    ];
+    // No agent: the jobs stay queued, and pending.
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &settings);
+    let (client, gpu) = (Client::new(&edge.url()), Client::new(&format!("{}/pool/gpu", edge.url())));
+    let job = |bytes: usize| Some(json!({"prompt": "x".repeat(bytes), "timeout_ms": 600000}).to_string().into_bytes());
+    for n in 0..11 {
+        let a = gpu.send("POST", "/jobs", Some(GPU_SECRET), job(1_000_000)).await;
+        assert_eq!(a.status, 202, "gpu's job {n}: {}", a.text);
+    }
+    let a = client.send("POST", "/jobs", Some(SECRET), job(500_000)).await;
+    assert_eq!(a.status, 202, "the default pool's own part, gpu holding 11 MB: {}", a.text);
+    let a = client.send("POST", "/jobs", Some(SECRET), job(700_000)).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{}", a.text);
+    assert!(a.text.contains("past its own part (1048576) of MAX_PENDING_BYTES (4194304)"), "{}", a.text);
+}
+
 /// Pools are units of isolation: one pool's bad setting (a typo in its agents' keys)
 /// answered every pool's requests 503 on the Worker, which read every pool's settings at
 /// each request. The other pools serve on now; the bad one says what to fix, and
