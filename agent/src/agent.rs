@@ -1235,7 +1235,7 @@ mod tests {
         };
         // Connected as far as the agent knows (no connection ends here), but the last frame
         // the edge proved was its welcome's hello, two seconds ago: past LOST_AFTER_MS 1 s.
-        let two_s_ago = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(2)).unwrap();
+        let two_s_ago = crate::boot_clock::BootInstant::now().checked_sub(std::time::Duration::from_secs(2)).unwrap();
         agent.link.welcomed(Some(1_000), Vec::new(), two_s_ago);
         let result = run(Arc::clone(&agent), 1_500).await;
         assert!(!ran.exists(), "Claude was started with nothing the edge proved younger than LOST_AFTER_MS");
@@ -1246,7 +1246,7 @@ mod tests {
         let job = tokio::spawn(run(Arc::clone(&agent), 60_000));
         while !job.is_finished() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            agent.link.heard_at(std::time::Instant::now());
+            agent.link.heard_at(crate::boot_clock::BootInstant::now());
         }
         let result = job.await.unwrap();
         assert!(ran.exists(), "the job held for the edge did not start once it answered: {result:?}");
@@ -1263,7 +1263,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
-        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
         let nonce = format!("j:{}", "9".repeat(64 * 1024));
         let ctx = agent.job_context(&nonce, "default", Some(false));
         let (_stop, stop_rx) = oneshot::channel();
@@ -1282,7 +1282,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-agent-record-{name}-{}", std::process::id()));
         let ran = dir.join("ran");
         let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
-        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
         // A job's run, finished as the serve loop finishes one that was not handed back:
         // its result in its slot until the edge acknowledges it.
         let run = |agent: Arc<Agent>, job: &'static str| async move {
@@ -1379,7 +1379,7 @@ mod tests {
                 // SAFETY: as above.
                 let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) };
                 assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
-                agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+                agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
                 let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
                 let ctx = agent.job_context("j:2", "default", Some(false));
                 let (_stop, stop_rx) = oneshot::channel();
@@ -1410,7 +1410,7 @@ mod tests {
         let ran = dir.join("ran");
         let (agent, queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
         let spec = |timeout_ms: u64| -> shared::job::JobSpec { serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": timeout_ms})).unwrap() };
-        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
         // The check before the started record passes; the next finds nothing fresh.
         agent.link.away_at_check(1);
         let ctx = agent.job_context("j:1", "default", Some(false));
@@ -1428,7 +1428,7 @@ mod tests {
         let (agent, _queues) = agent_in(&dir);
         assert!(agent.spool.get("j").is_none(), "its started record outlived it: reported lost at the restart");
         // Again, and the edge answers while the start is held: Claude starts anew.
-        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
         agent.link.away_at_check(1);
         let job = {
             let agent = Arc::clone(&agent);
@@ -1442,7 +1442,7 @@ mod tests {
         };
         while !job.is_finished() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            agent.link.heard_at(std::time::Instant::now());
+            agent.link.heard_at(crate::boot_clock::BootInstant::now());
         }
         let result = job.await.unwrap();
         assert!(ran.exists(), "the held job did not start once the edge answered: {result:?}");
@@ -1469,9 +1469,9 @@ mod tests {
             ended.leftover.clean_up().await;
             ended.result
         };
-        agent.link.welcomed(Some(60_000), Vec::new(), std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
         let (gone, kept) = (agent.job_context("gone:1", "default", Some(false)), agent.job_context("kept:1", "default", Some(false)));
-        agent.link.welcomed(Some(60_000), vec!["gone".into()], std::time::Instant::now());
+        agent.link.welcomed(Some(60_000), vec!["gone".into()], crate::boot_clock::BootInstant::now());
         let result = run(gone, "gone", spec.clone()).await;
         assert!(!ran.exists(), "Claude was started after the edge gave the job up, once the agent was back");
         assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");

@@ -6,6 +6,7 @@
 //! blocks once the socket's buffer is full, and nothing may hang the agent.
 
 use crate::agent::{Agent, Heard};
+use crate::boot_clock::BootInstant;
 use crate::metered::{Meter, Metered};
 use crate::reconnect::Reconnect;
 use crate::uplink::{Outgoing, Receivers};
@@ -238,7 +239,9 @@ fn for_bytes(limit: Duration, bytes: usize) -> Duration {
 /// clock ([`crate::link::Link::heard_at`]): an ack proves the edge was there when the
 /// beat it answers was written, never later — the allowance is for a slow link to carry
 /// the bytes, not time the edge is known present (rev30-2: dated by the allowance, an ack
-/// a hop held back behind a megabyte dated the edge 64 s after its beat).
+/// a hop held back behind a megabyte dated the edge 64 s after its beat). Both read the
+/// boot clock ([`crate::boot_clock`]): the edge's bounds run on while the machine is
+/// suspended (rev34-1).
 #[derive(Debug)]
 struct Unanswered {
     /// Two heartbeat intervals: how long an edge that has read a beat may take to answer.
@@ -249,7 +252,7 @@ struct Unanswered {
     read: u64,
     /// When the last frame the edge answered was written: the hello its welcome answers,
     /// then the latest beat an ack answered.
-    proven: Instant,
+    proven: BootInstant,
     /// The beats not answered yet, in the order sent.
     beats: std::collections::VecDeque<Sent>,
 }
@@ -261,9 +264,9 @@ struct Sent {
     /// [`Unanswered::written`] just after it.
     through: u64,
     /// When it was written.
-    at: Instant,
+    at: BootInstant,
     /// When its ack is due at the latest ([`Unanswered::beat`]).
-    due: Instant,
+    due: BootInstant,
 }
 
 impl Unanswered {
@@ -274,7 +277,7 @@ impl Unanswered {
 
     /// A connection's count, from its hello (written at `hello_sent`), which the edge's
     /// welcome answered; `allowance` is two heartbeat intervals.
-    fn new(allowance: Duration, hello_sent: Instant) -> Unanswered {
+    fn new(allowance: Duration, hello_sent: BootInstant) -> Unanswered {
         Unanswered { allowance, written: 0, read: 0, proven: hello_sent, beats: Default::default() }
     }
 
@@ -286,7 +289,7 @@ impl Unanswered {
     /// [`Unanswered::wrote`]): its ack is due by then, plus two heartbeat intervals, plus
     /// the bytes not known read at the slowest uplink served. What is written after it
     /// moves that due no later.
-    fn beat(&mut self, seq: u64, at: Instant) {
+    fn beat(&mut self, seq: u64, at: BootInstant) {
         if self.beats.len() == Self::MAX_BEATS {
             if let Some(oldest) = self.beats.pop_front() {
                 if let Some(next) = self.beats.front_mut() {
@@ -305,7 +308,7 @@ impl Unanswered {
     /// agent "connected" 26 s after the edge had lost it, and its away rule saw no
     /// absence); nor does one held behind bytes a slow link would take long to carry
     /// (rev30-2).
-    fn answered(&mut self, answered: u64) -> Option<Instant> {
+    fn answered(&mut self, answered: u64) -> Option<BootInstant> {
         let mut sent = None;
         while let Some(&Sent { seq, through, at, .. }) = self.beats.front() {
             if seq > answered {
@@ -323,7 +326,7 @@ impl Unanswered {
     /// none (each one written answered), the last one answered (or the hello) plus the
     /// allowance for what was written since: the next beat, written within an interval
     /// ([`session`]'s ticker has its turn before the uplink), fixes its own due.
-    fn silent_at(&self) -> Instant {
+    fn silent_at(&self) -> BootInstant {
         match self.beats.iter().map(|b| b.due).min() {
             Some(due) => due,
             None => self.proven + for_bytes(self.allowance, self.bytes()),
@@ -491,7 +494,7 @@ async fn send_queued(
         bytes += text.len();
         // Feeding writes out what no longer fits the buffer: up to this frame and the one before.
         sent.wrote(text.len());
-        let fed = Instant::now();
+        let fed = BootInstant::now();
         within(limit, sent.write_by(began), &meter, ws.feed(Message::Text(text.into()))).await?;
         if let AgentMessage::Heartbeat { envelope } = &msg {
             let this = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok();
@@ -639,7 +642,7 @@ async fn session(
     // A hello too slow to go out lengthens the next dial's bound
     // (`tests::a_hello_that_cannot_go_out_in_time_lengthens_the_next_dials_bound`).
     // The welcome that answers it proves the edge was there no earlier than this.
-    let hello_sent = Instant::now();
+    let hello_sent = BootInstant::now();
     if let Err(end) = send_step(&mut ws, &msg, step, reconnect).await {
         return end;
     }
@@ -711,7 +714,7 @@ async fn session(
     }
     // The jobs the edge gave up while this agent was away never start; the others may.
     // Dated by the hello it answers, not by its arrival: a hop may hold it back.
-    agent.link.welcomed(welcome.lost_after_ms, welcome.given_up.clone(), hello_sent.into_std());
+    agent.link.welcomed(welcome.lost_after_ms, welcome.given_up.clone(), hello_sent);
     if reconnect.welcomed(welcome.lost_after_ms) {
         if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
             // Written again at the next welcome, saying the same or not.
@@ -767,7 +770,10 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reads_in_a_row = 0;
     loop {
-        let silent_at = unanswered.silent_at();
+        // Judged on the boot clock, as the edge's two intervals run on through a suspend;
+        // slept on tokio's, so after a resume it is looked at again within an interval
+        // (the ticker) and found past.
+        let silent_at = Instant::now() + unanswered.silent_at().saturating_duration_since(BootInstant::now());
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
         // a silent one (and the timer waits while reads wait their turn). But never more
@@ -813,7 +819,7 @@ async fn session(
                             // carries no such time, so it moves neither clock.
                             Heard::Proven { beat } => {
                                 if let Some(sent) = beat.and_then(|beat| unanswered.answered(beat)) {
-                                    agent.link.heard_at(sent.into_std());
+                                    agent.link.heard_at(sent);
                                 }
                             }
                             Heard::Not => {}
@@ -1043,12 +1049,12 @@ mod tests {
     /// them; an ack again, or of nothing unanswered, dates nothing.
     #[test]
     fn a_held_back_ack_dates_the_edge_by_its_beat_not_by_its_arrival() {
-        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
-        let before = Instant::now();
-        sent.beat(1, Instant::now());
+        let mut sent = Unanswered::new(Duration::from_secs(2), BootInstant::now());
+        let before = BootInstant::now();
+        sent.beat(1, BootInstant::now());
         std::thread::sleep(Duration::from_millis(30));
-        sent.beat(2, Instant::now());
-        let second = Instant::now();
+        sent.beat(2, BootInstant::now());
+        let second = BootInstant::now();
         // Beat 1's ack, held back and let out now: the edge was there when beat 1 was
         // written, before beat 2 was.
         std::thread::sleep(Duration::from_millis(30));
@@ -1061,15 +1067,15 @@ mod tests {
         // The link: heard as of the beat — an old one moves nothing back, and an absence
         // counts from the beat, however late its ack came.
         let link = crate::link::Link::default();
-        link.welcomed(Some(20), Vec::new(), std::time::Instant::now());
+        link.welcomed(Some(20), Vec::new(), BootInstant::now());
         let welcomed = link.last_heard();
-        link.heard_at(at.into_std());
+        link.heard_at(at);
         assert_eq!(link.last_heard(), welcomed, "heard at the welcome, not moved back to beat 1");
         assert_eq!(link.start("j", None), crate::link::Start::Go, "heard at the welcome, not moved back to beat 1");
         let link = crate::link::Link::default();
-        link.welcomed(Some(20), Vec::new(), std::time::Instant::now());
+        link.welcomed(Some(20), Vec::new(), BootInstant::now());
         std::thread::sleep(Duration::from_millis(30));
-        link.heard_at(std::time::Instant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2.into_std()));
+        link.heard_at(BootInstant::now().checked_sub(Duration::from_millis(25)).unwrap_or(at2));
         assert!(matches!(link.start("j", None), crate::link::Start::Hold { .. }), "an ack arriving now of a beat 25 ms old: older than 20 ms");
     }
 
@@ -1080,13 +1086,13 @@ mod tests {
     /// writing.
     #[test]
     fn rev30_an_ack_held_behind_a_large_write_is_dated_by_its_beat() {
-        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
+        let mut sent = Unanswered::new(Duration::from_secs(2), BootInstant::now());
         sent.wrote(1 << 20);
-        let written = Instant::now();
+        let written = BootInstant::now();
         sent.beat(1, written);
         std::thread::sleep(Duration::from_millis(300));
         let at = sent.answered(1).expect("beat 1 answered");
-        assert!(at.duration_since(written) < Duration::from_millis(50), "dated {:?} after its beat was written", at.duration_since(written));
+        assert!(at.saturating_duration_since(written) < Duration::from_millis(50), "dated {:?} after its beat was written", at.saturating_duration_since(written));
     }
 
     /// rev30-2, the welcome: it proves the edge was there no earlier than the hello it
@@ -1095,7 +1101,7 @@ mod tests {
     #[test]
     fn a_welcome_dates_the_edge_by_the_hello_it_answers() {
         let link = crate::link::Link::default();
-        let hello_sent = std::time::Instant::now();
+        let hello_sent = BootInstant::now();
         std::thread::sleep(Duration::from_millis(30));
         link.welcomed(Some(20), Vec::new(), hello_sent);
         assert!(matches!(link.start("j", None), crate::link::Start::Hold { .. }), "a welcome arriving now of a hello 30 ms old: older than 20 ms");
@@ -1109,7 +1115,7 @@ mod tests {
     #[test]
     fn what_is_written_after_a_beat_never_moves_its_due() {
         let allowance = Duration::from_secs(2);
-        let hello = Instant::now();
+        let hello = BootInstant::now();
         let mut sent = Unanswered::new(allowance, hello);
         // Nothing written: the hello's allowance.
         assert_eq!(sent.silent_at(), hello + allowance);
@@ -1145,12 +1151,12 @@ mod tests {
     /// and the agent dropped its connection two heartbeat intervals after that ack.
     #[test]
     fn the_ack_of_a_beat_answers_what_was_written_up_to_it_only() {
-        let mut sent = Unanswered::new(Duration::from_secs(2), Instant::now());
+        let mut sent = Unanswered::new(Duration::from_secs(2), BootInstant::now());
         sent.wrote(100);
-        sent.beat(1, Instant::now());
+        sent.beat(1, BootInstant::now());
         sent.wrote(4_000_000);
         sent.wrote(100);
-        sent.beat(2, Instant::now());
+        sent.beat(2, BootInstant::now());
         sent.wrote(50);
         assert_eq!(sent.bytes(), 4_000_250);
         sent.answered(1);
@@ -1160,17 +1166,17 @@ mod tests {
         sent.answered(2);
         assert_eq!(sent.bytes(), 50);
         // One naming a beat never sent answers up to the last one sent, no more.
-        sent.beat(3, Instant::now());
+        sent.beat(3, BootInstant::now());
         sent.wrote(70);
         sent.answered(99);
         assert_eq!(sent.bytes(), 70);
-        sent.beat(4, Instant::now());
+        sent.beat(4, BootInstant::now());
         sent.answered(4);
         assert_eq!(sent.bytes(), 0);
         // Beats past the remembered ones: the oldest forgotten, a later ack still answers.
         for seq in 10..10 + 2 * Unanswered::MAX_BEATS as u64 {
             sent.wrote(1);
-            sent.beat(seq, Instant::now());
+            sent.beat(seq, BootInstant::now());
         }
         assert_eq!(sent.beats.len(), Unanswered::MAX_BEATS);
         sent.answered(10);
@@ -1220,7 +1226,7 @@ mod tests {
             tx.send(frame()).unwrap();
         }
         let began = Instant::now();
-        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit, &mut Unanswered::new(Duration::from_secs(2), Instant::now())).await;
+        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit, &mut Unanswered::new(Duration::from_secs(2), BootInstant::now())).await;
         assert!(began.elapsed() > limit, "the edge took the batch slower than one bound, as meant");
         assert!(sent.is_ok(), "a link that takes every frame within the bound is not stuck: {:?}", sent.err());
         let in_one_write = BYTES_PER_WRITE.div_ceil(FRAME + 40);
@@ -1272,7 +1278,7 @@ mod tests {
             }
         });
         let limit = Duration::from_secs(3);
-        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, Instant::now())).await;
+        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, BootInstant::now())).await;
         trickle.abort();
         let Err(End::Lost(why)) = sent else { panic!("a write taken at a quarter of the slowest uplink served went on: {:?}", sent.err().map(|e| format!("{e:?}"))) };
         assert!(why.contains("was not through after") && why.contains("a byte now and then"), "{why}");
@@ -1307,7 +1313,7 @@ mod tests {
         });
         let limit = Duration::from_secs(1);
         let began = Instant::now();
-        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, Instant::now())).await;
+        let sent = send(&mut ws, &frame, limit, &mut Unanswered::new(limit, BootInstant::now())).await;
         assert!(sent.is_ok(), "a link that takes bytes steadily was given up: {:?}", sent.err().map(|e| format!("{e:?}")));
         assert!(began.elapsed() > limit, "the frame took longer than the bound, as meant");
         assert!(reader.await.unwrap() >= bytes, "the whole frame arrived");

@@ -19,13 +19,15 @@
 //! gave up; and it wakes the jobs whose start the rule holds when the edge proves it is
 //! there again ([`Link::proven`]). The connection's silence bound is another clock
 //! (`connection.rs`, `Unanswered`): it gives a slow link the time its bytes take, which
-//! is no time the edge is known to have been there (rev30-2).
+//! is no time the edge is known to have been there (rev30-2). Every time here is a
+//! [`crate::boot_clock`] reading, which counts a suspend as the edge does (rev34-1).
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use crate::boot_clock::BootInstant;
+use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Clone, Default)]
@@ -46,7 +48,7 @@ struct Current {
     connection: u64,
     /// When the edge last proved it was there: the writing of the latest frame of the agent's
     /// it answered (the hello its welcome answers, a beat an ack answers).
-    last_heard: Option<Instant>,
+    last_heard: Option<BootInstant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
     /// The jobs the last welcome said the edge gave up ([`shared::protocol::Welcome::given_up`]):
@@ -70,7 +72,7 @@ struct Current {
 /// every byte (rev30-1): a job held at its start started after the edge had told its
 /// caller to fall back. An edge that says no `LOST_AFTER_MS` (of before the field), or a
 /// link never welcomed (the canary's), holds nothing.
-pub fn fresh(last_heard: Option<Instant>, lost_after_ms: Option<u64>, held: Option<Instant>, now: Instant) -> bool {
+pub fn fresh(last_heard: Option<BootInstant>, lost_after_ms: Option<u64>, held: Option<BootInstant>, now: BootInstant) -> bool {
     let Some(lost_after_ms) = lost_after_ms else { return true };
     last_heard.is_some_and(|heard| now.saturating_duration_since(heard) < Duration::from_millis(lost_after_ms) && held.is_none_or(|held| heard > held))
 }
@@ -133,7 +135,7 @@ impl Link {
     /// asked (rev29-2: it counts from its last frame heard, the edge from when it saw the
     /// loss, later, and after a blip the edge had not given up the agent took jobs for
     /// given up).
-    pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>, hello_sent: Instant) {
+    pub fn welcomed(&self, lost_after_ms: Option<u64>, given_up: Vec<String>, hello_sent: BootInstant) {
         {
             let mut current = self.lock();
             let heard = current.last_heard.map_or(hello_sent, |last| last.max(hello_sent));
@@ -146,7 +148,7 @@ impl Link {
     /// When the edge last proved it was there (the sending of the hello its welcome
     /// answered, or the writing of a beat its ack answered): the away rule's clock.
     #[cfg(test)]
-    pub fn last_heard(&self) -> Option<Instant> {
+    pub fn last_heard(&self) -> Option<BootInstant> {
         self.lock().last_heard
     }
 
@@ -155,7 +157,7 @@ impl Link {
     /// it answers was written: heard then, never moving the last frame heard back. Frames
     /// anyone on the path can write are not heard, or a hop that cut the edge off could
     /// keep the agent from ever being away; and an ack a hop held back dates only its beat.
-    pub fn heard_at(&self, at: Instant) {
+    pub fn heard_at(&self, at: BootInstant) {
         {
             let mut current = self.lock();
             current.last_heard = Some(current.last_heard.map_or(at, |last| last.max(at)));
@@ -177,7 +179,7 @@ impl Link {
     /// or a hop that keeps the connection up without the edge). The edge gave up a job the
     /// rule holds, or is about to, and told an `/execute` caller to fall back: started
     /// then, the task would run twice.
-    pub fn start(&self, job_id: &str, held: Option<Instant>) -> Start {
+    pub fn start(&self, job_id: &str, held: Option<BootInstant>) -> Start {
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut current = self.lock();
         #[cfg(test)]
@@ -186,7 +188,7 @@ impl Link {
                 Some(left) => *checks = left,
                 None => {
                     current.away_at_check = None;
-                    let now = Instant::now();
+                    let now = BootInstant::now();
                     current.last_heard = Some(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
                     current.lost_after_ms = current.lost_after_ms.map(|ms| ms.min(1_000));
                 }
@@ -195,7 +197,7 @@ impl Link {
         if current.welcome_gave_up.contains(job_id) {
             return Start::GivenUp(GivenUp::Named);
         }
-        let now = Instant::now();
+        let now = BootInstant::now();
         if fresh(current.last_heard, current.lost_after_ms, held, now) {
             return Start::Go;
         }
@@ -275,7 +277,7 @@ mod tests {
     /// frame written after that check.
     #[test]
     fn a_job_starts_only_while_a_frame_the_edge_proved_is_younger_than_lost_after_ms() {
-        let heard = Instant::now();
+        let heard = BootInstant::now();
         let after = |ms| heard + Duration::from_millis(ms);
         assert!(fresh(Some(heard), Some(8_000), None, after(7_999)));
         // Just as old as LOST_AFTER_MS, or older: the edge may have given the job up.
@@ -295,16 +297,45 @@ mod tests {
         assert_eq!(Link::local().start("j", None), Start::Go);
         // A link: heard as the welcome's hello was sent, then by the acks' beats.
         let link = Link::default();
-        link.welcomed(Some(20), Vec::new(), Instant::now());
+        link.welcomed(Some(20), Vec::new(), BootInstant::now());
         assert_eq!(link.start("j", None), Start::Go);
         std::thread::sleep(Duration::from_millis(25));
         let Start::Hold { heard: Some(ago), lost_after_ms: 20 } = link.start("j", None) else { panic!("held") };
         assert!(ago >= Duration::from_millis(25), "{ago:?}");
-        let held = Instant::now();
+        let held = BootInstant::now();
         link.heard_at(held.checked_sub(Duration::from_millis(1)).unwrap_or(held));
         assert!(matches!(link.start("j", Some(held)), Start::Hold { .. }), "a beat written before the check");
-        link.heard_at(Instant::now());
+        link.heard_at(BootInstant::now());
         assert_eq!(link.start("j", Some(held)), Start::Go, "a beat written after it, answered");
+    }
+
+    /// rev34-1: the rule's ages count a suspend. Spark slept with a job at the refresh
+    /// gate; the edge, whose clock ran on, gave the job up `LOST_AFTER_MS` later and told
+    /// its caller to fall back; on resume the monotonic clock had moved a few seconds and
+    /// the job started: run twice. Here the machine's clocks are the test's: a suspend
+    /// moves the boot clock and not the monotonic one.
+    #[test]
+    fn a_suspend_holds_a_job_the_edge_gave_up_meanwhile() {
+        let machine = crate::boot_clock::tests::Machine::install();
+        let link = Link::default();
+        link.welcomed(Some(30_000), Vec::new(), BootInstant::now());
+        machine.run(Duration::from_secs(2));
+        link.heard_at(BootInstant::now());
+        machine.run(Duration::from_secs(1));
+        assert_eq!(link.start("j", None), Start::Go, "heard a second ago");
+        // Suspended for a minute (the edge gave the job up after 30 s of it), then awake for
+        // a second: the monotonic clock says the edge was heard 2 s ago.
+        machine.suspend(Duration::from_secs(60));
+        machine.run(Duration::from_secs(1));
+        let Start::Hold { heard: Some(ago), lost_after_ms: 30_000 } = link.start("j", None) else {
+            panic!("a job started after a suspend longer than LOST_AFTER_MS: the edge had given it up")
+        };
+        assert_eq!(ago, Duration::from_secs(62));
+        // Held since that check: the edge answering a beat written after it lets it go.
+        let held = BootInstant::now();
+        machine.run(Duration::from_millis(10));
+        link.heard_at(BootInstant::now());
+        assert_eq!(link.start("j", Some(held)), Start::Go);
     }
 
     /// A held start wakes when the edge proves it is there (a new ack, a welcome): told,
@@ -312,12 +343,12 @@ mod tests {
     #[tokio::test]
     async fn a_held_start_is_woken_by_the_edges_proof() {
         let link = Link::default();
-        link.welcomed(Some(60_000), Vec::new(), Instant::now());
+        link.welcomed(Some(60_000), Vec::new(), BootInstant::now());
         let proven = link.proven();
         tokio::pin!(proven);
         proven.as_mut().enable();
         let heard = link.clone();
-        tokio::spawn(async move { heard.heard_at(Instant::now()) });
+        tokio::spawn(async move { heard.heard_at(BootInstant::now()) });
         tokio::time::timeout(Duration::from_secs(60), proven).await.expect("woken by the ack");
     }
 
@@ -331,15 +362,15 @@ mod tests {
     fn once_welcomed_again_only_the_jobs_the_welcome_names_are_given_up() {
         let link = Link::default();
         link.set(keys(1));
-        link.welcomed(Some(0), Vec::new(), Instant::now());
+        link.welcomed(Some(0), Vec::new(), BootInstant::now());
         // LOST_AFTER_MS 0: nothing is ever fresh enough.
         assert!(matches!(link.start("kept", None), Start::Hold { lost_after_ms: 0, .. }));
         // Welcomed again: the edge took `kept` over and gave `ended` up.
-        link.welcomed(Some(60_000), vec!["ended".into()], Instant::now());
+        link.welcomed(Some(60_000), vec!["ended".into()], BootInstant::now());
         assert_eq!(link.start("kept", None), Start::Go, "the edge did not give it up: it starts");
         assert_eq!(link.start("ended", None), Start::GivenUp(GivenUp::Named));
         // Each welcome says anew (a job still held is in the hello it answers).
-        link.welcomed(Some(60_000), Vec::new(), Instant::now());
+        link.welcomed(Some(60_000), Vec::new(), BootInstant::now());
         assert_eq!(link.start("ended", None), Start::Go);
     }
 

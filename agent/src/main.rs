@@ -18,6 +18,8 @@
 //! - [`lost_after`]: that `LOST_AFTER_MS`, kept in `DATA_DIR` from the last welcome.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`link`]: the current connection's MAC keys, shared by the agent and its jobs.
+//! - [`boot_clock`]: the clock the start rule and the link's silence count by, which goes
+//!   on while the machine is suspended, as the edge's does.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`progress_clock`]: when the jobs' waiting progress batches go (one clock for all).
 //! - [`uplink`]: the queues to the edge: the agent's own words first, the jobs' progress
@@ -55,6 +57,7 @@
 //!   edge that brings nothing.
 
 mod agent;
+mod boot_clock;
 mod canary;
 mod cli_version;
 mod config;

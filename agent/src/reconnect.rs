@@ -33,7 +33,8 @@
 //! from connecting for good (held results wait for it).
 
 use backoff::backoff::Backoff;
-use std::time::{Duration, Instant};
+use crate::boot_clock::BootInstant;
+use std::time::Duration;
 
 /// The first delay, and the least a capped one is.
 const INITIAL: Duration = Duration::from_millis(250);
@@ -75,8 +76,8 @@ pub struct Reconnect {
     connected: bool,
     /// A restart said before a welcome started the backoff over since the last welcome.
     unproven_restart: bool,
-    /// When the last welcomed connection ended.
-    away_since: Option<Instant>,
+    /// When the last welcomed connection ended (the boot clock: the edge counts a suspend).
+    away_since: Option<BootInstant>,
     /// Handshake steps that timed out since the last welcome.
     slow_steps: u32,
     /// What the last welcome said is not in DATA_DIR (its write failed).
@@ -115,7 +116,7 @@ impl Reconnect {
     /// back before the edge gives them up, before any welcome could tell it when. It has
     /// been away at least since its start.
     pub fn remembering(remembered: Option<u64>) -> Self {
-        Reconnect { lost_after_ms: remembered, away_since: remembered.map(|_| Instant::now()), ..Reconnect::default() }
+        Reconnect { lost_after_ms: remembered, away_since: remembered.map(|_| BootInstant::now()), ..Reconnect::default() }
     }
 
     /// The edge welcomed the agent and said how long it waits for an agent that holds jobs
@@ -157,7 +158,7 @@ impl Reconnect {
     /// the agent runs jobs or keeps results the edge has not acknowledged.
     pub fn next(&mut self, lasted: Duration, holding: bool) -> Duration {
         if std::mem::take(&mut self.connected) {
-            self.away_since = Some(Instant::now());
+            self.away_since = Some(BootInstant::now());
         }
         if lasted > HEALTHY || std::mem::take(&mut self.edge_restarting) {
             self.policy.reset();

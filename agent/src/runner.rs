@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use crate::boot_clock::BootInstant;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
@@ -354,7 +355,7 @@ async fn run_in(
                     // and its started record cleared. The start waits as at the first check,
                     // for a frame the edge proved written from now, and Claude starts anew.
                     None => {
-                        if let Err(result) = start_rule(ctx, job_id, started, deadline, &mut stop, Some(Instant::now())).await {
+                        if let Err(result) = start_rule(ctx, job_id, started, deadline, &mut stop, Some(BootInstant::now())).await {
                             break (result, None);
                         }
                     }
@@ -519,7 +520,7 @@ async fn start_rule(
     started: Instant,
     deadline: tokio::time::Instant,
     stop: &mut oneshot::Receiver<Stop>,
-    mut held: Option<Instant>,
+    mut held: Option<BootInstant>,
 ) -> Result<(), JobResult> {
     loop {
         // Enabled before the look: an ack that comes between the two is not missed.
@@ -536,7 +537,7 @@ async fn start_rule(
             Start::GivenUp(why) => return Err(gave_up_result(ctx, job_id, started, &why)),
             Start::Hold { heard, lost_after_ms } => (heard, lost_after_ms),
         };
-        let looked = Instant::now();
+        let looked = BootInstant::now();
         if held.is_none() {
             held = Some(looked);
             warn!(
