@@ -60,8 +60,10 @@ pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::
         // bounded line before they reach the log or the status file.
         // Connected or not, a job starts only while the last frame the edge proved it read
         // was written less than its LOST_AFTER_MS ago, and never once a welcome names it as
-        // given up ([`crate::link::Link::start`]): nothing to tell the link as this ends.
+        // given up ([`crate::link::Link::start`]). The link is told only that it carries
+        // nothing now, for what a start held from here says when it ends.
         let ended = session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await;
+        agent.link.carrying(None);
         let end = match ended {
             End::Lost(why) => End::Lost(peer_words(&why)),
             End::Unreached(why) => End::Unreached(peer_words(&why)),
@@ -242,10 +244,12 @@ fn for_bytes(limit: Duration, bytes: usize) -> Duration {
 /// a hop held back behind a megabyte dated the edge 64 s after its beat). Both read the
 /// boot clock ([`crate::boot_clock`]): the edge's bounds run on while the machine is
 /// suspended (rev34-1).
-#[derive(Debug)]
 struct Unanswered {
     /// Two heartbeat intervals: how long an edge that has read a beat may take to answer.
     allowance: Duration,
+    /// Told the bytes not known read as they change ([`crate::link::Link::carrying`]): a
+    /// start held while the link carries them says so when it ends (rev34-4).
+    link: Option<crate::link::Link>,
     /// Bytes written on this connection.
     written: u64,
     /// Of those, the bytes the edge is known to have read.
@@ -278,11 +282,27 @@ impl Unanswered {
     /// A connection's count, from its hello (written at `hello_sent`), which the edge's
     /// welcome answered; `allowance` is two heartbeat intervals.
     fn new(allowance: Duration, hello_sent: BootInstant) -> Unanswered {
-        Unanswered { allowance, written: 0, read: 0, proven: hello_sent, beats: Default::default() }
+        Unanswered { allowance, link: None, written: 0, read: 0, proven: hello_sent, beats: Default::default() }
     }
 
+    /// This count, told to `link` as it changes.
+    fn telling(mut self, link: crate::link::Link) -> Unanswered {
+        self.link = Some(link);
+        self.tell();
+        self
+    }
+
+    fn tell(&self) {
+        if let Some(link) = &self.link {
+            link.carrying(Some(self.written.saturating_sub(self.read)));
+        }
+    }
+
+    /// `bytes` are about to be written: counted before the write, which on a slow link
+    /// may take minutes, so a start held meanwhile knows what the link carries.
     fn wrote(&mut self, bytes: usize) {
         self.written = self.written.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+        self.tell();
     }
 
     /// Heartbeat `seq` was written, handed to the socket at `at` (its bytes counted by
@@ -318,6 +338,9 @@ impl Unanswered {
             self.proven = self.proven.max(at);
             sent = Some(at);
             self.beats.pop_front();
+        }
+        if sent.is_some() {
+            self.tell();
         }
         sent
     }
@@ -748,7 +771,7 @@ async fn session(
     // edge's answers — come late by the time those bytes take to go ([`for_bytes`]).
     // Counted from the hello the welcome answered: the last frame the edge proved it read
     // (the work loop's clock started after the results resent, however long that took).
-    let mut unanswered = Unanswered::new(limit, hello_sent);
+    let mut unanswered = Unanswered::new(limit, hello_sent).telling(agent.link.clone());
     for (_, stored) in resend_order(agent.spool.all()) {
         // A heartbeat before each: results of megabytes on a slow uplink go out one after
         // another before the work loop's first beat, and an edge that sees only whole

@@ -17,7 +17,8 @@
 //! it was there (the writing of the last frame of the agent's it answered, never an
 //! arrival), the last welcome's `LOST_AFTER_MS`, and the jobs that welcome said the edge
 //! gave up; and it wakes the jobs whose start the rule holds when the edge proves it is
-//! there again ([`Link::proven`]). The connection's silence bound is another clock
+//! there again ([`Link::proven`]). What the connection wrote and the edge has not answered
+//! yet ([`Link::carrying`]) is kept only for what a start held until its deadline says. The connection's silence bound is another clock
 //! (`connection.rs`, `Unanswered`): it gives a slow link the time its bytes take, which
 //! is no time the edge is known to have been there (rev30-2). Every time here is a
 //! [`crate::boot_clock`] reading, which counts a suspend as the edge does (rev34-1).
@@ -56,6 +57,14 @@ struct Current {
     /// the next hello, and the next welcome names it again if the edge still will not have
     /// it run.
     welcome_gave_up: HashSet<String>,
+    /// The bytes the connection up now wrote that the edge is not known to have read
+    /// (`connection.rs`, `Unanswered::bytes`), told as they are written and as acks come;
+    /// `None` while no connection is up. Only for saying why a start was held: no answer
+    /// of the edge's can come back ahead of them, and an ended job said "heard nothing
+    /// from the edge" while the link carried a large result and the edge was there
+    /// (rev34-4). Never a reason to start: a hop that reads and drops everything takes
+    /// bytes as well as the edge does (rev30-1).
+    carrying: Option<u64>,
     /// Tests: the checks [`Link::start`] answers as it is before the link is cut off and
     /// nothing the edge proved is fresh ([`Link::away_at_check`]).
     #[cfg(test)]
@@ -94,8 +103,9 @@ pub enum Start {
 pub enum GivenUp {
     /// Held until its deadline ([`Start::Hold`]): nothing the edge proved was fresh for
     /// `away` (`None`: never), longer than its `lost_after_ms` — after which it gives the
-    /// job up.
-    Away { away: Option<Duration>, lost_after_ms: u64 },
+    /// job up. `carrying`: the bytes the connection, up at the deadline, had written that
+    /// the edge was not known to have read ([`Link::carrying`]; `None`: no connection).
+    Away { away: Option<Duration>, lost_after_ms: u64, carrying: Option<u64> },
     /// The edge's welcome named the job: it ended it, or has it elsewhere.
     Named,
 }
@@ -210,6 +220,17 @@ impl Link {
     #[cfg(test)]
     pub fn away_at_check(&self, checks: u32) {
         self.lock().away_at_check = Some(checks);
+    }
+
+    /// What the connection up now wrote that the edge is not known to have read (`None`:
+    /// the connection ended): told by the connection as it writes and as acks come.
+    pub fn carrying(&self, bytes: Option<u64>) {
+        self.lock().carrying = bytes;
+    }
+
+    /// [`Link::carrying`], as last told.
+    pub fn carried(&self) -> Option<u64> {
+        self.lock().carrying
     }
 
     /// The key the agent MACs its frames with on this connection, if there is one.

@@ -541,7 +541,7 @@ async fn start_rule(
         if held.is_none() {
             held = Some(looked);
             warn!(
-                job_id, agent_id = %ctx.cfg.agent_id, heard_ms = heard.map(|h| h.as_millis() as u64), lost_after_ms,
+                job_id, agent_id = %ctx.cfg.agent_id, heard_ms = heard.map(|h| h.as_millis() as u64), lost_after_ms, carrying_bytes = ctx.link.carried(),
                 "job held before its start: nothing the edge proved is younger than its LOST_AFTER_MS, so it may have given the job up; it starts once the edge answers a heartbeat written from now, and ends not started at its deadline"
             );
         }
@@ -554,7 +554,7 @@ async fn start_rule(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let away = heard.map(|h| h + looked.elapsed());
-                return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms }));
+                return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms, carrying: ctx.link.carried() }));
             }
         }
     }
@@ -567,17 +567,36 @@ fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenU
             warn!(job_id, agent_id = %ctx.cfg.agent_id, "job not started: the edge gave it up while this agent was away (its welcome said so)");
             "not started: the edge had given the job up while this agent was away (its welcome said so: it ended the job, or sent it elsewhere); run it again if it did not end".to_string()
         }
-        GivenUp::Away { away, lost_after_ms } => {
+        GivenUp::Away { away, lost_after_ms, carrying } => {
             let away_ms = away.map(|a| a.as_millis() as u64);
-            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: held at its start until its deadline (nothing the edge proved was younger than LOST_AFTER_MS)");
-            let heard = away_ms.map_or("nothing the edge proved".to_string(), |ms| format!("the last frame the edge proved it read was written {ms} ms before"));
-            format!(
-                "not started: this agent heard nothing from the edge in the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives a job up, and held the job's start until its deadline ({heard}); run it again"
-            )
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, carrying_bytes = carrying, "job not started: held at its start until its deadline (nothing the edge proved was younger than LOST_AFTER_MS)");
+            away_words(away_ms, lost_after_ms, carrying)
         }
     };
     // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
     JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }
+}
+
+/// What a job held at its start until its deadline ([`GivenUp::Away`]) says. Connected
+/// with bytes the edge has not answered yet, "heard nothing from the edge" was untrue
+/// (rev34-4): a large result on a slow but healthy link holds every answer of the edge's
+/// behind it — a frame is whole, so no heartbeat goes inside it — and the edge, reading
+/// it, was there. The agent cannot tell that edge from a hop that reads and drops (rev30-1),
+/// so the job still does not start; its words say which it was not known to be.
+fn away_words(away_ms: Option<u64>, lost_after_ms: u64, carrying: Option<u64>) -> String {
+    let heard = away_ms.map_or("nothing the edge proved".to_string(), |ms| format!("the last frame the edge proved it read was written {ms} ms before"));
+    match carrying {
+        Some(bytes) if bytes > 0 => format!(
+            "not started: the connection to the edge was up, but carrying {bytes} bytes this agent had written (a large result or output, at the link's speed) \
+             that the edge had not confirmed reading, and no answer of the edge's can come back ahead of them: nothing proved within the {lost_after_ms} ms \
+             (LOST_AFTER_MS) after which the edge gives a job up that it still held this one ({heard}), so its start was held until its deadline. \
+             The edge was not known gone. Run it again; a timeout_ms longer than the upload ahead of it lets such a job wait it out and start \
+             (a faster uplink, or a longer LOST_AFTER_MS on the edge, makes the hold rarer)"
+        ),
+        _ => format!(
+            "not started: this agent heard nothing from the edge in the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives a job up, and held the job's start until its deadline ({heard}); run it again"
+        ),
+    }
 }
 
 /// Puts a repository job's commit, diff and push into its result. A diff is given even
@@ -907,6 +926,20 @@ mod tests {
     /// keeps): full, over quota, read-only, failing. Any other error — EPERM or EBUSY on a
     /// leftover, a name the file system refuses, a folder closed to its user — is not, and
     /// is the agent's only if its own folders take no write (`agents_want`).
+    /// rev34-4: a job held at its start until its deadline while the connection carried
+    /// bytes the edge had not answered says so — the edge was not known gone — not that
+    /// the agent heard nothing from the edge; cut off (no connection), it says that.
+    #[test]
+    fn a_start_held_behind_bytes_in_flight_says_so() {
+        let busy = away_words(Some(12_590), 3_000, Some(1_000_000));
+        assert!(busy.contains("carrying 1000000 bytes") && busy.contains("The edge was not known gone") && !busy.contains("heard nothing"), "{busy}");
+        assert!(busy.contains("written 12590 ms before") && busy.contains("(LOST_AFTER_MS)") && busy.contains("Run it again"), "{busy}");
+        for cut in [None, Some(0)] {
+            let said = away_words(None, 3_000, cut);
+            assert!(said.starts_with("not started: this agent heard nothing from the edge in the 3000 ms") && said.ends_with("run it again"), "{said}");
+        }
+    }
+
     #[test]
     fn the_disks_failings_are_named_by_their_kind() {
         for errno in [libc::ENOSPC, libc::EDQUOT, libc::EROFS, libc::EIO] {

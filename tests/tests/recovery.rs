@@ -296,6 +296,47 @@ async fn a_large_result_behind_a_hop_that_buffers_is_delivered_without_dropping_
     assert!(!agent.log().contains("nothing the edge proved"), "the agent dropped a link that was delivering:\n{}", agent.log());
 }
 
+/// Hostile review rev34-4: a healthy link 4× the floor carries one job's large result (a
+/// single frame of ~1.2 MB, ~19 s at 64 KiB/s); a job that reaches its start meanwhile is
+/// held — no answer of the edge's can come back ahead of those bytes, and a frame is whole,
+/// so no heartbeat goes inside it — and one whose timeout is shorter than the upload ends
+/// not started. It said "heard nothing from the edge in … (LOST_AFTER_MS)", untrue: the
+/// edge read the result throughout. It says what the link carried, that the edge was not
+/// known gone, and what to do; and it still never starts (the agent cannot tell that edge
+/// from a hop that reads and drops, rev30-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_behind_a_large_result_on_a_healthy_link_says_what_the_link_carried() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000"), ("LOST_AFTER_MS", "3000")]);
+    let proxy = Proxy::start(edge.port).await;
+    let opts = AgentOpts { edge_ws: format!("ws://127.0.0.1:{}", proxy.port()), ..AgentOpts::for_edge(&edge, "spark") }.env("MAX_CONCURRENT_JOBS", "2");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let blob = agent.data.path().join("blob");
+    let bytes: Vec<u8> = (0..900 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&blob, bytes).unwrap();
+    proxy.throttle(Direction::Up, 64 * 1024);
+    let big = client.submit(json!({"prompt": format!("@print_file_b64={}", blob.display()), "timeout_ms": 120000})).await;
+    let big_id = big.body["job_id"].as_str().unwrap().to_string();
+    // Claude done with the big one (its result on the way), the next job comes once the
+    // last frame the edge proved is older than LOST_AFTER_MS.
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains("claude finished")).await, "{}", agent.log());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let small = client.submit(json!({"prompt": "rev34 small", "timeout_ms": 8000})).await;
+    let small_id = small.body["job_id"].as_str().unwrap().to_string();
+    let small_job = client.wait_job(&small_id, Duration::from_secs(120)).await;
+    let big_job = client.wait_job(&big_id, Duration::from_secs(120)).await;
+    let logs = || format!("{}\n{}", agent.log(), edge.log());
+    assert_eq!(big_job["state"], "succeeded", "{}", logs());
+    assert_eq!((&small_job["state"], &small_job["result"]["error_code"], &small_job["result"]["retryable"]), (&json!("lost"), &json!("RUNNER_LOST"), &json!(true)), "{small_job}\n{}", logs());
+    let said = small_job["result"]["error"].as_str().unwrap_or_default();
+    assert!(!said.contains("heard nothing"), "the edge was there, reading the result: {said}");
+    assert!(said.contains("not started: the connection to the edge was up, but carrying") && said.contains("The edge was not known gone") && said.contains("Run it again"), "{said}");
+    assert!(!agent.claude_runs().iter().any(|r| r["prompt"] == "rev34 small"), "the held job started");
+    assert!(!agent.log().contains("connection to the edge lost"), "the link was healthy throughout:\n{}", logs());
+}
+
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
 /// it is lost; once the edge is back the next job must run, not wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
