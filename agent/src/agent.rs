@@ -685,11 +685,13 @@ impl Agent {
     /// A job ended: remember its login outcome, keep its result — bound to the order it
     /// answers, MACed with each connection's key as it goes — until the edge has it, free
     /// its slot, and tell the edge. The result is sent first and written to disk while it
-    /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
-    /// the same trip off the async threads, as is the upkeep of the sessions' log. The
-    /// record of whose its Claude session is ([`crate::sessions`]) is appended before the
-    /// result goes. `session` is the one the agent started Claude in
-    /// ([`runner::Ended::session`]), not the result's.
+    /// travels (see [`crate::spool`]); the job's workspace is removed after that write, as
+    /// is the upkeep of the sessions' log. The record of whose its Claude session is
+    /// ([`crate::sessions`]) is appended before the result goes. All of these writes are
+    /// one trip off the async threads: each trip costs a wake-up of a pool thread and
+    /// another of the runtime's, and the record and the result's write were two.
+    /// `session` is the one the agent started Claude in ([`runner::Ended::session`]), not
+    /// the result's.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, session: Option<String>, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
@@ -699,20 +701,59 @@ impl Agent {
         // Whose the session is, decided in memory now: the result may reach the caller,
         // and the caller's next job this agent, before the record is written.
         let session = session.filter(|session| self.claimed(job_id, session, owner));
-        // And appended to the log before the result goes (one write, no sync: a kill of the
-        // agent loses nothing written): an agent killed once the result was sent lost the
-        // session's resume for a caller who had the result.
-        if let Some(session) = &session {
-            let (sessions, session, owner, id) = (Arc::clone(&self.sessions), session.clone(), owner.clone(), job_id.to_string());
-            let recorded = tokio::task::spawn_blocking(move || sessions.record(&session, &owner, &id)).await;
-            if let Err(e) = recorded.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
-                warn!(
-                    job_id, agent_id = %self.cfg.agent_id, error = %e,
-                    "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
-                );
-            }
-        }
         let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
+        // With no session to record, the result goes from here, before the trip; with one,
+        // from the trip, once the record is appended.
+        let unsent = match session {
+            None => {
+                self.send_result(job_id, stored);
+                None
+            }
+            Some(_) => Some(stored),
+        };
+        // The job's task lasts until its result is on disk: a drain waits for it.
+        let (agent, owner, id) = (Arc::clone(self), owner.clone(), job_id.to_string());
+        let written = tokio::task::spawn_blocking(move || {
+            if let Some(session) = &session {
+                // Appended before the result goes (one write, no sync: a kill of the agent
+                // loses nothing written): an agent killed once the result was sent lost the
+                // session's resume for a caller who had the result. A failure of it, a
+                // panic included (a bug), costs the resume, never the result.
+                let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.sessions.record(session, &owner, &id)))
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the write panicked (a bug: see the agent's log)")));
+                if let Err(e) = recorded {
+                    warn!(
+                        job_id = %id, agent_id = %agent.cfg.agent_id, error = %e,
+                        "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
+                    );
+                }
+            }
+            if let Some(stored) = unsent {
+                agent.send_result(&id, stored);
+            }
+            let written = agent.spool.write_sent(&id);
+            if session.is_some() {
+                agent.sessions.tidy(crate::now_ms());
+            }
+            if let Some(leftover) = leftover {
+                leftover.clean_up_now();
+            }
+            written
+        })
+        .await;
+        if let Err(e) = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+            error!(
+                job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
+                "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
+                 a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
+            );
+        }
+    }
+
+    /// Sends a job's result ([`Agent::finish`]): kept in the spool's memory, MACed, queued
+    /// with the statement of the agent's slots (and of its mirrors, when they changed), the
+    /// job's slot freed. Called from the runtime or a blocking-pool thread.
+    fn send_result(&self, job_id: &str, stored: StoredResult) {
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.
         self.spool.sending(job_id, &stored);
@@ -735,28 +776,6 @@ impl Agent {
             (running.ids(), mirrors)
         };
         self.status.job_ended(ids, mirrors);
-        // The job's task lasts until its result is on disk: a drain waits for it.
-        let spool = Arc::clone(&self.spool);
-        let id = job_id.to_string();
-        let sessions = Arc::clone(&self.sessions);
-        let written = tokio::task::spawn_blocking(move || {
-            let written = spool.write_sent(&id);
-            if session.is_some() {
-                sessions.tidy(crate::now_ms());
-            }
-            if let Some(leftover) = leftover {
-                leftover.clean_up_now();
-            }
-            written
-        })
-        .await;
-        if let Err(e) = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
-            error!(
-                job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
-                "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
-                 a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
-            );
-        }
     }
 
     /// A job the agent could not start for a want of its own ([`runner::CannotStart`]: a
