@@ -1832,3 +1832,60 @@ async fn a_job_whose_claude_cannot_be_spawned_for_want_of_processes_goes_back_un
     assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
     assert_eq!(agent.claude_runs().len(), 1);
 }
+
+/// Waits until the edge says agent `spark` is connected.
+async fn agent_connected(client: &Client) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.health_full().await.body["agent"]["connected"] != true {
+        assert!(Instant::now() < until, "the agent never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The login the agent waits for at the refresh gate is written fresh and the gate opens.
+fn open_the_refresh_gate(config: &std::path::Path, mut other: std::process::Child) {
+    let fresh = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh-0123456789", "refreshToken": "sk-ant-ort01-fresh-0123456789", "expiresAt": 4_000_000_000_000u64}});
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    drop(other.stdin.take());
+    other.wait().unwrap();
+}
+
+/// rev34-3: an `/execute` job the agent accepted and holds at the login's refresh gate
+/// when the edge is killed: its caller's request dies with the edge, unanswered, and it
+/// falls back. The restart ends the job as it ends a queued one ("its caller is gone"),
+/// and the agent, back, is told it was given up and never starts it — before the fix the
+/// restart kept it and the agent ran it once the gate opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_job_held_at_the_gate_when_the_edge_is_killed_never_runs() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000"), ("LOST_AFTER_MS", "30000")]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let client = Client::new(&edge.url());
+    let config = agent.data.path().join("claude-config");
+    let other = stale_login_with_the_refresh_held(&config).await;
+    agent_connected(&client).await;
+    let c2 = client.clone();
+    let body = json!({"prompt": "held at the gate", "timeout_ms": 120000}).to_string().into_bytes();
+    let caller = tokio::spawn(async move { c2.try_send("POST", "/execute", Some(SECRET), Some(body)).await });
+    let gate = "another process lets a Claude refresh this login";
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains(gate)).await, "never waited at the gate:\n{}", agent.log());
+    let listed = client.get("/jobs").await;
+    let job_id = listed.body["active"][0]["job_id"].as_str().unwrap_or_else(|| panic!("{}", listed.text)).to_string();
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.get(&format!("/jobs/{job_id}")).await.body["state"] != "running" {
+        assert!(Instant::now() < until, "the edge never heard it accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.kill();
+    assert!(caller.await.unwrap().is_err(), "the caller's request died with the edge");
+    edge.restart();
+    let client = Client::new(&edge.url());
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!((job["state"].as_str(), job["result"]["error_code"].as_str()), (Some("failed"), Some("RUNNER_OFFLINE")), "{job}");
+    assert!(job["result"]["error"].as_str().unwrap().contains("its caller is gone"), "{job}");
+    // The agent comes back, and is told the job was given up.
+    agent_connected(&client).await;
+    open_the_refresh_gate(&config, other);
+    let ran = || agent.claude_runs().iter().any(|r| r["prompt"].as_str().unwrap_or("").contains("held at the gate"));
+    assert!(!eventually(Duration::from_secs(15), ran).await, "the /execute job ran after the crash with its caller gone:\n{}", agent.log());
+}

@@ -75,6 +75,13 @@ pub struct Job {
     /// job may have started, and is ended `lost` as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unstarted: bool,
+    /// An `/execute` job whose waiting callers a clean stop told to follow it
+    /// (`EDGE_RESTARTING`, `machine/stop.rs`), not to fall back: the restore after that
+    /// stop keeps it. Without it, a restore ends an `/execute` job its agent has not
+    /// started (queued, dispatched, or accepted and `unstarted`): its caller's request died
+    /// with the edge, unanswered, and it may have run the task elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub callers_told_to_follow: bool,
     /// The agent instance it was sent to, or that took it over
     /// ([`shared::protocol::Hello::instance`]; `""`: an agent that names none), while it
     /// is with one. Only that instance's hello settles it (and, for `""`, one that names
@@ -282,6 +289,7 @@ impl Job {
             order_no: 0,
             cancel_requested: false,
             unstarted: false,
+            callers_told_to_follow: false,
             instance: None,
             result: None,
             spec_digest: spec_digest(&spec),

@@ -579,10 +579,11 @@ impl Edge {
         }
     }
 
-    /// Ends a queued job that must never start (its caller was told to run it elsewhere,
-    /// hung up, or is gone with a restart): it is not dispatched, now or after a restart.
+    /// Ends a job not started that must never start (its caller was told to run it
+    /// elsewhere, hung up, or is gone with a restart): it is not dispatched, now or after a
+    /// restart, and an agent that holds it is told it was given up.
     pub(super) fn end_unstarted(&mut self, now: Now, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
-        info!(job_id, "queued job ended before it started");
+        info!(job_id, "job ended before it started");
         let result = JobResult::failure(ErrorCode::RunnerOffline, why, 0);
         self.finish(now, job_id, result, effects);
     }

@@ -271,8 +271,12 @@ impl Edge {
     /// eviction: `Resumed::Rebuilt`) from stored job records and the sessions whose
     /// connections survived (its hibernated sockets). Jobs whose connection did not survive
     /// start their `LOST_AFTER_MS` wait now; those waiting already wait on. No caller
-    /// survives a restart, so a queued `/execute` job — whose caller is gone, and was
-    /// perhaps told to fall back — ends here without ever starting.
+    /// survives a restart, so an `/execute` job its agent has not started — queued,
+    /// dispatched, or accepted and not said started ([`Job::unstarted`]) — whose caller is
+    /// gone, and was perhaps told to fall back, ends here without ever starting, unless a
+    /// clean stop told its caller to follow it ([`Job::callers_told_to_follow`]). (The
+    /// Durable Object is evicted only when idle, and a waiting `/execute` caller keeps it
+    /// busy: one rebuilt while a caller waited lost that caller with the old instance.)
     /// `alerts` is alerting's stored memory (how long no agent has been connected
     /// included), if any.
     pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
@@ -321,6 +325,18 @@ impl Edge {
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
                 JobState::Queued => {}
+                // Sent, or accepted and held before its start (at the login's refresh gate,
+                // in a long checkout), its Claude not given the prompt: its caller is gone
+                // as a queued one's is, and ends the same way (its agent's hello is then told
+                // it was given up, and never starts it) — unless a clean stop told that
+                // caller to follow it.
+                JobState::Dispatched | JobState::Running
+                    if job.mode == crate::record::Mode::Wait
+                        && (job.state == JobState::Dispatched || job.unstarted)
+                        && !job.callers_told_to_follow =>
+                {
+                    callerless.push(job.id.clone())
+                }
                 JobState::Dispatched | JobState::Running => {
                     let connected = job.session_id.as_ref().is_some_and(|s| edge.sessions.contains_key(s));
                     // The edge's own downtime is not the agent's: after it, a job that was

@@ -4,7 +4,9 @@
 //! - a queued `/execute` job ends here, never started (and so never dispatched after the
 //!   restart), and its caller is told to run the task elsewhere (`fallback: true`);
 //! - a caller whose job goes on (dispatched, running, or a `POST /jobs` job it waited on)
-//!   is told where to follow it — `EDGE_RESTARTING` with the job id, no `fallback`;
+//!   is told where to follow it — `EDGE_RESTARTING` with the job id, no `fallback` — and
+//!   its `/execute` job is marked so ([`crate::record::Job::callers_told_to_follow`]): the
+//!   restore after a crash ends one not started, its caller gone unanswered, but not this;
 //! - event streams end with where to pick them up; agents are told to reconnect shortly;
 //! - a job waiting for its agent waits again from the restart.
 //!
@@ -37,6 +39,17 @@ impl Edge {
                 &mut effects,
             );
         }
+        // Their waiters are told to follow them (`EDGE_RESTARTING`, not to fall back): the
+        // restore after this stop must not end them as jobs whose caller is gone.
+        let followed: Vec<String> = self
+            .active
+            .iter()
+            .filter(|id| self.jobs[*id].mode == Mode::Wait && self.callers.waiters.get(*id).is_some_and(|w| !w.is_empty()))
+            .cloned()
+            .collect();
+        for id in &followed {
+            self.job_mut(id).expect("active jobs exist").callers_told_to_follow = true;
+        }
         self.let_go(now, &mut effects);
         // No agent can come back to an edge that is away, so the edge's own downtime must
         // not count against one: every job waiting for its agent (whose connection this
@@ -44,8 +57,11 @@ impl Edge {
         // restore starts the wait of jobs without one). Otherwise a stop longer than
         // LOST_AFTER_MS loses every running job at the restart, before any agent is back.
         let waiting: Vec<String> = self.active.iter().filter(|id| self.jobs[*id].orphaned_at.is_some()).cloned().collect();
-        for id in waiting {
-            self.job_mut(&id).expect("active jobs exist").orphaned_at = None;
+        for id in &waiting {
+            self.job_mut(id).expect("active jobs exist").orphaned_at = None;
+        }
+        let changed: std::collections::BTreeSet<String> = followed.into_iter().chain(waiting).collect();
+        for id in changed {
             effects.push(self.save(&id));
         }
         effects

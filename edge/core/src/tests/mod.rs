@@ -932,6 +932,8 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     say(&mut edge, 1, &sid, credit(1, 1));
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
     keep(say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "run".into() }));
+    // Started: an `/execute` job not started ends at a restore (its caller is gone).
+    keep(start(&mut edge, 2, &sid, "run"));
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
 
     let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], None, 1_000);

@@ -1444,3 +1444,88 @@ fn a_named_callers_job_ended_past_the_sends_bound_names_no_agents_own_report() {
     assert!(text.contains("sent to agents") && text.contains("cannot_start"), "ended past the bound, pointing to the operator: {text}");
     assert!(!text.contains("/home/spark") && !text.contains("No space left"), "an agent's own words told to a named caller: {text}");
 }
+
+/// Job records as a host stores them.
+type Stored = std::collections::HashMap<String, crate::record::Job>;
+
+/// Stores the records `effects` save, as a host would.
+fn keep(stored: &mut Stored, effects: &[Effect]) {
+    for e in effects {
+        if let Effect::Save(job) = e {
+            stored.insert(job.id.clone(), (**job).clone());
+        }
+    }
+}
+
+/// The welcome's `given_up` in `effects`, sent on `sid`.
+fn given_up_in(effects: &[Effect], sid: &str) -> Vec<String> {
+    let Some(EdgeMessage::Welcome { envelope }) = sent(effects, sid).into_iter().next() else { panic!("the welcome first: {effects:?}") };
+    let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+    welcome.given_up
+}
+
+/// The edge crashes (no clean stop) while its agent holds `/execute` jobs: one sent and not
+/// yet taken, one accepted and held before its start (at the login's refresh gate, in a
+/// long checkout), one started. The callers' requests died with the edge, unanswered, and
+/// they may have run the tasks elsewhere: the restart ends the two not started as it ends a
+/// queued one (rev34-3: they were kept, and the agent started the held one once its gate
+/// opened), and the agent's welcome names them given up, so it never starts them. The
+/// started one, and a `POST /jobs` job held the same way, go on.
+#[test]
+fn a_crash_ends_the_execute_jobs_their_agent_had_not_started() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 4);
+    let mut stored = Stored::default();
+    say(&mut edge, 0, &sid, credit(4, 0));
+    for (id, mode) in [("sent", Mode::Wait), ("held", Mode::Wait), ("ran", Mode::Wait), ("detached", Mode::Detached)] {
+        keep(&mut stored, &edge.submit(1, id.into(), submission(id, 600_000, None), mode).unwrap().effects);
+    }
+    for id in ["held", "ran", "detached"] {
+        keep(&mut stored, &say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: id.into() }));
+    }
+    keep(&mut stored, &start(&mut edge, 3, &sid, "ran"));
+    drop(edge);
+    assert_eq!(stored["sent"].state, JobState::Dispatched);
+    assert!(stored["held"].unstarted && stored["detached"].unstarted && !stored["ran"].unstarted);
+
+    let (mut edge, effects) = Edge::restart(config(), stored.into_values().collect(), None, 1_000);
+    let mut ended = finished(&effects);
+    ended.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(ended.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["held", "sent"], "{ended:?}");
+    for (_, status, body) in &ended {
+        assert_eq!((*status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{body}");
+        assert!(body["error"].as_str().unwrap().contains("its caller is gone; it will not run: submit it again"), "{body}");
+    }
+    // The agent comes back holding what it had: told not to start the held one.
+    let (sid, effects) = join_with(&mut edge, 1_001, "spark", &agent_key(1), vec!["held".into(), "ran".into(), "detached".into()], 2, 4);
+    assert_eq!(given_up_in(&effects, &sid), ["held"]);
+    assert_eq!(cancels(&effects, &sid), ["held"]);
+    for id in ["ran", "detached"] {
+        assert_eq!(edge.job(id).unwrap().state, JobState::Running, "{id} goes on");
+    }
+}
+
+/// A clean stop told the `/execute` caller of a job its agent accepted but had not started
+/// to follow it (`EDGE_RESTARTING`, no fallback): the restart keeps that job, and a crash
+/// after the restart still does (its caller was told to follow it, not to fall back).
+#[test]
+fn a_clean_stop_keeps_the_execute_jobs_whose_callers_it_told_to_follow() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = Stored::default();
+    let held = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "held", "timeout_ms": 600000}));
+    keep(&mut stored, &held.effects);
+    let job_id = order_of(&held.effects, &sid, "spark", 0).header.job_id;
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    let effects = edge.shutdown(2);
+    keep(&mut stored, &effects);
+    let (_, body) = answer_to(&effects, held.caller).unwrap();
+    assert_eq!(body["error_code"], "EDGE_RESTARTING", "{body}");
+    for back in [1_000, 2_000] {
+        let (mut edge, effects) = Edge::restart(config(), stored.clone().into_values().collect(), None, back);
+        keep(&mut stored, &effects);
+        assert!(finished(&effects).is_empty(), "{effects:?}");
+        let (sid, effects) = rejoin(&mut edge, back + 1, &[&job_id], &[], 2);
+        assert!(given_up_in(&effects, &sid).is_empty());
+        assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running);
+    }
+}
