@@ -1889,3 +1889,41 @@ async fn an_execute_job_held_at_the_gate_when_the_edge_is_killed_never_runs() {
     let ran = || agent.claude_runs().iter().any(|r| r["prompt"].as_str().unwrap_or("").contains("held at the gate"));
     assert!(!eventually(Duration::from_secs(15), ran).await, "the /execute job ran after the crash with its caller gone:\n{}", agent.log());
 }
+
+/// rev34-2: the operator restarts the edge with a smaller `LOST_AFTER_MS` (10 s → 2 s)
+/// while the agent, which cannot reach the restarted edge (here it listens on another port;
+/// in life a long reconnect backoff, a tunnel back late), holds a job at the refresh gate.
+/// The agent starts jobs by its last welcome's 10 s, so the edge gives the job up only
+/// after those 10 s — by the new 2 s it ended it while the agent could still start it, and
+/// the agent did once the gate opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restarted_with_a_smaller_lost_after_ms_gives_a_held_job_up_only_after_the_agents_count() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000"), ("LOST_AFTER_MS", "10000")]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let client = Client::new(&edge.url());
+    let config = agent.data.path().join("claude-config");
+    let other = stale_login_with_the_refresh_held(&config).await;
+    agent_connected(&client).await;
+    let a = client.submit(json!({"prompt": "held at the gate", "timeout_ms": 120000})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let gate = "another process lets a Claude refresh this login";
+    let waits = || agent.log().lines().any(|l| l.contains(gate) && l.contains(&job_id));
+    assert!(eventually(Duration::from_secs(60), waits).await, "never waited at the gate:\n{}", agent.log());
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.get(&format!("/jobs/{job_id}")).await.body["state"] != "running" {
+        assert!(Instant::now() < until, "the edge never heard it accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.stop();
+    edge.env.insert("LOST_AFTER_MS".into(), "2000".into());
+    edge.port = free_port();
+    edge.restart();
+    let client = Client::new(&edge.url());
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["result"]["error_code"], "RUNNER_LOST", "{job}");
+    open_the_refresh_gate(&config, other);
+    let ran = || agent.claude_runs().iter().any(|r| r["prompt"].as_str().unwrap_or("").contains("held at the gate"));
+    assert!(!eventually(Duration::from_secs(15), ran).await, "the job started after the edge gave it up: {job}\n{}", agent.log());
+}

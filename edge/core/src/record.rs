@@ -82,6 +82,14 @@ pub struct Job {
     /// with the edge, unanswered, and it may have run the task elsewhere.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub callers_told_to_follow: bool,
+    /// The `LOST_AFTER_MS` its agent was told in the welcome of the connection it was sent
+    /// on or taken over by ([`crate::session::Agent::lost_after_ms`]), while it is with
+    /// one: the agent starts the job only while it heard the edge within that time, so the
+    /// edge gives the job up no sooner ([`Job::lost_after_ms`]), even restarted with a
+    /// smaller `LOST_AFTER_MS` the agent has not been told yet (rev34-2). Absent (a job an
+    /// edge of before sent): the setting alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub told_lost_after_ms: Option<u64>,
     /// The agent instance it was sent to, or that took it over
     /// ([`shared::protocol::Hello::instance`]; `""`: an agent that names none), while it
     /// is with one. Only that instance's hello settles it (and, for `""`, one that names
@@ -290,6 +298,7 @@ impl Job {
             cancel_requested: false,
             unstarted: false,
             callers_told_to_follow: false,
+            told_lost_after_ms: None,
             instance: None,
             result: None,
             spec_digest: spec_digest(&spec),
@@ -495,14 +504,21 @@ impl Job {
             })
     }
 
-    /// When the edge must act on this job if nothing else happens first.
+    /// How long the edge waits for this job's agent once it is gone: `LOST_AFTER_MS` as set
+    /// now (`setting`), or as its agent was last told, whichever is longer.
+    pub fn lost_after_ms(&self, setting: u64) -> u64 {
+        setting.max(self.told_lost_after_ms.unwrap_or(0))
+    }
+
+    /// When the edge must act on this job if nothing else happens first (`lost_after_ms`:
+    /// the setting, which [`Job::lost_after_ms`] may lengthen).
     pub fn deadline(&self, lost_after_ms: u64, queue_ttl_ms: u64, margin_ms: u64) -> Option<Millis> {
         match self.state {
             JobState::Queued => Some(self.created_at.saturating_add(self.queue_wait(queue_ttl_ms))),
             JobState::Dispatched | JobState::Running => {
                 let sent = self.dispatched_at.unwrap_or(self.created_at);
                 let timeout = sent.saturating_add(self.spec.timeout_ms).saturating_add(margin_ms);
-                let lost = self.orphaned_at.map(|t| t.saturating_add(lost_after_ms));
+                let lost = self.orphaned_at.map(|t| t.saturating_add(self.lost_after_ms(lost_after_ms)));
                 let due = lost.map_or(timeout, |l| l.min(timeout));
                 if self.state == JobState::Dispatched {
                     // Its order was never seen taken: it may be held on the agent's path, and

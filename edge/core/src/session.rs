@@ -68,6 +68,12 @@ pub struct Agent {
     /// This connection's challenge nonce: the agent's heartbeats are bound to it.
     #[serde(default)]
     pub challenge: String,
+    /// The `LOST_AFTER_MS` this connection's welcome told the agent, which it starts jobs
+    /// by: each job sent on or taken over by the connection keeps it
+    /// ([`crate::record::Job::told_lost_after_ms`]). Absent (a record of an edge of
+    /// before): the setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_ms: Option<u64>,
     /// This connection's MAC keys, agreed in the handshake ([`shared::link`]): the agent's
     /// reports are checked with one, the edge's result acknowledgements made with the other.
     /// Never defaulted: a record without them reads as no session.
@@ -591,6 +597,7 @@ mod tests {
                 login: Some(login.clone()),
                 instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
                 unproven: 0,
+                lost_after_ms: Some(30_000),
             }),
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
@@ -649,6 +656,7 @@ mod tests {
             login: None,
             instance: None,
             unproven: 0,
+            lost_after_ms: Some(30_000),
         });
         assert_eq!(session.fitted(within(size(&session))), Some(session.clone()), "whole when it fits");
         let mut bare = session.clone();

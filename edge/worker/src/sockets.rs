@@ -213,6 +213,7 @@ mod tests {
                 // As an agent makes it: the record keeps it in every form.
                 instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
                 unproven: 0,
+                lost_after_ms: Some(30_000),
             }),
         }
     }

@@ -156,7 +156,7 @@ impl Edge {
             .collect();
         for id in due {
             let job = &self.jobs[&id];
-            let lost = job.orphaned_at.is_some_and(|t| t.saturating_add(self.cfg.lost_after_ms) <= now.at);
+            let lost = job.orphaned_at.is_some_and(|t| t.saturating_add(job.lost_after_ms(self.cfg.lost_after_ms)) <= now.at);
             if lost {
                 let result = record::lost(job, now.at);
                 self.finish(now, &id, result, &mut effects);

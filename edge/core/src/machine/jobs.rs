@@ -334,6 +334,7 @@ impl Edge {
         let instance = agent.instance_key().to_string();
         // The agent takes it on this connection only, numbered in the order sent.
         let challenge = agent.challenge.clone();
+        let told = self.told_lost_after_ms(session_id);
         let saved = self.save_session(session_id);
         let job = self.job_mut(job_id).expect("queued jobs exist");
         job.state = JobState::Dispatched;
@@ -341,6 +342,7 @@ impl Edge {
         job.agent_id = Some(agent_id.clone());
         job.session_id = Some(session_id.to_string());
         job.instance = Some(instance);
+        job.told_lost_after_ms = told;
         job.order_no = order_no;
         job.new_order(&challenge, order_no);
         // The record's own task, shared (never copied) into the order sealed below.
@@ -616,6 +618,7 @@ impl Edge {
         job.agent_id = None;
         job.session_id = None;
         job.instance = None;
+        job.told_lost_after_ms = None;
         job.dispatched_at = None;
         job.orphaned_at = None;
         job.order_no = 0;

@@ -481,6 +481,8 @@ impl Edge {
         // Only after the older connection closed: this one is not ready yet, so its close
         // listed the agent as gone.
         self.note_departed(now, &agent_id, false, effects);
+        // What `welcome_for` tells it below.
+        let lost_after_ms = Some(self.cfg.lost_after_ms);
         let session = self.session_mut(session_id).expect("session exists");
         session.phase = Phase::Ready(Agent {
             agent_id: agent_id.clone(),
@@ -504,6 +506,7 @@ impl Edge {
             login: None,
             instance: hello.instance.clone(),
             unproven: 0,
+            lost_after_ms,
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
@@ -530,6 +533,13 @@ impl Edge {
         }
         self.settle_queue(now, effects);
         self.observe(now, effects);
+    }
+
+    /// The `LOST_AFTER_MS` the welcome of this (ready) connection told its agent, which a
+    /// job sent on it or taken over by it keeps ([`Job::told_lost_after_ms`]).
+    pub(super) fn told_lost_after_ms(&self, session_id: &str) -> Option<u64> {
+        let told = self.sessions.get(session_id).and_then(|s| s.agent()).and_then(|a| a.lost_after_ms);
+        Some(told.unwrap_or(self.cfg.lost_after_ms))
     }
 
     /// The jobs a hello names running (`running`) that the edge, its jobs settled
@@ -576,7 +586,7 @@ impl Edge {
             .map(|id| &self.jobs[id])
             .filter(|job| job.agent_id.as_deref() == Some(hello.agent_id.as_str()))
             .filter(|job| !settles(job, instance, named))
-            .map(|job| job.orphaned_at.unwrap_or(now.at).saturating_add(self.cfg.lost_after_ms))
+            .map(|job| job.orphaned_at.unwrap_or(now.at).saturating_add(job.lost_after_ms(self.cfg.lost_after_ms)))
             .filter(|&deadline| deadline > now.at)
             .max();
         // When the edge's answer could change with nothing more heard: the other's silence
@@ -657,10 +667,12 @@ impl Edge {
                 }
                 info!(job_id = %id, agent_id, session = session_id, "the agent holds this job");
                 let resend_cancel = !here && job.cancel_requested;
+                let told = self.told_lost_after_ms(session_id);
                 let job = self.job_mut(&id).expect("active jobs exist");
                 if !here {
                     job.session_id = Some(session_id.to_string());
                     job.instance = Some(instance.clone());
+                    job.told_lost_after_ms = told;
                     job.orphaned_at = None;
                     job.order_no = 0;
                 }

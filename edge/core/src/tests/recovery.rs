@@ -1529,3 +1529,33 @@ fn a_clean_stop_keeps_the_execute_jobs_whose_callers_it_told_to_follow() {
         assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running);
     }
 }
+
+/// The edge is restarted with a smaller `LOST_AFTER_MS` while an agent holds a job it has
+/// not started (its refresh gate) and cannot reach the edge: the agent still starts jobs by
+/// its last welcome's value, so the edge gives the job up only after that — had it used the
+/// new one, the agent would start the job after the edge ended it and its caller fell back
+/// (rev34-2). Once the agent is welcomed with the new value, the job's wait follows it.
+#[test]
+fn a_smaller_lost_after_ms_after_a_restart_waits_as_long_as_the_agent_was_told() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = Stored::default();
+    keep(&mut stored, &edge.submit(0, "held".into(), submission("x", 600_000, None), Mode::Detached).unwrap().effects);
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "held".into() }));
+    assert_eq!(stored["held"].told_lost_after_ms, Some(LOST));
+    drop(edge);
+
+    let smaller = Config { lost_after_ms: LOST / 2, ..config() };
+    let (mut edge, effects) = Edge::restart(smaller.clone(), stored.clone().into_values().collect(), None, 1_000);
+    keep(&mut stored, &effects);
+    assert!(finished(&edge.tick(1_000 + LOST / 2)).is_empty(), "given up before the agent's own count ran out");
+    let done = finished(&edge.tick(1_000 + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")), "{done:?}");
+
+    // Back under the new value, then gone again: the new value is the agent's now.
+    let (mut edge, _) = Edge::restart(smaller, stored.into_values().collect(), None, 1_000);
+    let (sid, _) = rejoin(&mut edge, 1_001, &["held"], &[], 2);
+    assert_eq!(edge.job("held").unwrap().told_lost_after_ms, Some(LOST / 2));
+    edge.disconnect(1_002, &sid);
+    assert!(finished(&edge.tick(1_002 + LOST / 2 - 1)).is_empty());
+    assert_eq!(finished(&edge.tick(1_002 + LOST / 2)).len(), 1);
+}
