@@ -294,7 +294,7 @@ impl Unanswered {
 
     fn tell(&self) {
         if let Some(link) = &self.link {
-            link.carrying(Some(self.written.saturating_sub(self.read)));
+            link.carrying(Some(crate::link::Carrying { bytes: self.written.saturating_sub(self.read), allowance: self.allowance }));
         }
     }
 

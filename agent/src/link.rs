@@ -64,7 +64,7 @@ struct Current {
     /// from the edge" while the link carried a large result and the edge was there
     /// (rev34-4). Never a reason to start: a hop that reads and drops everything takes
     /// bytes as well as the edge does (rev30-1).
-    carrying: Option<u64>,
+    carrying: Option<Carrying>,
     /// Tests: the checks [`Link::start`] answers as it is before the link is cut off and
     /// nothing the edge proved is fresh ([`Link::away_at_check`]).
     #[cfg(test)]
@@ -105,9 +105,29 @@ pub enum GivenUp {
     /// `away` (`None`: never), longer than its `lost_after_ms` — after which it gives the
     /// job up. `carrying`: the bytes the connection, up at the deadline, had written that
     /// the edge was not known to have read ([`Link::carrying`]; `None`: no connection).
-    Away { away: Option<Duration>, lost_after_ms: u64, carrying: Option<u64> },
+    Away { away: Option<Duration>, lost_after_ms: u64, carrying: Option<Carrying> },
     /// The edge's welcome named the job: it ended it, or has it elsewhere.
     Named,
+}
+
+/// What the connection up wrote that the edge is not known to have read ([`Link::carrying`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Carrying {
+    pub bytes: u64,
+    /// The connection's allowance for an edge that read a beat to answer it (two
+    /// heartbeat intervals): silence up to it needs no bytes in flight to explain it.
+    pub allowance: Duration,
+}
+
+impl Carrying {
+    /// Whether these bytes could account for `away` of silence: at the slowest uplink
+    /// served ([`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]) they take at least `away`
+    /// less the allowance to go. rev35: two heartbeats (1.6 kB) in flight to an edge
+    /// frozen for seconds were told as "a large result or output, at the link's speed".
+    pub fn accounts_for(&self, away: Duration) -> bool {
+        let takes = Duration::from_millis(self.bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC);
+        self.bytes > 0 && takes >= away.saturating_sub(self.allowance)
+    }
 }
 
 /// A frame MACed with one connection's key, for [`Link::send`].
@@ -224,12 +244,12 @@ impl Link {
 
     /// What the connection up now wrote that the edge is not known to have read (`None`:
     /// the connection ended): told by the connection as it writes and as acks come.
-    pub fn carrying(&self, bytes: Option<u64>) {
-        self.lock().carrying = bytes;
+    pub fn carrying(&self, now: Option<Carrying>) {
+        self.lock().carrying = now;
     }
 
     /// [`Link::carrying`], as last told.
-    pub fn carried(&self) -> Option<u64> {
+    pub fn carried(&self) -> Option<Carrying> {
         self.lock().carrying
     }
 

@@ -6,7 +6,7 @@
 
 use crate::claude::{self, Ending, Session, Transcript};
 use crate::config::AgentConfig;
-use crate::link::{GivenUp, Start};
+use crate::link::{Carrying, GivenUp, Start};
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
 use crate::progress_clock::ProgressClock;
@@ -541,7 +541,7 @@ async fn start_rule(
         if held.is_none() {
             held = Some(looked);
             warn!(
-                job_id, agent_id = %ctx.cfg.agent_id, heard_ms = heard.map(|h| h.as_millis() as u64), lost_after_ms, carrying_bytes = ctx.link.carried(),
+                job_id, agent_id = %ctx.cfg.agent_id, heard_ms = heard.map(|h| h.as_millis() as u64), lost_after_ms, carrying_bytes = ctx.link.carried().map(|c| c.bytes),
                 "job held before its start: nothing the edge proved is younger than its LOST_AFTER_MS, so it may have given the job up; it starts once the edge answers a heartbeat written from now, and ends not started at its deadline"
             );
         }
@@ -569,8 +569,8 @@ fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenU
         }
         GivenUp::Away { away, lost_after_ms, carrying } => {
             let away_ms = away.map(|a| a.as_millis() as u64);
-            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, carrying_bytes = carrying, "job not started: held at its start until its deadline (nothing the edge proved was younger than LOST_AFTER_MS)");
-            away_words(away_ms, lost_after_ms, carrying)
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, carrying_bytes = carrying.map(|c| c.bytes), "job not started: held at its start until its deadline (nothing the edge proved was younger than LOST_AFTER_MS)");
+            away_words(away, lost_after_ms, carrying)
         }
     };
     // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
@@ -582,16 +582,24 @@ fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenU
 /// (rev34-4): a large result on a slow but healthy link holds every answer of the edge's
 /// behind it — a frame is whole, so no heartbeat goes inside it — and the edge, reading
 /// it, was there. The agent cannot tell that edge from a hop that reads and drops (rev30-1),
-/// so the job still does not start; its words say which it was not known to be.
-fn away_words(away_ms: Option<u64>, lost_after_ms: u64, carrying: Option<u64>) -> String {
-    let heard = away_ms.map_or("nothing the edge proved".to_string(), |ms| format!("the last frame the edge proved it read was written {ms} ms before"));
+/// so the job still does not start; its words say which it was not known to be. Those
+/// words only when the bytes could account for the silence ([`Carrying::accounts_for`]):
+/// a frozen edge behind an open connection, two heartbeats unanswered, was told as a
+/// large upload (rev35); it is told as silence, the connection still open.
+fn away_words(away: Option<Duration>, lost_after_ms: u64, carrying: Option<Carrying>) -> String {
+    let heard = away.map_or("nothing the edge proved".to_string(), |a| format!("the last frame the edge proved it read was written {} ms before", a.as_millis()));
     match carrying {
-        Some(bytes) if bytes > 0 => format!(
-            "not started: the connection to the edge was up, but carrying {bytes} bytes this agent had written (a large result or output, at the link's speed) \
+        Some(c) if away.is_some_and(|a| c.accounts_for(a)) => format!(
+            "not started: the connection to the edge was up, but carrying {} bytes this agent had written (a large result or output, at the link's speed) \
              that the edge had not confirmed reading, and no answer of the edge's can come back ahead of them: nothing proved within the {lost_after_ms} ms \
              (LOST_AFTER_MS) after which the edge gives a job up that it still held this one ({heard}), so its start was held until its deadline. \
              The edge was not known gone. Run it again; a timeout_ms longer than the upload ahead of it lets such a job wait it out and start \
-             (a faster uplink, or a longer LOST_AFTER_MS on the edge, makes the hold rarer)"
+             (a faster uplink, or a longer LOST_AFTER_MS on the edge, makes the hold rarer)",
+            c.bytes
+        ),
+        Some(Carrying { bytes, .. }) if bytes > 0 => format!(
+            "not started: this agent heard nothing from the edge in the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives a job up, and held the job's start until its deadline ({heard}; \
+             the connection was still open, the {bytes} bytes written on it unanswered, too few to account for the silence at the slowest uplink served); run it again"
         ),
         _ => format!(
             "not started: this agent heard nothing from the edge in the {lost_after_ms} ms (LOST_AFTER_MS) after which the edge gives a job up, and held the job's start until its deadline ({heard}); run it again"
@@ -931,13 +939,32 @@ mod tests {
     /// the agent heard nothing from the edge; cut off (no connection), it says that.
     #[test]
     fn a_start_held_behind_bytes_in_flight_says_so() {
-        let busy = away_words(Some(12_590), 3_000, Some(1_000_000));
+        let ms = Duration::from_millis;
+        let result = Some(Carrying { bytes: 1_000_000, allowance: ms(2_000) });
+        let busy = away_words(Some(ms(12_590)), 3_000, result);
         assert!(busy.contains("carrying 1000000 bytes") && busy.contains("The edge was not known gone") && !busy.contains("heard nothing"), "{busy}");
         assert!(busy.contains("written 12590 ms before") && busy.contains("(LOST_AFTER_MS)") && busy.contains("Run it again"), "{busy}");
-        for cut in [None, Some(0)] {
+        for cut in [None, Some(Carrying { bytes: 0, allowance: ms(2_000) })] {
             let said = away_words(None, 3_000, cut);
             assert!(said.starts_with("not started: this agent heard nothing from the edge in the 3000 ms") && said.ends_with("run it again"), "{said}");
         }
+    }
+
+    /// rev35: the edge frozen (its host keeps the connection and takes the agent's bytes),
+    /// two heartbeats in flight (801 bytes each) and nothing heard for 2.8 s, with beats a
+    /// second apart: those bytes go in 0.1 s at the slowest uplink served, and cannot be
+    /// why nothing came back. Told as silence, the connection still open; not a large
+    /// result, nor "a longer timeout_ms waits it out".
+    #[test]
+    fn a_start_held_behind_a_few_heartbeats_is_told_as_silence() {
+        let ms = Duration::from_millis;
+        let beats = Some(Carrying { bytes: 1_652, allowance: ms(2_000) });
+        let said = away_words(Some(ms(2_777)), 2_000, beats);
+        assert!(said.starts_with("not started: this agent heard nothing from the edge in the 2000 ms") && said.ends_with("run it again"), "{said}");
+        assert!(said.contains("connection was still open") && said.contains("1652 bytes") && !said.contains("large result") && !said.contains("timeout_ms"), "{said}");
+        // Just within what the bytes take (2000 ms + 1652 B at 16 KiB/s = 100 ms): they may be why.
+        assert!(away_words(Some(ms(2_100)), 2_000, beats).contains("carrying 1652 bytes"));
+        assert!(!away_words(Some(ms(2_101)), 2_000, beats).contains("carrying 1652 bytes"));
     }
 
     #[test]
