@@ -337,6 +337,73 @@ async fn a_job_held_behind_a_large_result_on_a_healthy_link_says_what_the_link_c
     assert!(!agent.log().contains("connection to the edge lost"), "the link was healthy throughout:\n{}", logs());
 }
 
+/// Hostile review rev35: the edge frozen (SIGSTOP: its host keeps the TCP connection and
+/// takes the agent's bytes, nobody reads them) just after it answered a beat, while a job
+/// waits at the login's refresh gate; the gate opens 2.05 s later, past LOST_AFTER_MS, and
+/// the job's deadline falls before the agent's silence bound. Its start is held until its
+/// deadline with two heartbeats (801 bytes each) in flight: 0.1 s of bytes at the slowest
+/// uplink served, no reason for seconds of silence. It said "the connection to the edge
+/// was up, but carrying 1652 bytes … (a large result or output …) … a timeout_ms longer
+/// than the upload lets such a job wait it out": untrue. It says the agent heard nothing,
+/// the connection still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_held_while_the_edge_is_frozen_is_told_as_silence_not_a_large_result() {
+    async fn until(at: Instant) {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+    }
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000"), ("LOST_AFTER_MS", "2000")]);
+    let proxy = Proxy::start(edge.port).await;
+    let opts = AgentOpts { edge_ws: format!("ws://127.0.0.1:{}", proxy.port()), ..AgentOpts::for_edge(&edge, "spark") };
+    let agent = AgentProc::start(opts.env("CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let client = Client::new(&edge.url());
+    let config = agent.data.path().join("claude-config");
+    let other = stale_login_with_the_refresh_held(&config).await;
+    agent_connected(&client).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The agent's beats, as bytes going up: their phase.
+    let mut last_beat = None;
+    let mut last = proxy.taken(Direction::Up);
+    let watch_until = Instant::now() + Duration::from_millis(3_200);
+    while Instant::now() < watch_until {
+        let now = proxy.taken(Direction::Up);
+        if now != last {
+            (last_beat, last) = (Some(Instant::now()), now);
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let b = last_beat.expect("no heartbeat went up in 3.2 s");
+    // Submitted so that the job's deadline (8 s on) falls 2.75 s after a beat.
+    let mut s = b + Duration::from_millis(750);
+    while s < Instant::now() + Duration::from_millis(100) {
+        s += Duration::from_secs(1);
+    }
+    until(s).await;
+    let a = client.submit(json!({"prompt": "rev35 held", "timeout_ms": 8000})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let t = s + Duration::from_millis(5_250);
+    let gate = "another process lets a Claude refresh this login";
+    assert!(eventually(Duration::from_secs(4), || agent.log().contains(gate)).await, "never waited at the gate:\n{}", agent.log());
+    // Beat t answered, then the edge freezes: its host still takes the agent's bytes.
+    until(t + Duration::from_millis(150)).await;
+    let pid = edge.pid().expect("edge pid") as i32;
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    until(t + Duration::from_millis(2_050)).await;
+    open_the_refresh_gate(&config, other);
+    let held = "job not started: held at its start until its deadline";
+    let seen = eventually(Duration::from_secs(10), || agent.log().contains(held)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(seen, "never held to its deadline:\n{}", agent.log());
+    let job = client.wait_job(a.body["job_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let said = job["result"]["error"].as_str().unwrap_or_default();
+    assert_eq!((&job["state"], &job["result"]["error_code"]), (&json!("lost"), &json!("RUNNER_LOST")), "{job}\n{}", agent.log());
+    assert!(!said.contains("carrying") && !said.contains("large result") && !said.contains("timeout_ms"), "a frozen edge told as a link carrying a large result: {said}");
+    assert!(said.contains("heard nothing from the edge") && said.contains("connection was still open"), "{said}");
+    assert!(!agent.claude_runs().iter().any(|r| r["prompt"] == "rev35 held"), "the held job started");
+}
+
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
 /// it is lost; once the edge is back the next job must run, not wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
