@@ -181,7 +181,9 @@ pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abor
     if let Some(at_least) = unread.filter(|_| pushing) {
         unpushable.get_or_insert(too_much(at_least));
     }
-    let tree = index.write_tree().map_err(|e| git(action, &e))?;
+    // Trees are loose objects too past what is kept in memory: each entry's mode, name and id.
+    let trees: usize = index.iter().map(|e| e.path.len() + 32).sum();
+    let tree = index.write_tree().map_err(|e| super::error::wrote(&repo.path().join("objects"), action, &e, "the job's changes", staging::loose_object_bytes(trees), "their trees need"))?;
     Ok(Staged { repo, base, tree, fs, unpushable, cut: unread.is_some() })
 }
 
@@ -370,7 +372,8 @@ impl Staged {
         }
         let tree = self.repo.find_tree(self.tree).map_err(err)?;
         let sig = Signature::now(author_name, author_email).map_err(err)?;
-        self.repo.commit(None, &sig, &sig, message, &tree, &[&parent]).map(Some).map_err(err)
+        let needs = staging::loose_object_bytes(message.len() + 2 * (author_name.len() + author_email.len()) + 256);
+        self.repo.commit(None, &sig, &sig, message, &tree, &[&parent]).map(Some).map_err(|e| super::error::wrote(&self.repo.path().join("objects"), action, &e, "the job's commit", needs, "the commit needs"))
     }
 
     /// Pushes `commit` to `branch` of `url`: never to `default_branch`, never over a

@@ -301,6 +301,18 @@ pub fn unsaid(dir: &std::path::Path, action: &'static str, writing: &str, needs:
     }
 }
 
+/// A local libgit2 step that wrote into the repository at `dir` (its `.git` folder) and
+/// failed: [`unsaid`] when libgit2 said nothing (a loose object's write refused by a full
+/// disk comes back from libgit2 1.9 as "no error", of no class: rev35, a push's hand-back
+/// past what staging keeps in memory told "could not collect the job's changes: no
+/// error"), else [`git`].
+pub fn wrote(dir: &std::path::Path, action: &'static str, e: &git2::Error, writing: &str, needs: u64, what: &str) -> RepoError {
+    match e.class() {
+        ErrorClass::None => unsaid(dir, action, writing, needs, what),
+        _ => git(action, e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

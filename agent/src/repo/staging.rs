@@ -306,10 +306,10 @@ impl Plan {
             match step {
                 Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable, &mut reading)? {
                     Read::File { mode, bytes } => {
-                        put(index, &path, mode, &bytes, held)?;
+                        put(repo, index, &path, mode, &bytes, held)?;
                         raw.push((path, mode, bytes, held));
                     }
-                    other => other.put(index, &path, held)?,
+                    other => other.put(repo, index, &path, held)?,
                 },
                 Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
                 Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
@@ -318,7 +318,7 @@ impl Plan {
         for (path, mode, bytes, held) in raw {
             let clean = cleaned(repo, &path, bytes.clone()).map_err(err)?;
             if clean != bytes {
-                put(index, &path, mode, &clean, held)?;
+                put(repo, index, &path, mode, &clean, held)?;
             }
         }
         for (path, step) in others {
@@ -327,8 +327,8 @@ impl Plan {
                 Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
                 Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
                 Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable, &mut reading)? {
-                    Read::File { mode, bytes } => put(index, &path, mode, &cleaned(repo, &path, bytes).map_err(err)?, held)?,
-                    other => other.put(index, &path, held)?,
+                    Read::File { mode, bytes } => put(repo, index, &path, mode, &cleaned(repo, &path, bytes).map_err(err)?, held)?,
+                    other => other.put(repo, index, &path, held)?,
                 },
             }
         }
@@ -367,11 +367,11 @@ enum Read {
 
 impl Read {
     /// Puts what was read (not a [`Read::File`], which has its conversions first) in the index.
-    fn put(self, index: &mut Index, path: &[u8], held: Option<Held>) -> Result<(), RepoError> {
+    fn put(self, repo: &Repository, index: &mut Index, path: &[u8], held: Option<Held>) -> Result<(), RepoError> {
         match self {
             Read::Gone => index.remove_path(as_path(path)).map_err(|e| super::error::git(ACTION, &e)),
             Read::Unchanged => Ok(()),
-            Read::File { mode, bytes } | Read::Blob { mode, blob: bytes } => put(index, path, mode, &bytes, held),
+            Read::File { mode, bytes } | Read::Blob { mode, blob: bytes } => put(repo, index, path, mode, &bytes, held),
         }
     }
 }
@@ -448,16 +448,28 @@ fn link(path: &[u8], target: Vec<u8>) -> Result<Read, RepoError> {
     Ok(Read::Blob { mode: LINK, blob: target })
 }
 
-/// Puts `blob` in the index at `path` with `mode`; a tracked file read unchanged keeps its
-/// entry (and its stat data).
-fn put(index: &mut Index, path: &[u8], mode: u32, blob: &[u8], held: Option<Held>) -> Result<(), RepoError> {
+/// Puts `blob` in the index at `path` with `mode`, and in `repo`'s object store; a tracked
+/// file read unchanged keeps its entry (and its stat data). Past what staging keeps in
+/// memory (`changes::IN_MEMORY_MAX_BYTES`) the blob is a loose object on the checkout's
+/// disk, and libgit2 says nothing of a write a full disk refused: the disk is asked
+/// ([`super::error::wrote`]).
+fn put(repo: &Repository, index: &mut Index, path: &[u8], mode: u32, blob: &[u8], held: Option<Held>) -> Result<(), RepoError> {
     let err = |e: git2::Error| super::error::git(ACTION, &e);
     if let Some(held) = held.filter(|h| h.tracked && h.mode == mode) {
         if Oid::hash_object(ObjectType::Blob, blob).map_err(err)? == held.id {
             return Ok(());
         }
     }
-    index.add_frombuffer(&entry(path.to_vec(), mode, Oid::ZERO_SHA1, blob.len() as u32), blob).map_err(err)
+    index
+        .add_frombuffer(&entry(path.to_vec(), mode, Oid::ZERO_SHA1, blob.len() as u32), blob)
+        .map_err(|e| super::error::wrote(&repo.path().join("objects"), ACTION, &e, "the job's changes", loose_object_bytes(blob.len()), "a file staged needs"))
+}
+
+/// At most what `bytes` take as a loose object: zlib's worst case (its stored blocks, 5
+/// bytes a 16 KiB) and the object's header.
+pub(super) fn loose_object_bytes(bytes: usize) -> u64 {
+    let bytes = bytes as u64;
+    bytes.saturating_add(bytes / 16_384 * 5).saturating_add(64)
 }
 
 /// An index entry of `path`, without stat data (git reads none of a blob added from

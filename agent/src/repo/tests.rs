@@ -3196,3 +3196,57 @@ async fn fetches_over_many_packs() {
         );
     }
 }
+
+/// rev35: a push past what staging keeps in memory (`IN_MEMORY_MAX_BYTES`, 64 MiB) writes
+/// its blobs as loose objects into the checkout's object store, and libgit2 1.9 says
+/// nothing of such a write a full disk refused (class None, "no error"): the hand-back
+/// failed "could not collect the job's changes: no error". The disk holding the objects is
+/// asked, as a checkout and a fetch do, and a full one is told so. The object store is a
+/// tmpfs of 1 MiB in a mount namespace of this thread's own (root: CAP_SYS_ADMIN), gone
+/// with it.
+#[tokio::test]
+async fn a_full_disk_while_staging_a_large_push_is_told_as_a_full_disk() {
+    let tmp = TempDir::new("stage-full-disk");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir(co.dir.join("out")).unwrap();
+    let (files, each) = (17, 4 << 20);
+    for i in 0..files {
+        std::fs::write(co.dir.join(format!("out/{i:02}.bin")), random_bytes(i as u64 + 11, each)).unwrap();
+    }
+    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
+    let staged = std::thread::spawn(move || {
+        let objects = dir.join(".git/objects");
+        let kept = dir.join(".git/objects-kept");
+        // SAFETY: unshare and mount with NUL-terminated strings; this thread alone moves to
+        // the new namespace (CLONE_NEWNS unshares its file system information too).
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                eprintln!("skipped: no mount namespace of its own ({}): run as root", std::io::Error::last_os_error());
+                return None;
+            }
+            let private = libc::mount(c"none".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null());
+            assert_eq!(private, 0, "{}", std::io::Error::last_os_error());
+        }
+        std::fs::rename(&objects, &kept).unwrap();
+        std::fs::create_dir(&objects).unwrap();
+        let target = std::ffi::CString::new(objects.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: as above.
+        let mounted = unsafe { libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=1m".as_ptr().cast()) };
+        assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
+        // A child forked from this thread shares its mount namespace.
+        let copied = std::process::Command::new("cp").arg("-a").arg(kept.join(".")).arg(&objects).status().unwrap();
+        assert!(copied.success());
+        let staged = changes::stage_for(&dir, base, fs, true, &AtomicBool::new(false)).map(drop);
+        // SAFETY: as above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        Some(staged)
+    })
+    .join()
+    .unwrap();
+    let Some(staged) = staged else { return };
+    let e = staged.expect_err("staged 68 MiB into a 1 MiB object store");
+    let said = e.to_string();
+    assert!(matches!(e, RepoError::DiskFull { .. }), "{said}");
+    assert!(!said.contains("no error") && said.contains("without saying why") && said.contains("bytes free"), "{said}");
+}
