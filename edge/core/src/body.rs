@@ -184,6 +184,9 @@ pub enum Past {
     /// Its pool's own part of the process's bodies ([`Bound::own_part`]), the other pools
     /// holding or keeping the rest.
     Part,
+    /// Within its pool's own part, the bound the pools share: another pool holds a body
+    /// let in alone larger than the room its part leaves ([`crate::http::PastShare::within`]).
+    Beside,
 }
 
 /// What one body holds of the bodies in flight; given back when it is dropped (its body
@@ -290,8 +293,8 @@ impl Intake {
             .filter(|(p, _)| *p != pool)
             .map(|(p, n)| crate::http::OtherPool { holds: bytes(*n), bound: bytes(whole_of(p)) })
             .collect();
-        if crate::http::pool_past_its_share(bytes(ours), &others, bytes(wanted), bytes(bound.whole), bound.pools).is_some() {
-            return Err(crowded(Past::Part));
+        if let Some(past) = crate::http::pool_past_its_share(bytes(ours), &others, bytes(wanted), bytes(bound.whole), bound.pools) {
+            return Err(crowded(if past.within { Past::Beside } else { Past::Part }));
         }
         held.add(pool, holder, wanted);
         held.whole_by_pool.insert(pool.to_string(), bound.whole);
@@ -447,6 +450,24 @@ mod tests {
         let back = reserve("gpu", 1000).expect("gpu's own part, whatever team-b holds");
         drop((team, more, after, back));
         assert_eq!(IN_FLIGHT.bytes("team-b/callers"), (0, 0));
+    }
+
+    /// rev35-3: a body within its pool's own part is refused only while another pool's body
+    /// let in alone (nothing was held) is larger than the room its part leaves the others;
+    /// the pool is told that, not that it "would take this pool's bodies past its own part".
+    #[test]
+    fn a_body_within_its_part_refused_beside_one_let_in_alone_is_told_so() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let bound = Bound { whole: 4000, holders: 1, pools: 2 };
+        let reserve = |pool: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 4000, Some(declared), pool, pool, bound);
+        let alone = reserve("gpu", 3500).expect("alone, larger than the 3000 team-b's part leaves");
+        let crowded = reserve("team-b", 600).expect_err("the process would pass the whole");
+        assert_eq!((crowded.ours, crowded.past), (0, Past::Beside));
+        let said = crate::http::bodies_crowded(&crate::http::Holder::Pool, &crowded);
+        assert!(said.contains("within this pool's own part (1000) of MAX_PENDING_BYTES (4000)") && !said.contains("past its own part"), "{said}");
+        assert!(said.contains("another pool is sending a body larger") && said.contains("once that body has arrived") && !said.contains("3500"), "{said}");
+        drop(alone);
+        drop(reserve("team-b", 600).expect("gpu's body arrived"));
     }
 
     /// Pools of one process with values of their own (`MAX_PENDING_BYTES_GPU`): each still

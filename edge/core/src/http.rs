@@ -268,11 +268,12 @@ pub fn pool_past_its_share(ours: u64, others: &[OtherPool], new: u64, bound: u64
     let unfilled = kept.saturating_sub(others.iter().map(|other| other.holds.min(own)).fold(0, u64::saturating_add));
     let past = held.saturating_add(new);
     // Within its own part a pool always has room — but for a job let in alone past the rest.
-    let fits = match ours.saturating_add(new) <= own {
+    let within = ours.saturating_add(new) <= own;
+    let fits = match within {
         true => past <= others.iter().map(|other| other.bound).fold(bound, u64::max),
         false => past <= bound && past.saturating_add(unfilled) <= bound,
     };
-    (!fits).then_some(PastShare { own, unfilled })
+    (!fits).then_some(PastShare { own, unfilled, within })
 }
 
 /// A pool's own part of a bound its process shares among `pools` ([`pool_past_its_share`]):
@@ -292,6 +293,11 @@ pub struct PastShare {
     pub own: u64,
     /// What the other pools have not filled of their own parts, kept for them.
     pub unfilled: u64,
+    /// The pool was within its own part with the new bytes: refused only because another
+    /// pool holds a job (a body) let in alone, when nothing was held, larger than the room
+    /// the others' parts leave it — the process would pass the bound the pools share. It
+    /// is told so, not that it would pass its own part (rev35-3).
+    pub within: bool,
 }
 
 /// How a caller with its own secret is told the bound it met, its [`equal_share`] of `of`
@@ -471,7 +477,7 @@ pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Optio
 /// own bodies' bytes alone (as the jobs' 429s since review rev27, 4) and its share in
 /// words ([`named_share`]), the pool's callers (its holder is the pool's operator) the
 /// pool's; never the other pools'.
-fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
+pub(crate) fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
     let Crowded { wanted, mine, ours, past, bound } = crowded;
     let whole = bound.whole;
     let own = format!("the request bodies of {holder} being read hold {mine} bytes of this edge's memory");
@@ -487,6 +493,14 @@ fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
     match past {
         Past::Share => format!("{own}, and this one's {wanted} more would pass {share}; finish or close the uploads it leaves unfinished and send this again"),
         Past::Whole => format!("{held}, and this one's {wanted} more would take this pool's bodies past MAX_PENDING_BYTES ({whole}), which bounds them together; {again}"),
+        Past::Beside => format!(
+            "{held}, and this one's {wanted} more is within this pool's own part ({}) of MAX_PENDING_BYTES ({whole}), but would take the bodies \
+             of the {} pools this edge reads in one memory (a Worker isolate's) past the bound they share: another pool is sending a body \
+             larger than the room its own part leaves the others (let in alone, as one always is when nothing is held); send this again \
+             once that body has arrived",
+            bound.own_part(),
+            bound.pools
+        ),
         Past::Part => format!(
             "{held}, and this one's {wanted} more would take this pool's bodies past its own part ({}) of MAX_PENDING_BYTES ({whole}), which \
              bounds the bodies of the {} pools this edge reads in one memory (a Worker isolate's) together, while the other pools \

@@ -246,6 +246,18 @@ impl Edge {
                 "" => format!("this pool's jobs not ended yet hold {all} bytes of tasks"),
                 _ => format!("caller `{owner}`'s jobs not ended yet hold {} bytes of tasks", self.pending.bytes_of(owner)),
             };
+            if past.within {
+                return Some(ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "{held}, and this one {bytes} more is within this pool's own part ({}) of MAX_PENDING_BYTES ({cap}), but would take \
+                         the jobs of the {pools} pools this edge serves from one memory (a Worker isolate's) past the bound they share: another \
+                         pool holds a job larger than the room its own part leaves the others (let in alone, as a job always is when none is \
+                         pending); retry when that job has ended, or run the task elsewhere",
+                        past.own
+                    ),
+                ));
+            }
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(

@@ -367,6 +367,27 @@ fn a_job_larger_than_the_others_leave_fits_alone() {
     assert!(http::pool_past_its_share(100, &[], 9_000, 10_000, 2).is_some(), "not alone");
 }
 
+/// rev35-3: a pool within its own part is refused only while another pool holds a job
+/// let in alone (nothing was pending) larger than the room its part leaves the others: the
+/// process would pass the bound the pools share. It was told this one "would take this
+/// pool past its own part", untrue (team-b held nothing); it is told it is within its
+/// part, what holds the rest, and to retry when that job has ended.
+#[test]
+fn a_pool_within_its_part_refused_beside_a_job_let_in_alone_is_told_so() {
+    let mut gpu = Edge::new(pool("gpu"), 0);
+    let mut team = Edge::new(pool("team-b"), 0);
+    let big = queued(&mut gpu, 1, task(8_000));
+    assert!(gpu.job(&big).unwrap().approximate_bytes() > 7_500, "larger than the room team-b's part (2500) leaves");
+    let h = call(&mut team, 2, "POST", "/jobs", task(1_000));
+    assert_refused(&h, "within this pool's own part (2500) of MAX_PENDING_BYTES (10000)");
+    let error = answer_to(&h.effects, h.caller).unwrap().1["error"].as_str().unwrap().to_string();
+    assert!(!error.contains("past its own part") && error.contains("this pool's jobs not ended yet hold 0 bytes"), "{error}");
+    assert!(error.contains("another pool holds a job larger") && error.contains("retry when that job has ended") && error.contains("2 pools"), "{error}");
+    assert!(!error.contains("8512") && !error.contains("8000"), "gpu's bytes are gpu's: {error}");
+    gpu.cancel(3, &big).unwrap();
+    queued(&mut team, 4, task(1_000));
+}
+
 /// Two pools whose machines go on handling events (an agent's heartbeats, ticks) are
 /// counted together for as long as they do, however long that is.
 #[test]
