@@ -72,6 +72,19 @@ impl FakeEdge {
         Message::Text(EdgeMessage::heartbeat_ack(beat.seq, now(), &self.link().edge_to_agent).to_text().into())
     }
 
+    /// The agent's next frame on `ws` (within a minute; the connection ending fails the
+    /// test with the agent's log), a heartbeat answered as the edge answers it first.
+    async fn next_answering_beats(&self, ws: &mut Ws, agent: &AgentProc) -> Result<AgentMessage, serde_json::Error> {
+        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
+        let message = serde_json::from_str::<AgentMessage>(&text);
+        if let Ok(AgentMessage::Heartbeat { envelope }) = &message {
+            let beat: Beat = envelope.open(Domain::Heartbeat, &self.link().agent_to_edge).unwrap();
+            ws.send(self.ack(&beat)).await.unwrap();
+        }
+        message
+    }
+
     /// Takes the agent's connections and closes them at once, for `wait`: no edge answers
     /// at its URL.
     async fn refuse_for(&self, wait: Duration) {
@@ -1477,12 +1490,7 @@ async fn frames_a_hop_makes_up_neither_keep_the_agent_connected_nor_start_a_job_
     // The edge answers every beat until the job waits at the gate.
     let waits = || agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains("held"));
     while !waits() {
-        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
-        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
-        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
-            let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
-            ws.send(edge.ack(&beat)).await.unwrap();
-        }
+        let _ = edge.next_answering_beats(&mut ws, &agent).await;
     }
     // The hop cuts the edge off: nothing answers the agent's beats, and junk comes twice a
     // second.
@@ -1572,12 +1580,7 @@ async fn back_after_a_blip_the_agent_starts_the_jobs_the_welcome_does_not_name_a
     // The edge answers every beat until both wait at the gate.
     let waits = |id: &str| agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains(id));
     while !(waits("kept") && waits("gone")) {
-        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
-        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
-        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
-            let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
-            ws.send(edge.ack(&beat)).await.unwrap();
-        }
+        let _ = edge.next_answering_beats(&mut ws, &agent).await;
     }
     // The link goes; no edge answers for longer than LOST_AFTER_MS by the agent's count.
     drop(ws);
@@ -1597,18 +1600,9 @@ async fn back_after_a_blip_the_agent_starts_the_jobs_the_welcome_does_not_name_a
     other.wait().unwrap();
     let mut results = std::collections::HashMap::new();
     while results.len() < 2 {
-        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
-        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
-        match serde_json::from_str::<AgentMessage>(&text) {
-            Ok(AgentMessage::Heartbeat { envelope }) => {
-                let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
-                ws.send(edge.ack(&beat)).await.unwrap();
-            }
-            Ok(AgentMessage::Result { envelope }) => {
-                let report = edge.report(&envelope);
-                results.insert(report.job_id, report.result);
-            }
-            _ => {}
+        if let Ok(AgentMessage::Result { envelope }) = edge.next_answering_beats(&mut ws, &agent).await {
+            let report = edge.report(&envelope);
+            results.insert(report.job_id, report.result);
         }
     }
     let runs: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].to_string()).collect();
@@ -1643,15 +1637,8 @@ async fn a_hop_that_reads_everything_and_answers_nothing_does_not_keep_a_printin
     // The edge answers every beat until the job has printed a few times.
     let mut printed = 0;
     while printed < 3 {
-        let frame = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("a frame within 60 s");
-        let Some(Ok(Message::Text(text))) = frame else { panic!("the connection ended: {frame:?}\n{}", agent.log()) };
-        match serde_json::from_str::<AgentMessage>(&text) {
-            Ok(AgentMessage::Heartbeat { envelope }) => {
-                let beat: Beat = envelope.open(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
-                ws.send(edge.ack(&beat)).await.unwrap();
-            }
-            Ok(AgentMessage::Event { .. }) => printed += 1,
-            _ => {}
+        if let Ok(AgentMessage::Event { .. }) = edge.next_answering_beats(&mut ws, &agent).await {
+            printed += 1;
         }
     }
     // The hop cuts the edge off: it reads all the agent writes and answers nothing.
