@@ -217,7 +217,7 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration, sent: &mut U
 /// result at once, and on a slow uplink the heartbeats behind it — and so the edge's
 /// answers — come late by the time those bytes take to go; the edge counts the bytes
 /// arriving at that rate as the agent heard.
-fn for_bytes(limit: Duration, bytes: usize) -> Duration {
+pub(crate) fn for_bytes(limit: Duration, bytes: usize) -> Duration {
     let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
     limit.saturating_add(Duration::from_millis(bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC))
 }

@@ -120,13 +120,14 @@ pub struct Carrying {
 }
 
 impl Carrying {
-    /// Whether these bytes could account for `away` of silence: at the slowest uplink
-    /// served ([`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]) they take at least `away`
-    /// less the allowance to go. rev35: two heartbeats (1.6 kB) in flight to an edge
-    /// frozen for seconds were told as "a large result or output, at the link's speed".
+    /// Whether these bytes could account for `away` of silence: the allowance and their
+    /// time at the slowest uplink served ([`crate::connection::for_bytes`], the silence
+    /// bound's own measure) come to at least `away`. rev35: two heartbeats (1.6 kB) in
+    /// flight to an edge frozen for seconds were told as "a large result or output, at the
+    /// link's speed".
     pub fn accounts_for(&self, away: Duration) -> bool {
-        let takes = Duration::from_millis(self.bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC);
-        self.bytes > 0 && takes >= away.saturating_sub(self.allowance)
+        let bytes = usize::try_from(self.bytes).unwrap_or(usize::MAX);
+        self.bytes > 0 && crate::connection::for_bytes(self.allowance, bytes) >= away
     }
 }
 
