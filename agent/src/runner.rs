@@ -264,7 +264,9 @@ async fn run_in(
             }
         },
         Some(url) => {
-            let mut made_room = false;
+            // Rounds of room made from idle mirrors so far for the fetch and for the
+            // checkout (`Repos::make_room`): each step has its own.
+            let mut rounds = [0u32; 2];
             let (prepared, checked_out) = loop {
                 // A leftover of the same job (sent again), or of the try before, goes, as
                 // `workspace::prepare` removes one. (The try before's checkout has ended.)
@@ -285,17 +287,21 @@ async fn run_in(
                         }))
                     }
                 };
-                // Out of room: idle mirrors of other repositories go first, and the step is
-                // tried once more, before the job is refused or handed back for the room
-                // a cache took (rev28-5).
+                // Out of room: idle mirrors of other repositories go first, as many as the
+                // step is taken to need, and it is tried again (a fetch, whose need is an
+                // estimate, a bounded number of times), before the job is refused or handed
+                // back for the room a cache took (rev28-5).
                 match prepared {
-                    Err(Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. }))) if !made_room => {
-                        made_room = true;
-                        let evicted = ctx.repos.make_room(url, checking_out.load(Ordering::SeqCst), &e, &ctx.workspaces).await;
-                        if evicted == 0 {
-                            break (Err(Err(e)), checking_out.load(Ordering::SeqCst));
+                    Err(Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. }))) => {
+                        let step = checking_out.load(Ordering::SeqCst);
+                        let round = &mut rounds[usize::from(step)];
+                        *round += 1;
+                        let made = ctx.repos.make_room(url, step, &e, &ctx.workspaces, *round).await;
+                        if made.evicted == 0 {
+                            break (Err(Err(e)), step);
                         }
-                        info!(job_id, agent_id = %ctx.cfg.agent_id, evicted, "out of room for the repository: idle mirrors evicted, trying once more");
+                        let needs = made.needs.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+                        info!(job_id, agent_id = %ctx.cfg.agent_id, evicted = made.evicted, round = *round, needs, "out of room for the repository: idle mirrors evicted, trying once more");
                     }
                     prepared => break (prepared, checking_out.load(Ordering::SeqCst)),
                 }
@@ -441,14 +447,14 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// agent's want, else the repository's, and its error names the bytes needed and free.
 async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
-    let RepoError::DiskFull { detail, needed } = error else { return error };
+    let RepoError::DiskFull { detail, needed, fetch_needs } = error else { return error };
     // Measured only when the checkout's need is known (a fetch's is not).
     let free = match (takes_writes, needed) {
         (true, Some(_)) => workspace::disk_space(&ctx.workspaces).ok().map(|space| space.free),
         _ => None,
     };
     match full_disk_verdict(takes_writes, needed, free) {
-        FullDisk::Agents => RepoError::DiskFull { detail, needed },
+        FullDisk::Agents => RepoError::DiskFull { detail, needed, fetch_needs },
         FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail),
         FullDisk::Meanwhile => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free: free.unwrap_or_default() },
     }

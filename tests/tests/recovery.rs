@@ -1272,6 +1272,89 @@ async fn idle_mirrors_make_room_for_a_fetch_that_did_not_fit_beside_them() {
     assert!(log.contains("idle mirrors evicted, trying once more"), "{log}");
 }
 
+/// A repository `name` whose history holds `blobs` files of 256 KiB that do not compress
+/// (`seed` their first), gone from its tip: its mirror takes them all, its checkout none.
+fn seed_history(git: &harness::git_server::GitServer, name: &str, seed: u64, blobs: usize) {
+    // Seeds apart by two: `incompressible` sets the lowest bit, and 2k and 2k+1 are one.
+    let bodies: Vec<(String, Vec<u8>)> = (0..blobs).map(|i| (format!("history/{i}.bin"), incompressible(seed + 2 * i as u64, 256 << 10))).collect();
+    let mut files: Vec<(&str, &[u8])> = bodies.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    files.push(("README.md", b"# history\n"));
+    let repo = git.seed(name, &files);
+    repo.git(&["rm", "-r", "-q", "history"]);
+    repo.git(&["commit", "-q", "-m", "the history goes"]);
+    repo.git(&["push", "-q", "origin", "main"]);
+}
+
+/// The mirrors' folders in `DATA_DIR/repos` of the agent `pid` (its own mount namespace).
+fn mirror_folders(pid: u32, data: &std::path::Path) -> String {
+    let out = std::process::Command::new("nsenter").args(["-t", &pid.to_string(), "-m", "ls"]).arg(data.join("repos")).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closing note (session 42): a fetch that ran out of room evicted every idle mirror of
+/// other repositories at once (its need was not known), so one large fetch on a nearly
+/// full disk made every other repository's next job clone cold. Three idle mirrors of 4 MiB
+/// on a disk of 24 MiB, and a fetch of 13 MiB that fits once one of them is gone: only the
+/// least recently used goes, the fetch is tried again and the job runs, and the other two
+/// stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_out_of_room_evicts_only_the_oldest_idle_mirror_it_needs() {
+    let git = harness::git_server::GitServer::start(None);
+    let kept = ["first", "second", "third"];
+    for (i, repo) in kept.iter().enumerate() {
+        git.seed(repo, &[("README.md", b"# kept\n"), ("blob.bin", &incompressible(10 + 2 * i as u64, 4 << 20))]);
+    }
+    seed_history(&git, "large", 100, 52);
+    // 24 MiB: three mirrors (12), a checkout of 4 and a reserve of 1.2 fit; the three and
+    // the large one's 13 do not, two and it do.
+    let (_edge, agent, client) = agent_with_data_dir_on_small_disk(&git, "24m").await;
+    for repo in kept.iter().chain(["large"].iter()) {
+        let b = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url(repo), "timeout_ms": 60000})).await;
+        assert_eq!((b.status, b.body["success"].as_bool()), (200, Some(true)), "{repo}: {}\n{}", b.text, agent.log());
+    }
+    let log = agent.log();
+    let evicted: Vec<&str> = log.lines().filter(|l| l.contains("mirror evicted: a job's repository ran out of room")).collect();
+    assert_eq!(evicted.len(), 1, "{evicted:#?}");
+    assert!(evicted[0].contains("first"), "the least recently used went: {}", evicted[0]);
+    assert!(log.contains("idle mirrors evicted, trying once more"), "{log}");
+    let folders = mirror_folders(agent.pid().unwrap(), &agent.data.path().join("data"));
+    for repo in ["second", "third", "large"] {
+        assert!(folders.contains(repo), "{repo}'s mirror stays: {folders}");
+    }
+    assert!(!folders.contains("first"), "{folders}");
+}
+
+/// A fetch too large for the disk however many idle mirrors go ends as before: the idle
+/// mirrors went (the last try with every one of them gone), and the job ends REPO_ERROR
+/// saying the repository needs more free space than the disk has, not retryable; the
+/// agent goes on taking work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_too_big_for_the_disk_after_evicting_what_it_could_is_a_repo_error_saying_so() {
+    let git = harness::git_server::GitServer::start(None);
+    let kept = ["first", "second", "third"];
+    for (i, repo) in kept.iter().enumerate() {
+        git.seed(repo, &[("README.md", b"# kept\n"), ("blob.bin", &incompressible(20 + 2 * i as u64, 4 << 20))]);
+    }
+    seed_history(&git, "huge", 200, 120);
+    let (_edge, agent, client) = agent_with_data_dir_on_small_disk(&git, "24m").await;
+    for repo in kept {
+        let b = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url(repo), "timeout_ms": 60000})).await;
+        assert_eq!((b.status, b.body["success"].as_bool()), (200, Some(true)), "{repo}: {}\n{}", b.text, agent.log());
+    }
+    let answer = client.execute(json!({"prompt": "must not run", "repo_url": git.url("huge"), "timeout_ms": 120000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}\n{}", answer.text, agent.log());
+    let said = answer.body["error"].as_str().unwrap_or_default();
+    assert!(said.contains("needs more free space than the disk holding DATA_DIR has") && said.contains("its fetch filled that disk"), "{said}");
+    assert_eq!(answer.body["retryable"], false, "{}", answer.text);
+    let log = agent.log();
+    assert_eq!(log.matches("mirror evicted: a job's repository ran out of room").count(), 3, "{log}");
+    assert_eq!(agent.claude_runs().len(), 3, "the huge one's job did not run");
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (200, Some(true)), "{}", health.text);
+    let again = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url("first"), "timeout_ms": 60000})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, agent.log());
+}
+
 /// The write that says whether a job's want of disk is the agent's tried the workspaces'
 /// and the records' folders, not the mirrors': with `DATA_DIR/repos` on a full disk of its
 /// own, a repository's fetch failed there, the write took elsewhere, and the job ended

@@ -148,7 +148,7 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     // (`room`): what the checkout needs goes with it, for the verdict once it is removed
     // (`runner::full_disk`).
     let filled = |e: RepoError| match e {
-        RepoError::DiskFull { detail, .. } => RepoError::DiskFull { detail, needed: Some(measured.needed(space.block)) },
+        RepoError::DiskFull { detail, .. } => RepoError::DiskFull { detail, needed: Some(measured.needed(space.block)), fetch_needs: None },
         other => other,
     };
     let io = |e: std::io::Error| filled(local(action, e));

@@ -32,11 +32,16 @@ pub enum RepoError {
     Tls { url: String, detail: String },
     #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
     /// `needed`: the bytes a checkout that filled the disk was measured to need before it
-    /// was written (`checkout::Measured::needed`); none when a fetch filled it.
+    /// was written (`checkout::Measured::needed`); none when a fetch filled it. `fetch_needs`:
+    /// what a fetch that filled it is estimated to need from what it had received
+    /// (`layout::fetch_needs`, an estimate): the room made for its next try
+    /// (`Repos::make_room`), never the measure `needed` is (`runner::full_disk`).
     DiskFull {
         detail: String,
         #[serde(default)]
         needed: Option<u64>,
+        #[serde(default)]
+        fetch_needs: Option<u64>,
     },
     /// A full disk met by a job's fetch or checkout that had room again once what it wrote
     /// was removed (`runner::full_disk`): the repository itself does not fit. `lower` says
@@ -256,7 +261,7 @@ pub fn disk_full(message: &str) -> Option<RepoError> {
     crate::files::DISK_FULL_ERRNOS
         .iter()
         .any(|&errno| ends_in_os_words(&lower, errno))
-        .then(|| RepoError::DiskFull { detail: message.to_string(), needed: None })
+        .then(|| RepoError::DiskFull { detail: message.to_string(), needed: None, fetch_needs: None })
 }
 
 /// Text from outside (a git server's words, a path Claude chose) as one line.
@@ -295,6 +300,7 @@ pub fn unsaid(dir: &std::path::Path, action: &'static str, writing: &str, needs:
         Ok(space) if space.free < super::checkout::whole_blocks(needs, space.block).saturating_add(space.block) => RepoError::DiskFull {
             detail: format!("{why}, and the disk holding it has {} bytes free, less than {what} ({needs} bytes)", space.free),
             needed: None,
+            fetch_needs: None,
         },
         Ok(space) => local(action, format!("{why}, with {} bytes free on the disk holding it", space.free)),
         Err(e) => local(action, format!("{why}, and the disk holding it could not be asked for its free space ({e})")),

@@ -1,6 +1,7 @@
 //! The mirror cache's decisions, without I/O: the folder a repository's mirror lives in,
 //! which unused mirrors to remove when the cache is over `REPO_CACHE_MAX_BYTES` (or a job
-//! ran out of room), and which of a mirror's packs to combine when it holds too many.
+//! ran out of room, and how much room to make for it), and which of a mirror's packs to
+//! combine when it holds too many.
 
 use shared::Millis;
 
@@ -76,6 +77,73 @@ pub fn idle_oldest_first(mut mirrors: Vec<MirrorUse>, keep: &str) -> Vec<String>
     mirrors.into_iter().map(|m| m.folder).collect()
 }
 
+/// How much room to make from idle mirrors for a job's fetch or checkout that ran out of
+/// it (`super::Repos::make_room`), at one try of the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Until `bytes` fit the disk beside its reserve (`super::checkout::fits_with_reserve`);
+    /// `at_least_one`: one mirror goes even if they seem to fit already (a fetch's need is
+    /// an estimate, and the fetch filled the disk with what was free: nothing gone, the
+    /// next try would end the same).
+    Bytes { bytes: u64, at_least_one: bool },
+    /// Every idle mirror: the need is not known, or the estimates did not hold.
+    All,
+}
+
+/// Tries a job's fetch gets after running out of room, each once idle mirrors made more
+/// ([`room_to_make`]): the first two for what its failure says it needs (a mirror each at
+/// least), the last with every idle mirror gone. A fetch is tried again from nothing (its partial pack was
+/// removed), so tries cost a download each: bounded, and the last settles that the
+/// repository does not fit (`runner::full_disk`).
+pub const FETCH_ROOM_TRIES: u32 = 3;
+
+/// The room to make for the `round`th time (1 the first) a job's fetch (`checking_out`
+/// false) or checkout ran out of it, its failure having said it `needs` bytes (a checkout's
+/// measured need; a fetch's estimate, [`fetch_needs`]); None when no more room is made and
+/// the failure is judged. A checkout's need is measured, so it gets one round; a fetch's
+/// is an estimate from what it received before the disk was full, and gets
+/// [`FETCH_ROOM_TRIES`]. Before, a fetch (need unknown) emptied the whole cache at once:
+/// one large fetch on a nearly full disk made every other repository's next job clone cold.
+pub fn room_to_make(checking_out: bool, needs: Option<u64>, round: u32) -> Option<Room> {
+    if checking_out {
+        return match (round, needs) {
+            (1, Some(bytes)) => Some(Room::Bytes { bytes, at_least_one: false }),
+            (1, None) => Some(Room::All),
+            _ => None,
+        };
+    }
+    match round {
+        0 => None,
+        // Its need not known (the disk was full before the pack came): a mirror a round.
+        round if round < FETCH_ROOM_TRIES => Some(Room::Bytes { bytes: needs.unwrap_or(0), at_least_one: true }),
+        FETCH_ROOM_TRIES => Some(Room::All),
+        _ => None,
+    }
+}
+
+/// The bytes of a pack's index (`.idx`, version 2) for `objects` objects of SHA-1 ids (the
+/// mirrors'): a header, a fan-out table, each object's id, checksum and offset, and the
+/// pack's and its own checksums (offsets past 2 GiB take 8 more each, left out).
+pub fn pack_index_bytes(objects: u64) -> u64 {
+    objects.saturating_mul(20 + 4 + 4).saturating_add(8 + 256 * 4 + 2 * 20)
+}
+
+/// What a fetch that ran out of room is taken to need, from how far it got: `received`
+/// bytes of a pack of `objects` objects, `objects_received` of them whole. The pack's size
+/// is not known before it has all arrived (a server announces only its count of objects),
+/// so the bytes so far are scaled to the objects announced, never below what arrived, and
+/// its index is added. Only an estimate (an object is as large as it likes, the last ones
+/// too): room is made for it, the fetch tried again, and a further failure, having got
+/// further, estimates again ([`room_to_make`]).
+pub fn fetch_needs(received: u64, objects_received: u64, objects: u64) -> u64 {
+    let pack = match objects_received {
+        0 => received,
+        whole if whole >= objects => received,
+        whole => u64::try_from(u128::from(received) * u128::from(objects) / u128::from(whole)).unwrap_or(u64::MAX),
+    };
+    pack.max(received).saturating_add(pack_index_bytes(objects))
+}
+
 /// Packs a mirror may hold before it is repacked (`mirror::MirrorCache::repack`). Each fetch
 /// that brings something adds one, and libgit2 looks in every pack for each object it
 /// reads: 402 packs after 200 fetches made a fetch that found nothing new take 88 ms
@@ -147,6 +215,37 @@ mod tests {
         assert_eq!(packs_to_combine(&packs(&[10, 6, 5, 1]), 4).len(), 4);
         // Never one alone.
         assert!(packs_to_combine(&packs(&[5]), 0).is_empty());
+    }
+
+    #[test]
+    fn a_fetch_out_of_room_is_taken_to_need_its_pack_scaled_to_the_objects_announced() {
+        let index = |objects| pack_index_bytes(objects);
+        // Half the objects in 3 MiB: about 6.
+        assert_eq!(fetch_needs(3 << 20, 50, 100), (6 << 20) + index(100));
+        // All arrived (the index's write filled the disk): what arrived and the index.
+        assert_eq!(fetch_needs(5 << 20, 100, 100), (5 << 20) + index(100));
+        // No object whole yet (a large first one): never below what arrived.
+        assert_eq!(fetch_needs(7 << 20, 0, 100), (7 << 20) + index(100));
+        // Hostile counts (a server announces what it likes) neither overflow nor shrink it.
+        assert_eq!(fetch_needs(u64::MAX, 1, u64::MAX), u64::MAX);
+        assert_eq!(fetch_needs(10, 5, 1), 10 + index(1));
+    }
+
+    #[test]
+    fn a_fetch_gets_rounds_of_room_for_its_estimate_then_all_a_checkout_one() {
+        // A checkout's need is measured: made once, and only as much.
+        assert_eq!(room_to_make(true, Some(9), 1), Some(Room::Bytes { bytes: 9, at_least_one: false }));
+        assert_eq!(room_to_make(true, Some(9), 2), None);
+        assert_eq!(room_to_make(true, None, 1), Some(Room::All));
+        // A fetch's is an estimate: at least one mirror a round, every idle one at the last.
+        assert_eq!(room_to_make(false, Some(9), 1), Some(Room::Bytes { bytes: 9, at_least_one: true }));
+        assert_eq!(room_to_make(false, Some(12), FETCH_ROOM_TRIES - 1), Some(Room::Bytes { bytes: 12, at_least_one: true }));
+        assert_eq!(room_to_make(false, Some(12), FETCH_ROOM_TRIES), Some(Room::All));
+        // Not known (full before the pack came): one mirror a round, then all.
+        assert_eq!(room_to_make(false, None, 1), Some(Room::Bytes { bytes: 0, at_least_one: true }));
+        assert_eq!(room_to_make(false, None, FETCH_ROOM_TRIES), Some(Room::All));
+        assert_eq!(room_to_make(false, Some(12), FETCH_ROOM_TRIES + 1), None);
+        assert_eq!(room_to_make(false, Some(12), 0), None);
     }
 
     #[test]

@@ -561,11 +561,11 @@ impl MirrorCache {
     }
 
     /// Removes the idle mirrors (no job holds one, none fetches it) other than the folder
-    /// `keep`, least recently used first, until `enough` says there is room: for a job
-    /// whose fetch or checkout of `keep`'s repository ran out of room on the disk holding
-    /// `on` (`runner`), before that is judged. None when the mirrors are on another disk.
-    /// Returns how many went.
-    pub fn evict_for_room(&self, keep: &str, on: &Path, enough: &dyn Fn() -> bool, now: shared::Millis) -> usize {
+    /// `keep`, least recently used first, until `enough` (asked with how many went so far)
+    /// says there is room: for a job whose fetch or checkout of `keep`'s repository ran out
+    /// of room on the disk holding `on` (`runner`), before that is judged. None when the
+    /// mirrors are on another disk. Returns how many went.
+    pub fn evict_for_room(&self, keep: &str, on: &Path, enough: &dyn Fn(usize) -> bool, now: shared::Millis) -> usize {
         use std::os::unix::fs::MetadataExt;
         let disk = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
         if disk(on).is_none() || disk(on) != disk(&self.root) {
@@ -575,7 +575,7 @@ impl MirrorCache {
         let _one = self.evicting.lock().expect("eviction");
         let mut evicted = 0;
         for folder in layout::idle_oldest_first(self.on_disk(now, false), keep) {
-            if enough() {
+            if enough(evicted) {
                 break;
             }
             if let Some(name) = self.remove_idle(&folder, now) {
@@ -984,6 +984,14 @@ impl Failed {
         let mirror = matches!(error, RepoError::Git { .. });
         Failed { error, mirror }
     }
+
+    /// A full disk met by a fetch estimated to need `needs` bytes (`layout::fetch_needs`).
+    fn needing(mut self, needs: Option<u64>) -> Failed {
+        if let RepoError::DiskFull { fetch_needs, .. } = &mut self.error {
+            *fetch_needs = needs;
+        }
+        self
+    }
 }
 
 /// A mirror's config file, as the agent leaves it: what `git init --bare` writes. libgit2
@@ -1184,13 +1192,6 @@ pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<Aut
     cb
 }
 
-/// The bytes of a pack's index (`.idx`, version 2) for `objects` objects of SHA-1 ids (the
-/// mirrors'): a header, a fan-out table, each object's id, checksum and offset, and the
-/// pack's and its own checksums (offsets past 2 GiB take 8 more each, left out).
-fn pack_index_bytes(objects: u64) -> u64 {
-    8 + 256 * 4 + objects.saturating_mul(20 + 4 + 4) + 2 * 20
-}
-
 /// Fetches every branch and tag of `source` into the mirror at `dir` (creating it, or
 /// anew when `remake`) from the refs of `known`, prunes what the server no longer has, and
 /// points the mirror's HEAD at the server's default branch. Returns what it found.
@@ -1255,21 +1256,24 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     // What the server sends is counted as it arrives: past the cap the fetch stops (a
     // server streaming a pack without end filled the disk within the job's timeout).
     let over = Cell::new(false);
-    // The pack's bytes and objects as they arrive: what its write and its index's need.
-    let received = Cell::new((0u64, 0u64));
-    let fail = |e: git2::Error| match e.class() {
-        _ if over.get() => RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes }.into(),
-        // libgit2 loses the error of a refused write of the pack's index (a buffered file):
-        // the disk is asked instead, never "no error".
-        ErrorClass::None => {
-            let (pack, objects) = received.get();
-            Failed::from(super::error::unsaid(dir, action, "the fetch", pack.saturating_add(pack_index_bytes(objects)), "its pack and the pack's index need"))
-        }
-        _ => fail(e),
+    // The pack's bytes, its whole objects and all its objects as they arrive: what its
+    // write and its index's need.
+    let received = Cell::new((0u64, 0u64, 0u64));
+    let fail = |e: git2::Error| {
+        let (pack, whole, objects) = received.get();
+        let failed = match e.class() {
+            _ if over.get() => RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes }.into(),
+            // libgit2 loses the error of a refused write of the pack's index (a buffered
+            // file): the disk is asked instead, never "no error".
+            ErrorClass::None => Failed::from(super::error::unsaid(dir, action, "the fetch", pack.saturating_add(layout::pack_index_bytes(objects)), "its pack and the pack's index need")),
+            _ => fail(e),
+        };
+        // Out of room with a pack under way: how far it got says what room to make.
+        failed.needing((objects > 0).then(|| layout::fetch_needs(pack, whole, objects)))
     };
     let mut cb = callbacks(source.token.as_ref(), &source.host, &auth, abort);
     cb.transfer_progress(|progress| {
-        received.set((progress.received_bytes() as u64, progress.total_objects() as u64));
+        received.set((progress.received_bytes() as u64, progress.received_objects() as u64, progress.total_objects() as u64));
         if progress.received_bytes() as u64 > source.max_bytes {
             over.set(true);
         }

@@ -53,6 +53,14 @@ pub struct CheckoutSignals {
     pub done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// What [`Repos::make_room`] did: how many idle mirrors went, for what need (bytes: a
+/// checkout's measured, a fetch's estimated; none known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MadeRoom {
+    pub evicted: usize,
+    pub needs: Option<u64>,
+}
+
 /// How long a hand-back given up at the job's end (plus its grace) is waited for before
 /// the job ends without knowing how its push ended. With the grace it ends within the
 /// edge's default margin (see `runner::FINISH_GRACE`): a push that landed later would
@@ -127,28 +135,40 @@ impl Repos {
     }
 
     /// Makes room for a job whose fetch (`checking_out` false) or checkout of `repo_url` ran
-    /// out of it (`error`, a [`RepoError::DiskFull`] or [`RepoError::NoRoom`]): idle
-    /// mirrors of other repositories on that disk go, least recently used first, until the
-    /// checkout would fit with its reserve (`checkout::fits_with_reserve`) — all of them
-    /// when its need is not known (a fetch's). Returns how many went: none, and trying again
-    /// would end the same. The mirrors are a cache, and a job refused (or an agent held
-    /// back) for the room they took was refused for nothing (rev28-5).
-    pub async fn make_room(&self, repo_url: &str, checking_out: bool, error: &RepoError, workspaces: &Path) -> usize {
-        let needed = match error {
-            RepoError::DiskFull { needed, .. } => *needed,
+    /// out of it (`error`, a [`RepoError::DiskFull`] or [`RepoError::NoRoom`]) for the
+    /// `round`th time: idle mirrors of other repositories on that disk go, least recently
+    /// used first, as much as [`layout::room_to_make`] says — until the checkout's measured
+    /// need fits with its reserve (`checkout::fits_with_reserve`); for a fetch, until what
+    /// it is estimated to need from how far it got does (`layout::fetch_needs`), at least
+    /// one mirror a round, every idle one at its last. Returns how many went (none: trying
+    /// again would end the same) and the need they went for. The mirrors are a cache, and a
+    /// job refused (or an agent held back) for the room they took was refused for nothing
+    /// (rev28-5); but the cache emptied for one large fetch made every other repository's
+    /// next job clone cold.
+    pub async fn make_room(&self, repo_url: &str, checking_out: bool, error: &RepoError, workspaces: &Path, round: u32) -> MadeRoom {
+        let none = MadeRoom { evicted: 0, needs: None };
+        let needs = match error {
+            RepoError::DiskFull { needed, .. } if checking_out => *needed,
+            RepoError::DiskFull { fetch_needs, .. } => *fetch_needs,
             // Short of files and folders, not bytes: the mirrors free few of those.
-            RepoError::NoRoom { needed: None, .. } => return 0,
+            RepoError::NoRoom { needed: None, .. } => return none,
             RepoError::NoRoom { needed, .. } => *needed,
-            _ => return 0,
+            _ => return none,
         };
+        let Some(room) = layout::room_to_make(checking_out, needs, round) else { return none };
         let keep = RepoUrl::parse(repo_url).map(|u| layout::folder(&u.name())).unwrap_or_default();
         let on = if checking_out { workspaces.to_path_buf() } else { self.cache.root().to_path_buf() };
         let cache = Arc::clone(&self.cache);
         let evicted = tokio::task::spawn_blocking(move || {
-            let enough = || needed.is_some_and(|needed| crate::workspace::disk_space(&on).is_ok_and(|space| checkout::fits_with_reserve(needed, space)));
+            let enough = |evicted: usize| match room {
+                layout::Room::All => false,
+                layout::Room::Bytes { bytes, at_least_one } => {
+                    (evicted > 0 || !at_least_one) && crate::workspace::disk_space(&on).is_ok_and(|space| checkout::fits_with_reserve(bytes, space))
+                }
+            };
             cache.evict_for_room(&keep, &on, &enough, crate::now_ms())
         });
-        evicted.await.unwrap_or(0)
+        MadeRoom { evicted: evicted.await.unwrap_or(0), needs }
     }
 
     /// Checks the host, brings the mirror up to date and makes the job's checkout in
