@@ -1272,6 +1272,46 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A job's deadline counts a suspend, as the edge's timeout does. Spark slept with Claude
+    /// running; the edge timed the job out `timeout_ms` (and its margin) of real time after
+    /// it sent it and told its caller TIMEOUT; on resume the deadline, on the monotonic
+    /// clock, lay the rest of the job's awake time ahead, and Claude ran on — its changes, a
+    /// push, landing long after the caller was told the job was over. Here the machine
+    /// sleeps past the deadline once Claude runs: the job ends TIMEOUT on resume, its Claude
+    /// stopped, within a fraction of its awake time (before the fix: all of it).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_job_whose_deadline_passed_in_a_suspend_times_out_on_resume() {
+        use crate::boot_clock::tests::Machine;
+        let dir = std::env::temp_dir().join(format!("cr-agent-suspended-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'\nexec sleep 600", ran.display()));
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
+        let timeout = std::time::Duration::from_secs(30);
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": timeout.as_millis() as u64})).unwrap();
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let (_stop, stop_rx) = oneshot::channel();
+        let awake = std::time::Instant::now();
+        let mut machine = None;
+        let suspend = async {
+            while !ran.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            // Claude runs: the machine sleeps for longer than the job's whole time.
+            let m = Machine::install_now();
+            m.suspend(2 * timeout);
+            machine = Some(m);
+        };
+        let (ended, ()) = tokio::join!(runner::run(&ctx, "j", spec, stop_rx), suspend);
+        let awake = awake.elapsed();
+        drop(machine);
+        ended.leftover.clean_up().await;
+        let result = ended.result;
+        assert_eq!((result.error_code, result.success), (Some(ErrorCode::Timeout), false), "{result:?}");
+        assert!(awake < timeout, "the job ran on after the suspend for its whole awake time ({awake:?}): its deadline did not count the sleep");
+        assert!(result.duration_ms >= 2 * timeout.as_millis() as u64, "its duration does not count the sleep: {result:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A started record refused for the job's own order (a nonce too long to record), not
     /// for want of the agent's disk: the job fails alone, unstarted, and the agent keeps
     /// taking work. Every record failure held the agent back and told the operator to free

@@ -9,9 +9,15 @@
 //!
 //! One place: every age the start rule ([`crate::link`]) and the connection's silence and
 //! away judgements ([`crate::connection`], [`crate::reconnect`]) compare with the edge's
-//! bounds is a [`BootInstant`]. Timers still sleep on tokio's clock (a sleep cut short or
+//! bounds is a [`BootInstant`]. Their timers sleep on tokio's clock (a sleep cut short or
 //! made long by a suspend only moves when the loop looks again; what it then compares is
-//! read here). Job deadlines stay monotonic: the job's timeout is Claude's time to work.
+//! read here).
+//!
+//! So is a job's deadline (its `timeout_ms`, [`crate::runner`], [`crate::process`], the
+//! hand-back's stop in [`crate::repo`]), waited for with [`sleep_until`]. The edge times a
+//! job out `timeout_ms` (and its margin) of real time after it sent it: on the monotonic
+//! clock a job running when Spark slept ran on after resume for the rest of its awake
+//! time, its caller long told TIMEOUT (and its push could still land).
 
 use std::time::Duration;
 
@@ -19,6 +25,28 @@ use std::time::Duration;
 /// clock of before rev34-1; `link::tests::a_suspend_holds_a_job_the_edge_gave_up_meanwhile`
 /// fails with it.)
 const CLOCK: libc::clockid_t = libc::CLOCK_BOOTTIME;
+
+/// The longest a [`sleep_until`] sleeps on tokio's clock before it reads [`CLOCK`] again:
+/// how late after a resume a give-up time that passed during the suspend is noticed. A
+/// wait shorter than this (most jobs) costs one tokio timer,
+/// as before; a longer one wakes once a step to look — nothing beside a running Claude's
+/// own output. (A `timerfd` on `CLOCK_BOOTTIME` would fire at the instant, but costs a
+/// descriptor and its epoll registration per wait, and could not be moved by the tests'
+/// clock, [`tests::Machine`].)
+pub const STEP: Duration = Duration::from_secs(1);
+
+/// Sleeps until [`BootInstant::now`] reaches `at`, a suspend counted: tokio's timers run on
+/// the monotonic clock, which stops while the machine sleeps, so the wait sleeps on them
+/// at most [`STEP`] at a time and reads the boot clock after each.
+pub async fn sleep_until(at: BootInstant) {
+    loop {
+        let left = at.saturating_duration_since(BootInstant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(STEP)).await;
+    }
+}
 
 /// A reading of [`CLOCK`]: the time since the machine booted, suspends included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -104,6 +132,16 @@ pub mod tests {
         pub fn install() -> Installed {
             let hour = Duration::from_secs(3_600);
             MACHINE.with(|m| *m.borrow_mut() = Some(Machine { monotonic: hour, boot: hour }));
+            Installed(())
+        }
+
+        /// Installs a machine whose clocks read what the system's read now: work begun on
+        /// the system's clocks (a job's deadline, a write's bounds) goes on on this one,
+        /// whose clocks then move only as the test says — a test that waits for a bound to
+        /// pass must [`Installed::suspend`] or [`Installed::run`] past it.
+        pub fn install_now() -> Installed {
+            let (monotonic, boot) = (system(libc::CLOCK_MONOTONIC), system(CLOCK));
+            MACHINE.with(|m| *m.borrow_mut() = Some(Machine { monotonic, boot }));
             Installed(())
         }
 

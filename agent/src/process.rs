@@ -1,7 +1,9 @@
 //! Claude's process: found on PATH, started through a [`crate::warden`] (which keeps its
 //! whole tree in reach, even if the agent is killed) with the prompt on stdin, its stdout
 //! read line by line (each line capped), stopped with its whole tree (SIGTERM, then
-//! SIGKILL) on a timeout, a cancel or the agent stopping. What the lines mean is
+//! SIGKILL) on a timeout (its deadline on the boot clock, so one that passed while the
+//! machine slept stops Claude on resume: [`crate::boot_clock`]), a cancel or the agent
+//! stopping. What the lines mean is
 //! [`crate::claude`]'s business; what to do with them is the job runner's.
 //!
 //! Claude runs whatever a prompt asks, as the agent's user, so it gets an environment built
@@ -10,6 +12,7 @@
 //! `/proc/<agent>/environ` either. README "What a job can see" is the user's account.
 
 use crate::claude::Ending;
+use crate::boot_clock::{self, BootInstant};
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 use std::path::{Path, PathBuf};
@@ -455,7 +458,7 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 pub async fn run(
     launch: Launch<'_>,
     job_id: &str,
-    deadline: tokio::time::Instant,
+    deadline: BootInstant,
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
     ready: impl FnOnce() -> Result<(), String> + Send + 'static,
@@ -569,6 +572,10 @@ pub async fn run(
     let mut stdout_open = true;
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut line = Line::default();
+    // One wait for the whole run, not one per line; on the boot clock, so a deadline that
+    // passed while the machine slept ends the run on resume ([`crate::boot_clock`]).
+    let timed_out = boot_clock::sleep_until(deadline);
+    tokio::pin!(timed_out);
     let stopped: Option<Ending> = loop {
         if child.exit.is_some() && !stdout_open {
             break None;
@@ -586,11 +593,11 @@ pub async fn run(
             _ = child.wait(), if child.exit.is_none() => {
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
-            _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => {
+            _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)), if drain_until.is_some() => {
                 // Claude is gone but something it started still holds stdout.
                 break None;
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut timed_out => {
                 break Some(Ending::TimedOut { after_ms: timeout_ms });
             }
             s = &mut *stop => {
@@ -832,7 +839,7 @@ mod tests {
         let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
         let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
         let (_stop, mut stop) = oneshot::channel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        let deadline = BootInstant::now() + Duration::from_secs(300);
         // The record is done only once the runtime's thread is held.
         let (holding, held) = std::sync::mpsc::channel::<()>();
         let ready = move || {
@@ -876,7 +883,7 @@ mod tests {
         let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
         let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: prompt.clone() };
         let (_stop, mut stop) = oneshot::channel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        let deadline = BootInstant::now() + Duration::from_secs(300);
         let finished = run(launch, "j", deadline, 300_000, &mut stop, || Ok(()), || {}, |_: &[u8]| {}).await;
         assert_eq!(finished.ending, Ending::Exited(Some(0)));
         assert!(std::fs::read_to_string(&got).unwrap() == prompt, "Claude's input is not the prompt");

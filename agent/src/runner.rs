@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use crate::boot_clock::BootInstant;
+use crate::boot_clock::{self, BootInstant};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
@@ -228,9 +228,11 @@ async fn run_in(
     no_room: &mut bool,
 ) -> (JobResult, Option<String>) {
     let workspace = workspace.to_path_buf();
-    let started = Instant::now();
+    // On the boot clock, as the edge's own timeout runs: a suspend counts against the
+    // job's time ([`crate::boot_clock`]).
+    let started = BootInstant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
-    let deadline = deadline_of(started, spec.timeout_ms);
+    let deadline = started + Duration::from_millis(spec.timeout_ms);
     // First: a job that may not resume its session does nothing else (no checkout, no
     // Claude spend).
     if let Some(session) = &spec.session_id {
@@ -279,7 +281,7 @@ async fn run_in(
                 let prepared = tokio::select! {
                     prepared = ctx.repos.prepare(&spec, &workspace, signals) => prepared.map_err(Err),
                     s = &mut stop => Err(Ok(Stop::ending(s))),
-                    _ = tokio::time::sleep_until(deadline) => {
+                    _ = boot_clock::sleep_until(deadline) => {
                         let timeout_ms = spec.timeout_ms;
                         Err(Err(match checking_out.load(Ordering::SeqCst) {
                             true => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
@@ -343,7 +345,7 @@ async fn run_in(
     let admitted = tokio::select! {
         refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
         s = &mut stop => Err(Ok(Stop::ending(s))),
-        _ = tokio::time::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
+        _ = boot_clock::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
     };
     // The start rule (a link cut, or kept up by a hop without the edge, during the checkout
     // or the wait for the refresh gate): see `start_rule`. Checked again before the prompt.
@@ -523,8 +525,8 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
 async fn start_rule(
     ctx: &JobContext,
     job_id: &str,
-    started: Instant,
-    deadline: tokio::time::Instant,
+    started: BootInstant,
+    deadline: BootInstant,
     stop: &mut oneshot::Receiver<Stop>,
     mut held: Option<BootInstant>,
 ) -> Result<(), JobResult> {
@@ -558,7 +560,7 @@ async fn start_rule(
                 info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while its start was held");
                 return Err(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64));
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = boot_clock::sleep_until(deadline) => {
                 let away = heard.map(|h| h + looked.elapsed());
                 return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms, carrying: ctx.link.carried() }));
             }
@@ -567,7 +569,7 @@ async fn start_rule(
 }
 
 /// The end of a job the edge gave up, or may have ([`start_rule`]), and why it is taken so.
-fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, why: &GivenUp) -> JobResult {
+fn gave_up_result(ctx: &JobContext, job_id: &str, started: BootInstant, why: &GivenUp) -> JobResult {
     let why = match *why {
         GivenUp::Named => {
             warn!(job_id, agent_id = %ctx.cfg.agent_id, "job not started: the edge gave it up while this agent was away (its welcome said so)");
@@ -625,7 +627,7 @@ async fn hand_back(
     spec: &JobSpec,
     prepared: crate::repo::Prepared,
     redactor: std::sync::Arc<crate::redact::Redactor>,
-    deadline: tokio::time::Instant,
+    deadline: BootInstant,
     stop: &mut oneshot::Receiver<Stop>,
     result: &mut JobResult,
 ) {
@@ -635,7 +637,7 @@ async fn hand_back(
         wanted.push_branch = None;
     }
     let handing = Instant::now();
-    let give_up_at = deadline.max(tokio::time::Instant::now()) + FINISH_GRACE;
+    let give_up_at = deadline.max(BootInstant::now()) + FINISH_GRACE;
     // A stop already heard (it ended Claude's run) is not waited for again: its job failed,
     // so it pushes nothing.
     let mut heard = None;
@@ -707,12 +709,6 @@ async fn carry_session(config_dir: &Path, session: &str, cwd: &Path) -> std::io:
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
-/// When a job that started at `started` must be stopped (far future if it overflows).
-fn deadline_of(started: Instant, timeout_ms: u64) -> tokio::time::Instant {
-    let at = started.checked_add(Duration::from_millis(timeout_ms)).unwrap_or(started + Duration::from_secs(365 * 86_400));
-    tokio::time::Instant::from_std(at)
-}
-
 /// Runs Claude in the job's session ([`Session::of`]): its result, and the session to record
 /// as the caller's; `None` when the start rule held the start right before the prompt
 /// (Claude killed unprompted, its started record cleared: [`start_rule`]).
@@ -722,9 +718,9 @@ async fn run_claude(
     job_id: &str,
     spec: &JobSpec,
     cwd: &std::path::Path,
-    deadline: tokio::time::Instant,
+    deadline: BootInstant,
     stop: &mut oneshot::Receiver<Stop>,
-    started: Instant,
+    started: BootInstant,
     cannot_start: &mut Option<CannotStart>,
 ) -> Option<(JobResult, Option<String>)> {
     let cfg = &ctx.cfg;

@@ -251,7 +251,7 @@ impl Prepared {
     /// stop at its next step (a push not yet under way never starts) and is then waited
     /// for: a push the server is already taking ends first, so the answer says what
     /// happened, and nothing lands after it.
-    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: std::sync::Arc<Redactor>, give_up_at: tokio::time::Instant, cancel: Option<Cancel<'_>>) -> Result<Outcome, RepoError> {
+    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: std::sync::Arc<Redactor>, give_up_at: crate::boot_clock::BootInstant, cancel: Option<Cancel<'_>>) -> Result<Outcome, RepoError> {
         if !spec.include_diff && spec.push_branch.is_none() {
             return Ok(Outcome::default());
         }

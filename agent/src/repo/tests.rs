@@ -2276,7 +2276,7 @@ async fn a_git_worker_limits_its_memory_before_it_works() {
 /// as `Prepared::finish` does for a worker that goes without an answer (a push asked for).
 fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop<'static> {
     super::worker::Stop {
-        at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
+        at: crate::boot_clock::BootInstant::now() + std::time::Duration::from_millis(after_ms),
         cancel: None,
         then_within: std::time::Duration::from_millis(then_ms),
         gone: super::hand_back_gone("http://server".to_string(), true),

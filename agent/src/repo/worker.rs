@@ -212,7 +212,8 @@ impl Answer {
 /// agent stopping), whichever comes first — and how long to wait after that before it is
 /// killed; and what to answer for a worker that goes without an answer ([`Gone`]).
 pub struct Stop<'a> {
-    pub at: tokio::time::Instant,
+    /// On the boot clock, as the job's deadline it comes from ([`crate::boot_clock`]).
+    pub at: crate::boot_clock::BootInstant,
     pub cancel: Option<Cancel<'a>>,
     pub then_within: std::time::Duration,
     pub gone: Box<dyn Fn(Gone) -> RepoError + Send + Sync>,
@@ -296,7 +297,7 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         };
         tokio::select! {
             answer = &mut answer => return answer.map_err(died),
-            _ = tokio::time::sleep_until(stop.at) => {}
+            _ = crate::boot_clock::sleep_until(stop.at) => {}
             // A cancel stops a push not yet begun as the deadline does; one under way is
             // waited for, so the answer says whether it landed.
             () = cancelled => {}
