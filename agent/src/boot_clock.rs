@@ -13,11 +13,15 @@
 //! made long by a suspend only moves when the loop looks again; what it then compares is
 //! read here).
 //!
-//! So is a job's deadline (its `timeout_ms`, [`crate::runner`], [`crate::process`], the
-//! hand-back's stop in [`crate::repo`]), waited for with [`sleep_until`]. The edge times a
-//! job out `timeout_ms` (and its margin) of real time after it sent it: on the monotonic
-//! clock a job running when Spark slept ran on after resume for the rest of its awake
-//! time, its caller long told TIMEOUT (and its push could still land).
+//! So are the agent's own give-up times, waited for with [`sleep_until`]: a job's deadline
+//! (its `timeout_ms`, [`crate::runner`], [`crate::process`], the hand-back's stop in
+//! [`crate::repo`]) and a write's ([`crate::connection`]: the link taking no byte for two
+//! heartbeat intervals, or the write not through by its bound). The edge times a job out
+//! `timeout_ms` (and its margin) of real time after it sent it, and drops a connection
+//! after two intervals of real silence: on the monotonic clock a job running when Spark
+//! slept ran on after resume for the rest of its awake time, its caller long told TIMEOUT
+//! (and its push could still land), and a write into a link the edge had long dropped
+//! waited its whole bound again.
 
 use std::time::Duration;
 
@@ -28,7 +32,7 @@ const CLOCK: libc::clockid_t = libc::CLOCK_BOOTTIME;
 
 /// The longest a [`sleep_until`] sleeps on tokio's clock before it reads [`CLOCK`] again:
 /// how late after a resume a give-up time that passed during the suspend is noticed. A
-/// wait shorter than this (most jobs) costs one tokio timer,
+/// wait shorter than this (most jobs, every write that goes through) costs one tokio timer,
 /// as before; a longer one wakes once a step to look — nothing beside a running Claude's
 /// own output. (A `timerfd` on `CLOCK_BOOTTIME` would fire at the instant, but costs a
 /// descriptor and its epoll registration per wait, and could not be moved by the tests'

@@ -207,7 +207,7 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration, sent: &mut U
     let meter = meter(ws);
     let text = msg.to_text();
     sent.wrote(text.len());
-    let by = sent.write_by(Instant::now());
+    let by = sent.write_by(BootInstant::now());
     within(limit, by, &meter, ws.send(Message::Text(text.into()))).await
 }
 
@@ -377,7 +377,7 @@ impl Unanswered {
     /// uplink served. A link that takes a byte now and then is not stuck to [`bounded`]'s
     /// eye, and one that held the agent inside a write so kept it "connected" for as long
     /// as it liked (rev30-1); the edge's acks are read only between writes.
-    fn write_by(&self, began: Instant) -> Instant {
+    fn write_by(&self, began: BootInstant) -> BootInstant {
         began + for_bytes(self.allowance, self.bytes())
     }
 
@@ -397,7 +397,7 @@ fn resend_order(mut results: Vec<(String, crate::spool::StoredResult)>) -> Vec<(
 }
 
 /// A write to the edge, given up once the link takes no byte for `limit`, or at `by`.
-async fn within<T>(limit: Duration, by: Instant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
+async fn within<T>(limit: Duration, by: BootInstant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
     bounded(limit, by, meter, write).await.map_err(End::from)
 }
 
@@ -432,17 +432,20 @@ impl From<WriteFailed> for End {
 /// ([`crate::metered`]): a link that moves, however slowly, is not stuck, and one that
 /// takes nothing is found within `limit` whatever is left to send. And given up at `by`
 /// however it moves: a hop that takes a byte each interval is never stuck to the meter,
-/// and kept the agent inside one write for as long as it liked (rev30-1).
-async fn bounded<T>(limit: Duration, by: Instant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
+/// and kept the agent inside one write for as long as it liked (rev30-1). Both on the boot
+/// clock, as the edge's silence bound runs: a write the machine slept in is given up on
+/// resume once its bounds passed meanwhile, not after as long again awake
+/// ([`crate::boot_clock`]). A write through at once (most) arms no timer.
+async fn bounded<T>(limit: Duration, by: BootInstant, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
     tokio::pin!(write);
-    let began = Instant::now();
+    let began = BootInstant::now();
     loop {
         let moved = meter.last_taken().max(began);
         tokio::select! {
             biased;
             done = &mut write => return done.map_err(WriteFailed::Error),
-            _ = tokio::time::sleep_until(by) => return Err(WriteFailed::TooSlow(by.saturating_duration_since(began))),
-            _ = tokio::time::sleep_until(moved + limit) => {
+            _ = crate::boot_clock::sleep_until(by) => return Err(WriteFailed::TooSlow(by.saturating_duration_since(began))),
+            _ = crate::boot_clock::sleep_until(moved + limit) => {
                 if meter.last_taken().max(began) == moved {
                     return Err(WriteFailed::TimedOut(limit));
                 }
@@ -461,7 +464,7 @@ async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnec
     let text = msg.to_text();
     let bytes = text.len();
     let meter = meter(ws);
-    let by = Instant::now() + for_bytes(step, bytes);
+    let by = BootInstant::now() + for_bytes(step, bytes);
     bounded(step, by, &meter, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
         WriteFailed::TimedOut(step) => {
             reconnect.step_timed_out();
@@ -505,7 +508,7 @@ async fn send_queued(
     sent: &mut Unanswered,
 ) -> Result<Option<shared::protocol::Beat>, End> {
     let meter = meter(ws);
-    let began = Instant::now();
+    let began = BootInstant::now();
     let mut beat = None;
     let mut next = Some(first);
     let (mut frames, mut bytes) = (0, 0);
@@ -1340,6 +1343,40 @@ mod tests {
         assert!(sent.is_ok(), "a link that takes bytes steadily was given up: {:?}", sent.err().map(|e| format!("{e:?}")));
         assert!(began.elapsed() > limit, "the frame took longer than the bound, as meant");
         assert!(reader.await.unwrap() >= bytes, "the whole frame arrived");
+    }
+
+    /// A write's give-up counts a suspend, as the edge's silence bound does. Spark slept in
+    /// a write into a link the edge then dropped (two intervals of real silence); on resume
+    /// the meter's bound, on the monotonic clock, lay its whole length ahead again, and the
+    /// agent sat in the dead write that long before it reconnected. Here the edge never
+    /// reads, the write is stuck, and the machine sleeps past the bound: the write is given
+    /// up on resume, within a fraction of the bound (before the fix: all of it).
+    #[tokio::test]
+    async fn a_write_stuck_across_a_suspend_is_given_up_on_resume() {
+        use crate::boot_clock::tests::Machine;
+        let (mut ws, _edge) = linked_with_buffers(4 * 1024).await;
+        let taken = meter(&ws);
+        let made = taken.last_taken();
+        let frame = AgentMessage::OrderRefused { reason: "x".repeat(4 * 1024 * 1024) };
+        let limit = Duration::from_secs(20);
+        let awake = std::time::Instant::now();
+        let mut machine = None;
+        let suspend = async {
+            // Stuck: the link took the buffers' worth and, never read, takes no more.
+            while taken.last_taken() == made {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let m = Machine::install_now();
+            m.suspend(2 * limit);
+            machine = Some(m);
+        };
+        let mut unanswered = Unanswered::new(limit, BootInstant::now());
+        let (sent, ()) = tokio::join!(send(&mut ws, &frame, limit, &mut unanswered), suspend);
+        let awake = awake.elapsed();
+        drop(machine);
+        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("took no byte for 20000 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
+        assert!(awake < limit, "the write waited its whole bound awake after the suspend ({awake:?}): its give-up did not count the sleep");
     }
 
     /// A hello that cannot go out within its step (an edge, or a link, that takes nothing)

@@ -9,26 +9,29 @@
 //! result went first again at every reconnect; and a stuck link under a result of 8 MiB
 //! was found only after nine minutes. A link that takes bytes, however slowly, is not
 //! stuck; one that takes none for two intervals is, whatever is left to send.
+//!
+//! Read on the boot clock ([`crate::boot_clock`]): a machine suspended mid-write took no
+//! byte all that time, as the edge, whose clock ran on, saw it.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use crate::boot_clock::BootInstant;
 
 /// When the socket's writes last took bytes, read while a write is under way.
 #[derive(Clone)]
-pub struct Meter(Arc<Mutex<Instant>>);
+pub struct Meter(Arc<Mutex<BootInstant>>);
 
 impl Meter {
     /// When a write last took bytes (or when the socket was made).
-    pub fn last_taken(&self) -> Instant {
+    pub fn last_taken(&self) -> BootInstant {
         *self.0.lock().expect("meter lock")
     }
 
     fn took(&self) {
-        *self.0.lock().expect("meter lock") = Instant::now();
+        *self.0.lock().expect("meter lock") = BootInstant::now();
     }
 }
 
@@ -40,7 +43,7 @@ pub struct Metered<S> {
 
 impl<S> Metered<S> {
     pub fn new(inner: S) -> Self {
-        Metered { inner, meter: Meter(Arc::new(Mutex::new(Instant::now()))) }
+        Metered { inner, meter: Meter(Arc::new(Mutex::new(BootInstant::now()))) }
     }
 
     pub fn meter(&self) -> Meter {
