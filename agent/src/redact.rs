@@ -4,8 +4,8 @@
 //!
 //! It works on the *decoded* text: each string of a stream-json line after JSON
 //! unescaping (then re-encoded), and inside it, second-level escapes decoded too (`%XX`,
-//! `\uXXXX`, `\xHH`, `\/`) with line breaks and spaces ignored (wrapped base64, hex dumps,
-//! `\n` inside JSON). There it looks for the secrets in the forms a tool prints them —
+//! `\uXXXX`, `\xHH`, `\/`) with line breaks, spaces and NULs ignored (wrapped base64, hex
+//! dumps, `\n` inside JSON, UTF-16 text). There it looks for the secrets in the forms a tool prints them —
 //! plain, reversed, hex (as `xxd`, `xxd -p`, `xxd -e`, `od -x`, `od -t x4`, `hexdump -C`
 //! print it), octal (`od`, `od -b`), base64 at
 //! each byte alignment (standard and URL-safe), base32 likewise — and masks not only whole copies but any
@@ -473,9 +473,17 @@ fn hex_byte(pair: &[u8]) -> Option<u8> {
     Some(hex_value(*pair.first()?)? << 4 | hex_value(*pair.get(1)?)?)
 }
 
-/// `text` read for matching, after `before`: whitespace left out and, with `escapes`, its
-/// `\n`, `\r`, `\t` escapes too, and `%XX`, `\xHH`, `\uXXXX` (with surrogate pairs),
-/// `\/`, `\\`, `\"`, `\'` decoded.
+/// Bytes the redactor reads past, as if they were not there: whitespace (wrapped base64, a
+/// hex dump's columns, `\n` in JSON) and NUL (text printed as UTF-16, `iconv -t UTF-16LE`,
+/// has one between the characters of a token). The push check reads a binary file by the
+/// same rule ([`crate::repo`]'s `binary_holds`).
+pub fn read_past(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0)
+}
+
+/// `text` read for matching, after `before`: what [`read_past`] passes over left out (as
+/// it is once decoded) and, with `escapes`, its `\n`, `\r`, `\t` escapes too, and `%XX`,
+/// `\xHH`, `\uXXXX` (with surrogate pairs), `\/`, `\\`, `\"`, `\'` decoded.
 fn decode(before: &[u8], text: &str, escapes: bool, into: &mut Decoded) {
     let t = text.as_bytes();
     let Decoded { bytes, starts, ends, escaped } = into;
@@ -487,7 +495,7 @@ fn decode(before: &[u8], text: &str, escapes: bool, into: &mut Decoded) {
     starts.reserve(before.len() + t.len());
     bytes.extend_from_slice(before);
     starts.resize(before.len(), 0);
-    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
+    let space = read_past;
     if !escapes {
         for (i, &b) in t.iter().enumerate() {
             if !space(b) {
@@ -523,6 +531,10 @@ fn decode(before: &[u8], text: &str, escapes: bool, into: &mut Decoded) {
         };
         let (start, end) = (i as u32, (i + unit) as u32);
         let mut push = |b: u8| {
+            // An escaped NUL (`\u0000`, `%00`, `\x00`) is passed over as a raw one is.
+            if read_past(b) {
+                return;
+            }
             bytes.push(b);
             starts.push(start);
             ends.push(end);

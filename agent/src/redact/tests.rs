@@ -409,6 +409,31 @@ fn the_coreutils_base64_of_the_credentials_file_decodes_to_nothing() {
     assert!(out.starts_with("eyJjbGF1ZGVBaU9hdXRoIjp7ImFjY2Vzc1Rva2VuIjoi"), "{out}");
 }
 
+/// A token printed as UTF-16 (`iconv -t UTF-16LE`, a file a tool wrote that way) has a
+/// NUL beside each character: in the stream line a `\u0000`, a raw NUL once the JSON is
+/// read, and a `\u0000` still after a second escaping. Every form read through it (hostile
+/// review rev36b, 2: the tokens came back whole).
+#[test]
+fn a_token_printed_as_utf16_is_masked() {
+    let (access, refresh) = ("opaque-access-value-0123456789abcdef", "opaque-refresh-value-fedcba9876543210");
+    let r = Redactor::new([access.to_string(), refresh.to_string()]);
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}"}}}}"#);
+    let le: String = file.chars().flat_map(|c| [c, '\0']).collect();
+    let be: String = file.chars().flat_map(|c| ['\0', c]).collect();
+    for (what, text) in [("UTF-16LE", le.clone()), ("UTF-16BE", be), ("escaped again", json_escaped(le.as_bytes()))] {
+        for out in [through(&r, &[tool_line(&text)]).concat(), r.redact(&text)] {
+            let read = out.replace('\0', "").replace("\\u0000", "");
+            assert_no_copy(access, &read, &format!("{what}: access token"));
+            assert_no_copy(refresh, &read, &format!("{what}: refresh token"));
+        }
+    }
+    // Its base64 as UTF-16, and a NUL-separated hex dump, too.
+    let b64: String = STANDARD.encode(&file).chars().flat_map(|c| [c, '\0']).collect();
+    let out = r.redact(&b64).replace('\0', "");
+    assert!(!STANDARD.decode(out.trim()).is_ok_and(|d| String::from_utf8_lossy(&d).contains(access)), "{out}");
+    assert!(out.contains(MASK), "{out}");
+}
+
 #[test]
 fn a_secret_split_between_two_lines_is_masked_on_both() {
     let secret = "opaque-refresh-value-fedcba9876543210";

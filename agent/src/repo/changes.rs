@@ -13,6 +13,7 @@ use super::error::{git, local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::{callbacks, own_config};
 use super::settings::Token;
 use super::staging;
+use crate::redact;
 use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, Oid, PushOptions, RemoteRedirect, Repository, Signature};
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
@@ -507,8 +508,9 @@ fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str
 }
 
 /// Whether a binary file's bytes hold what `is_secret` flags, read as its text: each run
-/// of printable ASCII (a token, and every encoding the redactor knows, is one), NUL bytes
-/// dropped (UTF-16 text reads as its ASCII), anything else a line break — a window of
+/// of printable ASCII (a token, and every encoding the redactor knows, is one), the bytes
+/// the redactor reads past kept as they are ([`redact::read_past`]: NULs, so UTF-16 text
+/// reads as its ASCII), anything else a line break — a window of
 /// [`BINARY_WINDOW`] at a time, overlapping by [`BINARY_OVERLAP`] so no secret is split
 /// unseen. Whole and lossily decoded, six random files of 15 MiB took the agent 530 MiB.
 pub(super) fn binary_holds(bytes: &[u8], is_secret: &impl Fn(&str) -> bool) -> bool {
@@ -517,8 +519,7 @@ pub(super) fn binary_holds(bytes: &[u8], is_secret: &impl Fn(&str) -> bool) -> b
         let end = (start + BINARY_WINDOW).min(bytes.len());
         let text: String = bytes[start..end]
             .iter()
-            .filter(|b| **b != 0)
-            .map(|&b| if (0x20..0x7f).contains(&b) || b == b'\t' { b as char } else { '\n' })
+            .map(|&b| if (0x20..0x7f).contains(&b) || redact::read_past(b) { b as char } else { '\n' })
             .collect();
         if is_secret(&text) {
             return true;

@@ -1888,10 +1888,11 @@ async fn a_checkout_writes_files_as_measured_without_gitattributes_conversions()
 }
 
 /// A binary file is read a window at a time: a secret across a window's end is found, and
-/// one written as UTF-16 (a NUL after each character) too.
+/// one written as UTF-16 (a NUL after each character) too, by the redactor's own reading.
 #[test]
 fn a_secret_in_a_binary_file_is_found_across_windows_and_in_utf16() {
-    let secret = |l: &str| l.contains("tok-0123456789");
+    let redactor = crate::redact::Redactor::new(["tok-0123456789".to_string()]);
+    let secret = |l: &str| redactor.redact(l) != l;
     let mut bytes = vec![0xffu8; (1 << 20) - 5];
     bytes.extend_from_slice(b"tok-0123456789");
     bytes.extend(std::iter::repeat_n(0xfe, 4096));
