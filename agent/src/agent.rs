@@ -251,6 +251,10 @@ impl Agent {
         }
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
+        // Read now, before any job can run: the tokens the file holds are remembered for the
+        // agent's life (`oauth::Logins`), so a job that hides the file finds them masked
+        // anyway, and the first redactor is built off any job's time.
+        login.redactor(crate::now_ms());
         let reporter = Arc::new(Reporter::new(login.clone()));
         let login = Arc::new(login);
         let inherited_env = crate::process::inherited_environment(&cfg.job_env_allow).into();

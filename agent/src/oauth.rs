@@ -1,5 +1,6 @@
 //! Claude's login on this machine: where it comes from, what the edge is told about it,
-//! and the gate that keeps two Claude processes from refreshing the token at once.
+//! the logins read since the agent started (all masked by its redactor, [`Logins`]), and
+//! the gate that keeps two Claude processes from refreshing the token at once.
 //!
 //! Claude Code refreshes an expired access token itself while a refresh token exists, and
 //! rotates the refresh token when it does. Two processes refreshing together can each
@@ -40,6 +41,9 @@ pub struct Login {
     /// The credentials file as last read (a job reads the login five times: the refresh
     /// gate, Claude's environment, three redactors).
     pub readings: ReadingCache,
+    /// Every login the credentials file has held since the agent started (up to
+    /// [`REMEMBERED`]): the redactor masks them all, whatever the file holds now.
+    pub remembered: Remembered,
 }
 
 /// Shared by the clones of a [`Login`] (every job's context holds one).
@@ -47,6 +51,69 @@ pub type RedactorCache = Arc<std::sync::Mutex<Option<(Vec<String>, Arc<Redactor>
 
 /// The credentials file's last reading, and the file as it was then; shared by clones.
 pub type ReadingCache = Arc<std::sync::Mutex<Option<(FileStamp, Reading)>>>;
+
+/// The logins read from the credentials file, shared by clones; held in memory only.
+pub type Remembered = Arc<std::sync::Mutex<Logins>>;
+
+/// How many logins (an access token and its refresh token) the agent keeps in mind. The
+/// file holds one at a time, and a job can change what it holds: move it away, blank it,
+/// write it half, or let Claude rotate the tokens (the access token it replaces stays valid
+/// for minutes). The redactor was built from the file as it stood, so a job that hid it
+/// printed the tokens unmasked (hostile review rev36b, 1). Claude refreshes only when the
+/// access token is expired or about to be, and then spends the refresh token, so two logins
+/// at most are live at once; four leave room for that and for one more. Each login's
+/// forms slow the redactor (BENCHMARKS.md, "Redaction throughput": a line costs about
+/// 30 % more with four than with one), and the order of forgetting (see [`Logins`]), not
+/// the bound's size, is what keeps the real login in.
+pub const REMEMBERED: usize = 4;
+
+/// Logins once read, in the order first read. None is forgotten for a failed, absent or
+/// changed reading: only to make room for a newer one, and then only one whose access
+/// token has expired by its own `expiresAt` (the refresh that made the newer login spent
+/// its refresh token). With every one unexpired, a new login is not kept: the redactor
+/// masks it while the file holds it, as before, and a reading after the oldest expires
+/// keeps it. So a job that writes the file with logins of its own cannot push the real one
+/// out while its access token is valid. An expired login still in the file (no job ran
+/// since) is refreshed by the next job's Claude at its first request, before any of its
+/// tools can write the file, so its refresh token is spent before it can be pushed out.
+#[derive(Default)]
+pub struct Logins {
+    logins: Vec<Known>,
+}
+
+/// One remembered login.
+struct Known {
+    tokens: Vec<String>,
+    expires_at: Option<Millis>,
+}
+
+impl Logins {
+    /// Keeps `tokens` (a login's access and refresh token) in mind, if there is room or an
+    /// expired login to make room.
+    fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) {
+        if self.logins.iter().any(|known| known.tokens == tokens) {
+            return;
+        }
+        if self.logins.len() >= REMEMBERED {
+            let expired = self.logins.iter().enumerate().filter(|(_, known)| known.expires_at.is_some_and(|t| t <= now)).min_by_key(|(_, known)| known.expires_at);
+            let Some((oldest, _)) = expired else { return };
+            self.logins.remove(oldest);
+        }
+        self.logins.push(Known { tokens: tokens.to_vec(), expires_at });
+    }
+
+    /// Every token remembered, in the order first read.
+    fn tokens(&self) -> impl Iterator<Item = &String> {
+        self.logins.iter().flat_map(|known| &known.tokens)
+    }
+}
+
+/// Never the tokens, even in a debug print.
+impl std::fmt::Debug for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logins").field("logins", &self.logins.len()).finish()
+    }
+}
 
 /// How long a file must have stood unchanged before a reading of it is reused on the word
 /// of its times: a file system stamps times from a clock that ticks every few milliseconds,
@@ -123,6 +190,7 @@ impl Login {
             other_secrets: Vec::new(),
             redactors: RedactorCache::default(),
             readings: ReadingCache::default(),
+            remembered: Remembered::default(),
         }
     }
 
@@ -203,8 +271,9 @@ impl Login {
                     report.refreshable = login.refresh_token.is_some();
                     report.refresh_expires_at = login.refresh_expires_at;
                     report.subscription_type = login.subscription_type;
-                    tokens.push(login.access_token);
-                    tokens.extend(login.refresh_token);
+                    let read: Vec<String> = std::iter::once(login.access_token).chain(login.refresh_token).collect();
+                    self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(&read, login.expires_at, now);
+                    tokens.extend(read);
                     return Reading { report, tokens };
                 }
                 Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
@@ -227,9 +296,7 @@ impl Login {
     /// is the machine's own), on one line, and at most [`shared::oauth::MAX_PROBLEM_BYTES`]
     /// (a hello over what the edge reads of one is refused at every connection).
     fn told(&self, problem: &str, tokens: &[String]) -> String {
-        let mut secrets = tokens.to_vec();
-        secrets.extend(self.other_secrets.iter().cloned());
-        let redacted = self.redactor_of(secrets).redact(problem);
+        let redacted = self.redactor_of(self.secrets(tokens)).redact(problem);
         shared::text::truncate(&shared::text::one_line(&redacted), shared::oauth::MAX_PROBLEM_BYTES).to_string()
     }
 
@@ -244,12 +311,27 @@ impl Login {
         }
     }
 
-    /// A redactor for the secrets on this machine now: the last one built while they are
-    /// the same (the credentials file is read each time: Claude may have rotated them).
+    /// A redactor for the secrets on this machine: the last one built while they are the
+    /// same. The credentials file is looked at each time (Claude may have rotated the
+    /// tokens), and every login it has held is masked, not only the one it holds now.
     pub fn redactor(&self, now: Millis) -> Arc<Redactor> {
-        let mut secrets = self.read(now).tokens;
-        secrets.extend(self.other_secrets.iter().cloned());
-        self.redactor_of(secrets)
+        self.redactor_of(self.secrets(&self.read(now).tokens))
+    }
+
+    /// The secrets to mask, once each, in an order that changes only when one is learnt or
+    /// forgotten (so a redactor is built once per set): the token variables, the logins
+    /// remembered, what `read` holds besides (a login not kept: [`Logins`]), the machine's
+    /// other secrets.
+    fn secrets(&self, read: &[String]) -> Vec<String> {
+        let remembered = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let variables = self.oauth_token_env.iter().chain(&self.api_key_env);
+        let mut secrets: Vec<String> = Vec::new();
+        for secret in variables.chain(remembered.tokens()).chain(read).chain(&self.other_secrets) {
+            if !secrets.contains(secret) {
+                secrets.push(secret.clone());
+            }
+        }
+        secrets
     }
 
     /// A redactor of `secrets`: the last one built if it was of the same.
@@ -493,7 +575,7 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default() }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -553,6 +635,98 @@ mod tests {
         assert!(token(&login).is_empty());
     }
 
+    fn credentials(access: &str, refresh: &str, expires_at: Millis) -> String {
+        format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":{expires_at},"scopes":["user:inference"]}}}}"#)
+    }
+
+    /// A token of its own for `seed`: no piece long enough to mask is shared with another
+    /// (distinct tokens with a common part mask each other's common part).
+    fn token(seed: &str) -> String {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        (0..3).map(|n| format!("{:016x}", hasher.hash_one((seed, n)))).collect()
+    }
+
+    /// Whether `redactor` masks `token` plain and base64-encoded (as a job prints it).
+    fn masks(redactor: &Redactor, token: &str) -> bool {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!(r#"{{"accessToken":"{token}"}}"#));
+        !redactor.redact(token).contains(token) && redactor.redact(&b64) != b64
+    }
+
+    /// A job moved the credentials file away (or blanked it, or left it half written),
+    /// printed the tokens base64-encoded and put it back: the redactor, built from what the
+    /// file held then, had no token to mask (hostile review rev36b, 1). A login once read is
+    /// masked whatever the file holds later, by the one redactor built for it; a rotation
+    /// adds the new tokens and keeps the old (its access token stays valid for minutes).
+    #[test]
+    fn a_login_once_read_stays_masked_whatever_the_file_holds_later() {
+        let d = tempdir("remembered");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let far = 4_102_444_800_000;
+        let login = login_with(&d, &credentials(access, refresh, far));
+        let path = login.credentials_path.clone();
+        let first = login.redactor(1);
+        assert!(masks(&first, access) && masks(&first, refresh));
+        let half = credentials(access, refresh, far)[..40].to_string();
+        let oversized = " ".repeat(credentials::MAX_BYTES + 10);
+        for (what, body) in [("moved away", None), ("blank", Some("")), ("not JSON", Some("{")), ("half written", Some(half.as_str())), ("oversized", Some(oversized.as_str()))] {
+            match body {
+                None => std::fs::rename(&path, d.join("away")).unwrap(),
+                Some(body) => std::fs::write(&path, body).unwrap(),
+            }
+            // A job's context holds a clone of the agent's login.
+            let redactor = login.clone().redactor(2);
+            assert!(masks(&redactor, access) && masks(&redactor, refresh), "{what}: the tokens read before are not masked");
+            assert!(Arc::ptr_eq(&redactor, &first), "{what}: a redactor was built again for the same secrets");
+            let _ = std::fs::rename(d.join("away"), &path);
+        }
+        // Rotated: the new login is added to the old.
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, far)).unwrap();
+        let rotated = login.redactor(3);
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(4);
+        assert!(Arc::ptr_eq(&rotated, &hidden), "hiding the file changed the set");
+        for token in [access, refresh, access2, refresh2] {
+            assert!(masks(&hidden, token), "{token} is not masked once the file is gone");
+        }
+        assert!(login.read(4).tokens.is_empty(), "the reading itself is of the file as it is");
+    }
+
+    /// The memory is bounded ([`REMEMBERED`] logins), and a job that can write the file
+    /// cannot use the bound to push the real login out: a login is forgotten only for a
+    /// newer one, and only once its access token has expired.
+    #[test]
+    fn a_job_writing_logins_of_its_own_cannot_push_the_real_one_out() {
+        let d = tempdir("bounded");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_000);
+        let fake = |n: usize| (token(&format!("fake-access-{n}")), token(&format!("fake-refresh-{n}")));
+        for n in 0..REMEMBERED + 4 {
+            let (a, r) = fake(n);
+            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
+            let redactor = login.redactor(expires - 2_000);
+            assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
+        }
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(expires - 1_000);
+        assert!(masks(&hidden, access) && masks(&hidden, refresh), "the real login was pushed out while valid");
+        assert!(masks(&hidden, &fake(REMEMBERED - 2).0), "the last login with room is kept");
+        assert!(!masks(&hidden, &fake(REMEMBERED - 1).0), "the memory is bounded");
+        // Once the real login's access token has expired, a new login takes its place.
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, far)).unwrap();
+        login.redactor(expires + 1);
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(expires + 2);
+        assert!(masks(&hidden, access2) && masks(&hidden, refresh2), "the new login took the expired one's place");
+        assert!(!masks(&hidden, access), "an expired login was kept over a new one");
+    }
+
     #[test]
     fn reads_a_real_shaped_credentials_file() {
         let d = tempdir("real");
@@ -588,7 +762,7 @@ mod tests {
             assert!(r.report.problem.as_deref().is_some_and(|p| p.contains("claude auth login")), "{body}");
         }
         assert!(login_with(&d, &" ".repeat(credentials::MAX_BYTES + 10)).read(0).report.problem.unwrap().contains("over 1 MiB"));
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default() };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
         assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
     }

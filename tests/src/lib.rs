@@ -1075,6 +1075,19 @@ pub async fn stale_login_with_the_refresh_held(config: &Path) -> Child {
     other
 }
 
+/// Whether `secret` (its first 16 bytes) reads in `out`, a file printed base64-encoded (the
+/// stand-in's `@base64`, a file a job wrote): what follows `the file is`, masks and line
+/// breaks left out, decoded at each alignment.
+pub fn readable_in_base64(out: &str, secret: &str) -> bool {
+    use base64::Engine;
+    let printed: String = out.trim_start_matches("the file is").split_whitespace().collect::<String>().replace("[REDACTED]", "");
+    (0..4).any(|skip| {
+        let tail = &printed[skip.min(printed.len())..];
+        let decoded = base64::engine::general_purpose::STANDARD.decode(&tail[..tail.len() / 4 * 4]).unwrap_or_default();
+        String::from_utf8_lossy(&decoded).contains(&secret[..secret.len().min(16)])
+    })
+}
+
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {

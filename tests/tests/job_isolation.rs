@@ -70,16 +70,82 @@ async fn a_job_sees_none_of_the_agents_secrets() {
     leaked.push(s.agent.env_value("AGENT_SIGNING_KEY").expect("the harness gives the agent its key"));
     std::fs::write(&file, leaked.join("\n")).unwrap();
     let out = output(&s, &format!("@base64={}", file.display())).await;
-    let printed: String = out.trim_start_matches("the file is").split_whitespace().collect::<String>().replace("[REDACTED]", "");
     for (i, secret) in leaked.iter().enumerate() {
-        for skip in 0..4 {
-            let tail = &printed[skip.min(printed.len())..];
-            let decoded = base64::engine::general_purpose::STANDARD.decode(&tail[..tail.len() / 4 * 4]).unwrap_or_default();
-            let decoded = String::from_utf8_lossy(&decoded);
-            assert!(!decoded.contains(&secret[..secret.len().min(16)]), "secret {i} readable in the job's output: {decoded}");
-        }
+        assert!(!readable_in_base64(&out, secret), "secret {i} readable in the job's output: {out}");
     }
     assert!(out.contains("[REDACTED]"), "{out}");
+}
+
+/// Claude's login as a credentials file (the login in use: it goes before the token
+/// variable the harness sets), its path, the file's text and its two tokens.
+fn credentials_login(s: &Setup) -> (std::path::PathBuf, String, [&'static str; 2]) {
+    let tokens = ["hidden-access-3f9a1c7e5b2d4086-a71e", "hidden-refresh-8e1d6b3a9c7f2054-5c0b"];
+    let file = json!({"claudeAiOauth": {"accessToken": tokens[0], "refreshToken": tokens[1], "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}});
+    let path = s.agent.data.path().join("claude-config/.credentials.json");
+    std::fs::write(&path, file.to_string()).unwrap();
+    (path, file.to_string(), tokens)
+}
+
+/// Every string in an event's JSON.
+fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(text) => out.push(text.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
+        serde_json::Value::Object(fields) => fields.values().for_each(|field| strings(field, out)),
+        _ => {}
+    }
+}
+
+/// A job moves Claude's credentials file away (Read and Write tools do it as well as a
+/// shell), then prints the tokens it read before, base64-encoded (no `sk-ant-` shape left):
+/// the redactor, built again from the file as it then stood, had no token to mask, and the
+/// tokens reached the caller in the progress events and the result (hostile review rev36b,
+/// 1). A login the agent has read stays masked for the agent's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_stays_masked_when_a_job_hides_the_credentials_file() {
+    let s = setup(&[], Vec::new()).await;
+    let (path, file, tokens) = credentials_login(&s);
+    // The copy the job made of the file before it hid it.
+    let copy = s.agent.data.path().join("copy.json");
+    std::fs::write(&copy, &file).unwrap();
+    let go = s.agent.data.path().join("go");
+    let job = s.client.submit(json!({"prompt": format!("@await={} @base64={}", go.display(), copy.display()), "timeout_ms": 60000})).await;
+    let job_id = job.body["job_id"].as_str().expect("accepted").to_string();
+    assert!(eventually(Duration::from_secs(30), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    std::fs::rename(&path, path.with_file_name("away.json")).unwrap();
+    // The agent looks at the file again at a line 2 s after its last look (the runner's
+    // REDACTOR_REFRESH): the tokens come after that.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    std::fs::write(&go, "").unwrap();
+    let (_, _, events) = s.client.follow(&job_id).await;
+    let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let mut said = Vec::new();
+    for (_, data) in &events {
+        strings(&serde_json::from_str(data).unwrap_or(serde_json::Value::String(data.clone())), &mut said);
+    }
+    strings(&done, &mut said);
+    for text in &said {
+        for token in tokens {
+            assert!(!readable_in_base64(text, token) && !text.contains(token), "the token {token} reached the caller: {text}");
+        }
+    }
+    assert!(said.iter().any(|text| text.starts_with("the file is") && text.contains("[REDACTED]")), "the file never came back: {said:?}");
+}
+
+/// A file printed as UTF-16 (`iconv -t UTF-16LE`) has a NUL beside each character: no
+/// form of a token matched through them, and the tokens came back whole (hostile review
+/// rev36b, 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_printed_as_utf16_is_masked() {
+    let s = setup(&[], Vec::new()).await;
+    let (path, _, tokens) = credentials_login(&s);
+    let out = output(&s, &format!("@print_file_utf16={}", path.display())).await;
+    let read = out.replace('\0', "");
+    for token in tokens {
+        assert!(!read.contains(&token[..16]), "the token {token} reached the caller as UTF-16: {read}");
+    }
+    assert!(read.contains("claudeAiOauth") && read.contains("[REDACTED]"), "{read}");
 }
 
 fn is_root() -> bool {

@@ -908,3 +908,36 @@ async fn x_and_x_git_are_two_repositories_and_never_share_a_fetch() {
         assert_eq!(r["result"]["commit"].as_str(), Some(want.as_str()), "a job on {url} ran on the other repository's code: {r:#}");
     }
 }
+
+/// A job writes Claude's login into the checkout, base64-encoded (no `sk-ant-` shape), and
+/// moves the credentials file away before it ends: the push check's redactor, built from
+/// the file as it then stood, knew no token, and the tokens were pushed and shown in the
+/// diff (hostile review rev36b, 1). The login the agent has read stays a secret: nothing
+/// is pushed, and the diff is masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_written_into_the_checkout_is_not_pushed_once_the_credentials_file_is_hidden() {
+    let s = setup(None, &[]).await;
+    let (access, refresh) = ("hidden-access-3f9a1c7e5b2d4086-a71e", "hidden-refresh-8e1d6b3a9c7f2054-5c0b");
+    let file = json!({"claudeAiOauth": {"accessToken": access, "refreshToken": refresh, "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}}).to_string();
+    let path = s.agent.data.path().join("claude-config/.credentials.json");
+    std::fs::write(&path, &file).unwrap();
+    let (seed, _, _) = demo(&s.git);
+    let go = s.agent.data.path().join("go");
+    // The stand-in waits for `go` before it writes: the file is hidden by then.
+    let prompt = format!("@await={} @write_b64=leak.txt,{}", go.display(), b64(b64(file.as_bytes()).as_bytes()));
+    let job = s.client.submit(json!({"prompt": prompt, "repo_url": s.git.url("demo"), "include_diff": true, "push_branch": "claude/leak"})).await;
+    let job_id = job.body["job_id"].as_str().expect("accepted").to_string();
+    assert!(eventually(Duration::from_secs(30), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    std::fs::rename(&path, path.with_file_name("away.json")).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    let error = done["result"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("contain a secret"), "{done:#}");
+    assert_eq!(on_server(&seed, "claude/leak"), None, "the login was pushed");
+    assert!(done["result"]["diff"].as_str().is_some_and(|d| d.contains("[REDACTED]")), "{done:#}");
+    let diff = done["result"]["diff"].as_str().unwrap_or_default();
+    let added = diff.lines().filter(|l| l.starts_with('+') && !l.starts_with("+++")).map(|l| &l[1..]).collect::<String>();
+    for token in [access, refresh] {
+        assert!(!readable_in_base64(&added, token), "the token {token} reached the caller in the diff: {diff}");
+    }
+}

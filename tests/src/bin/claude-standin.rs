@@ -11,7 +11,8 @@
 //! at once · `@await=PATH` print an assistant event `waiting for PATH`, then wait until
 //! PATH exists (at most 2 minutes; may repeat, in order) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
-//! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
+//! the base64 of a file on one line · `@print_file_utf16=PATH` answer with a text file as
+//! UTF-16LE (as `iconv -t UTF-16LE FILE` prints it: a NUL after each character) · `@base64=PATH` answer with it as coreutils'
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
 //! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
@@ -345,6 +346,9 @@ fn main() {
         use base64::Engine;
         let bytes = std::fs::read(path).unwrap_or_default();
         format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "print_file_utf16") {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        format!("the file is {}", text.chars().flat_map(|c| [c, '\0']).collect::<String>())
     } else if let Some(path) = directive(&prompt, "base64") {
         use base64::Engine;
         let bytes = std::fs::read(path).unwrap_or_default();
