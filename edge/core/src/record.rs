@@ -82,6 +82,13 @@ pub struct Job {
     /// with the edge, unanswered, and it may have run the task elsewhere.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub callers_told_to_follow: bool,
+    /// An `/execute` job whose idempotency key a `POST /jobs` repeated while it was not
+    /// ended: that caller was told it is queued and follows it by its id, so the job is
+    /// kept as a `POST /jobs` job is — it no longer ends unstarted when its `/execute`
+    /// callers hang up, a clean stop or a restart finds it with none, or its first agent
+    /// never received it ([`Job::waited_only`]). Stored, so a restart keeps it so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
     /// The `LOST_AFTER_MS` its agent was told in the welcome of the connection it was sent
     /// on or taken over by ([`crate::session::Agent::lost_after_ms`]), while it is with
     /// one: the agent starts the job only while it heard the edge within that time, so the
@@ -298,6 +305,7 @@ impl Job {
             cancel_requested: false,
             unstarted: false,
             callers_told_to_follow: false,
+            kept: false,
             told_lost_after_ms: None,
             instance: None,
             result: None,
@@ -336,6 +344,44 @@ impl Job {
     /// sent cannot run twice, and a repeat of its key makes a new job, as it did before.
     pub fn may_have_run(&self) -> bool {
         self.dispatched_at.is_some() || self.started_at.is_some()
+    }
+
+    /// Whether a repeat of its idempotency key makes a new job in its place (the key's
+    /// slot goes to the new one; this record stays readable by its id while retained): it
+    /// ended without ever having been sent to an agent that may have run it
+    /// ([`Job::may_have_run`]: never sent, or sent and taken back, [`Job::take_back`], as
+    /// its agent refused it or never received it), and not by its caller's cancel. Such a
+    /// job can never run, so a new one runs the task at most once all the same — the
+    /// rule a forgotten job's key follows already (`machine/spent.rs`). Its stored answer
+    /// ("no agent is connected", "the edge restarted before the job started … submit it
+    /// again") was given again to every repeat while it was retained, with an agent back
+    /// (review rev36a, 1), though resending with the same key is the recovery the README
+    /// gives. A job an agent may have started keeps its slot and its answer: it never runs
+    /// twice.
+    pub fn superseded_by_repeat(&self) -> bool {
+        self.state.is_terminal() && self.state != JobState::Cancelled && !self.may_have_run()
+    }
+
+    /// Whether its only callers are `/execute` waiters, so that it is abandoned — never
+    /// to start — once none waits: an `/execute` job no `POST /jobs` repeated ([`Job::kept`]).
+    pub fn waited_only(&self) -> bool {
+        self.mode == Mode::Wait && !self.kept
+    }
+
+    /// Takes a sent job back from its agent, which refused it or never received it (it
+    /// never ran): as if never sent, to be queued again or ended unstarted
+    /// ([`Job::superseded_by_repeat`]). What it was sent as (`attempts`, its orders' tags)
+    /// stays, so a report of an earlier order is told apart.
+    pub fn take_back(&mut self) {
+        self.unstarted = false;
+        self.agent_id = None;
+        self.session_id = None;
+        self.instance = None;
+        self.told_lost_after_ms = None;
+        self.dispatched_at = None;
+        self.started_at = None;
+        self.orphaned_at = None;
+        self.order_no = 0;
     }
 
     /// The name of the repository it works on, as agents name their mirrors.

@@ -425,9 +425,10 @@ impl Edge {
 
     /// Whether no caller waits any more for this `/execute` job (its own, or one that
     /// repeated its idempotency key). Followers of its events do not count: they watch a
-    /// run someone else asked for.
+    /// run someone else asked for. A `POST /jobs` that repeated its key does: it was told
+    /// the job is queued ([`Job::waited_only`]).
     pub(super) fn unwaited(&self, job: &Job) -> bool {
-        job.mode == Mode::Wait && !self.callers.waiters.get(&job.id).is_some_and(|w| !w.is_empty())
+        job.waited_only() && !self.callers.waiters.get(&job.id).is_some_and(|w| !w.is_empty())
     }
 
     /// Whether `job_id` is a queued `/execute` job nobody waits for any more.

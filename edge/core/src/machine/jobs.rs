@@ -97,7 +97,18 @@ impl Edge {
         let now = now.into();
         let mut effects = Vec::new();
         let slot = submission.idempotency_key.as_ref().map(|k| (submission.placement.caller().to_string(), k.clone()));
-        if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
+        // A key whose job ended without ever being sent to an agent that may have run it
+        // names nothing a repeat must not run again: the repeat makes a new job, which
+        // takes the key's slot ([`Job::superseded_by_repeat`]). A repeat naming another
+        // task, or sent otherwise, is still refused as for any job of the key: the key
+        // was used for that.
+        let superseded = slot.as_ref().and_then(|slot| self.idempotency.get(slot)).and_then(|id| self.job(id)).filter(|job| job.superseded_by_repeat());
+        if let Some(old) = superseded {
+            if let Some(refused) = Repeatable::of(old).refused(&old.id, &submission, mode) {
+                return Err(refused);
+            }
+            info!(job_id = %job_id, superseded = %old.id, "a repeat of an idempotency key whose job never ran makes a new job");
+        } else if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
             if let Some(answer) = self.spent_repeat(now, existing, &submission, mode) {
                 return Err(answer);
             }
@@ -105,7 +116,9 @@ impl Edge {
             if let Some(refused) = refused {
                 return Err(refused);
             }
-            return Ok(Submitted { job_id: existing.clone(), existing: true, effects });
+            let existing = existing.clone();
+            self.keep_for_detached_repeat(&existing, mode, &mut effects);
+            return Ok(Submitted { job_id: existing, existing: true, effects });
         }
         if self.stopping {
             return Err(super::stop::shutting_down());
@@ -134,9 +147,7 @@ impl Edge {
         if let Some(refused) = self.pending_full(now.at, &job) {
             return Err(refused);
         }
-        if let Some(slot) = job.idempotency_slot() {
-            self.idempotency.insert(slot, job_id.clone());
-        }
+        self.claim_slot(&job);
         info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, caller = job.placement.caller(), priority = job.placement.priority, "job queued");
         self.enqueue(&job);
         self.insert_job(job);
@@ -149,6 +160,18 @@ impl Edge {
             effects.push(self.save(&job_id));
         }
         Ok(Submitted { job_id, existing: false, effects })
+    }
+
+    /// A `POST /jobs` repeated the key of `job_id`: an `/execute` job not ended yet is
+    /// kept from then on as a `POST /jobs` job is ([`Job::kept`]) — that caller was told
+    /// it is queued, and never hung up —, stored so, in this request's event.
+    fn keep_for_detached_repeat(&mut self, job_id: &str, mode: Mode, effects: &mut Vec<Effect>) {
+        let keep = mode == Mode::Detached && self.job(job_id).is_some_and(|j| j.waited_only() && !j.state.is_terminal());
+        if keep {
+            info!(job_id, "a POST /jobs repeated this /execute job's key: it is kept whether or not its /execute callers wait");
+            self.job_mut(job_id).expect("the job exists").kept = true;
+            effects.push(self.save(job_id));
+        }
     }
 
     /// Why the queue has no room for this submission, if it has none. The caps bound
@@ -602,6 +625,9 @@ impl Edge {
         } else if self.unwaited(job) {
             let why = "the job never reached its agent and its caller is gone (it may have run the task elsewhere); \
                        it will not run: submit it again";
+            // Taken back first: it never ran, so a repeat of its key makes a new job
+            // ([`Job::superseded_by_repeat`]).
+            self.job_mut(job_id).expect("the job exists").take_back();
             self.end_unstarted(now, job_id, why, effects);
         } else {
             info!(job_id, "job queued again: it never ran");
@@ -614,14 +640,7 @@ impl Edge {
     fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
         let job = self.job_mut(job_id).expect("requeued jobs exist");
         job.state = JobState::Queued;
-        job.unstarted = false;
-        job.agent_id = None;
-        job.session_id = None;
-        job.instance = None;
-        job.told_lost_after_ms = None;
-        job.dispatched_at = None;
-        job.orphaned_at = None;
-        job.order_no = 0;
+        job.take_back();
         let job = std::sync::Arc::clone(&self.jobs[job_id]);
         effects.push(Effect::Save(std::sync::Arc::clone(&job)));
         self.active.remove(job_id);

@@ -311,19 +311,19 @@ impl Edge {
         }
         let mut jobs = jobs;
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
-        let mut callerless = Vec::new();
+        // Each with whether it was sent to an agent, which may have started it before the
+        // edge went down (its `Started` lost with it): such a job keeps its key's slot.
+        let mut callerless: Vec<(String, bool)> = Vec::new();
         for job in jobs {
             if job.forgotten {
                 edge.restore_spent(&job, &mut effects);
                 continue;
             }
             let mut job = job.in_memory();
-            if let Some(slot) = job.idempotency_slot() {
-                edge.idempotency.insert(slot, job.id.clone());
-            }
+            edge.claim_slot(&job);
             let mut changed = false;
             match job.state {
-                JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
+                JobState::Queued if job.waited_only() => callerless.push((job.id.clone(), false)),
                 JobState::Queued => {}
                 // Sent, or accepted and held before its start (at the login's refresh gate,
                 // in a long checkout), its Claude not given the prompt: its caller is gone
@@ -331,11 +331,11 @@ impl Edge {
                 // it was given up, and never starts it) — unless a clean stop told that
                 // caller to follow it.
                 JobState::Dispatched | JobState::Running
-                    if job.mode == crate::record::Mode::Wait
+                    if job.waited_only()
                         && (job.state == JobState::Dispatched || job.unstarted)
                         && !job.callers_told_to_follow =>
                 {
-                    callerless.push(job.id.clone())
+                    callerless.push((job.id.clone(), true))
                 }
                 JobState::Dispatched | JobState::Running => {
                     let connected = job.session_id.as_ref().is_some_and(|s| edge.sessions.contains_key(s));
@@ -357,8 +357,16 @@ impl Edge {
             }
             edge.jobs.insert(job.id.clone(), job);
         }
-        for id in callerless {
-            edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
+        for (id, sent) in callerless {
+            // A repeat of a job's key makes a new job only if it was never sent
+            // (`Job::superseded_by_repeat`): one that was keeps its key, and says to send a
+            // new one.
+            let why = match sent {
+                false => "the edge restarted before the job started and its caller is gone; it will not run: submit it again",
+                true => "the edge restarted before its agent said it started the job and its caller is gone; it will not run: \
+                         submit it again with a new idempotency key (its agent may have begun it, and is told to drop it)",
+            };
+            edge.end_unstarted(now, &id, why, &mut effects);
         }
         // Restored, the job that ended last is the last in the retained order.
         let last = edge.retained.last().cloned();
@@ -417,9 +425,21 @@ impl Edge {
             }
             _ => self.count_retained(job, true),
         }
-        if let Some(slot) = job.idempotency_slot() {
-            self.idempotency.insert(slot, job.id.clone());
+        self.claim_slot(job);
+    }
+
+    /// Makes `job` the one its idempotency key names — unless the key names another job
+    /// already and this one is superseded by a repeat ([`Job::superseded_by_repeat`]):
+    /// the newer job made in its place keeps the key, whatever order records come back in
+    /// (a restore, an undone event's job put back), or a repeat would make a third job
+    /// while the second may be running.
+    fn claim_slot(&mut self, job: &Job) {
+        let Some(slot) = job.idempotency_slot() else { return };
+        let taken = self.idempotency.get(&slot).is_some_and(|held| *held != job.id && (self.jobs.contains_key(held) || self.spent.contains(held)));
+        if taken && job.superseded_by_repeat() {
+            return;
         }
+        self.idempotency.insert(slot, job.id.clone());
     }
 
     /// Counts an ended job in, or out of, what is retained: in all and by its owner.

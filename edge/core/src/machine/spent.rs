@@ -74,6 +74,11 @@ impl SpentKeys {
         self.by_id.len()
     }
 
+    /// Whether the key of forgotten job `id` is kept.
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
     fn insert(&mut self, id: &str, spent: Spent) {
         let place = (spent.finished_at, id.to_string());
         self.order.insert(place.clone());

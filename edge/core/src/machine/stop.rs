@@ -29,7 +29,7 @@ impl Edge {
         self.stopping = true;
         let mut effects = Vec::new();
         let unstarted: Vec<String> =
-            self.queue.ids().filter(|id| self.jobs[*id].mode == Mode::Wait).cloned().collect();
+            self.queue.ids().filter(|id| self.jobs[*id].waited_only()).cloned().collect();
         info!(unstarted = unstarted.len(), callers = self.callers_waiting(), "edge stopping");
         for id in unstarted {
             self.end_unstarted(

@@ -26,6 +26,7 @@ mod model;
 mod notices;
 mod pending;
 mod recovery;
+mod repeats;
 mod routing;
 mod shares;
 mod stop;

@@ -22,7 +22,9 @@
 //! - a job whose caller was told to fall back never starts;
 //! - an idempotency key never makes a second job while an earlier job of it that started
 //!   is within its retention (the model's edge keeps two ended jobs, so the caps forget
-//!   jobs, keeping their keys, within a case).
+//!   jobs, keeping their keys, within a case);
+//! - a repeat of a key whose last job ended without an order ever sent for it (not by its
+//!   caller's cancel) makes a new job: it is never given that job's end again.
 //!
 //! At the end everything heals: agents reconnect, messages flow, jobs end. Then every
 //! accepted job has ended, and no job waits in the queue while an agent is idle (credits
@@ -196,6 +198,8 @@ struct World {
     ended_at: HashMap<String, u64>,
     /// The jobs each idempotency key made, in order.
     keyed: HashMap<u8, Vec<String>>,
+    /// The jobs an order was sent for.
+    ordered: BTreeSet<String>,
 }
 
 /// The model's edge: a cap of two ended jobs, so the caps forget jobs (and keep their keys)
@@ -243,6 +247,7 @@ impl World {
             seed: 0,
             ended_at: HashMap::new(),
             keyed: HashMap::new(),
+            ordered: BTreeSet::new(),
         }
     }
 
@@ -318,6 +323,7 @@ impl World {
                             assert!(!a.holds(&order.header.job_id), "job {} sent while {} holds it", order.header.job_id, a.id);
                         }
                         assert!(!self.started_heard.contains(&order.header.job_id), "job {} sent again after the edge took its Started", order.header.job_id);
+                        self.ordered.insert(order.header.job_id.clone());
                     }
                     if let Some(a) = self.agents.iter_mut().find(|a| a.session.as_deref() == Some(session.as_str())) {
                         a.down.push_back(msg);
@@ -525,6 +531,14 @@ impl World {
                 if let Some(k) = key {
                     body = json!({"prompt": format!("task {k}"), "timeout_ms": 60000, "idempotency_key": format!("k{k}")});
                 }
+                // The key's last job, if it ended without an order ever sent for it, not
+                // by its caller's cancel, and is kept: it can never run, so a repeat makes a
+                // new job, never gives its end again (review rev36a, 1).
+                let never_ran = key.and_then(|k| self.keyed.get(&k)?.last().cloned()).filter(|last| {
+                    self.ended.get(last).is_some_and(|r| r.error_code != Some(ErrorCode::Cancelled))
+                        && !self.ordered.contains(last)
+                        && self.edge.job(last).is_some()
+                });
                 let handled = call(&mut self.edge, self.now, "POST", path, body);
                 let new = handled.effects.iter().find_map(|e| match e {
                     Effect::Save(job) if !self.jobs.contains(&job.id) => Some(job.id.clone()),
@@ -532,6 +546,11 @@ impl World {
                 });
                 if let (Some(k), Some(id)) = (key, &new) {
                     self.check_new_job_of_key(k, id);
+                }
+                if let (Some(last), None) = (&never_ran, &new) {
+                    let delivered = handled.effects.iter().any(|e| matches!(e, Effect::Deliver { job_id, .. } if job_id == last));
+                    let named = answer_to(&handled.effects, handled.caller).is_some_and(|(_, body)| body["job_id"] == last.as_str());
+                    assert!(!delivered && !named, "a repeat of key k{} was given the end of job {last}, which never ran", key.unwrap());
                 }
                 let answered = handled.effects.iter().any(|e| matches!(e, Effect::Answer { caller, .. } if *caller == handled.caller));
                 if let (true, false, Some(id)) = (wait, answered, &new) {
