@@ -895,6 +895,9 @@ impl Edge {
                         ),
                         0,
                     );
+                    // It never ran (each send before was refused or never received, and
+                    // taken back): a repeat of its key makes a new job.
+                    self.job_mut(&id).expect("active jobs exist").take_back();
                     self.finish(now, &id, result, effects);
                 } else if retry {
                     self.send_again(now, &id, effects);

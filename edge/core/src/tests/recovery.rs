@@ -1376,11 +1376,12 @@ fn an_agent_that_cannot_start_jobs_hands_them_back_and_takes_none_until_it_can()
 
 /// A job refused with `retry` again and again (agents that each hand it back, healing in
 /// between) does not go round for ever: at [`crate::machine::MAX_JOB_SENDS`] sends it
-/// ends, RUNNER_OFFLINE, with the last refusal's words.
+/// ends, RUNNER_OFFLINE, with the last refusal's words. It never ran: a repeat of its key
+/// makes a new job (review rev36a, 1).
 #[test]
 fn a_job_handed_back_again_and_again_ends_rather_than_go_round() {
     let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    edge.submit(0, "j1".into(), submission("x", 600_000, Some("k")), Mode::Detached).unwrap();
     let mut received = 0;
     let done = loop {
         received += 1;
@@ -1395,6 +1396,8 @@ fn a_job_handed_back_again_and_again_ends_rather_than_go_round() {
     assert_eq!(edge.job("j1").unwrap().attempts, crate::machine::MAX_JOB_SENDS);
     assert_eq!(done.2["error_code"], "RUNNER_OFFLINE", "{done:?}");
     assert!(done.2["error"].as_str().unwrap().contains("its disk is full"), "{done:?}");
+    let again = edge.submit(200, "j2".into(), submission("x", 600_000, Some("k")), Mode::Detached).unwrap();
+    assert!(!again.existing && again.job_id == "j2", "{again:?}");
 }
 
 /// The bound counts a job's sends, whatever became of them ([`crate::machine::MAX_JOB_SENDS`],
