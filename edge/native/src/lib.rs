@@ -10,7 +10,9 @@
 //!   socket), and how many each secret's holder may hold busy (a quarter of the cap kept
 //!   for agents, the rest split equally). No I/O: the server tells it what each
 //!   connection does.
-//! - [`listen`]: the listening socket, its backlog sized from `MAX_CONNECTIONS`.
+//! - [`listen`]: the listening socket, its backlog sized from `MAX_CONNECTIONS`; each
+//!   accepted socket's TCP keepalive and `TCP_USER_TIMEOUT`, so a peer gone without a
+//!   word is noticed within a minute.
 //! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
 //!   the socket's end once either side closed it.
 //! - [`stall`]: each connection watched, and ended once its peer takes nothing for

@@ -214,6 +214,13 @@ async fn serve_connections(
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEAD_BYTES);
+    // A connection whose peer's side reads EOF is closed, as hyper does by default: that
+    // EOF is how a caller that closed is noticed (its waiting `/execute` let go, its queued
+    // job ended before it starts). A half-close (`shutdown(SHUT_WR)`) looks the same, so a
+    // client that half-closes after its request gets no answer — README says not to; kept
+    // open instead, every caller that closed would hold its place, and its queued job would
+    // start, until the job's end or a write failed (review rev36a, 3).
+    http.half_close(false);
     let table: Table = Arc::new(Mutex::new(table));
     let refusal = refusal();
     // Each connection's task holds a clone; once the last is dropped every one has ended.
@@ -258,6 +265,10 @@ async fn serve_connections(
                 continue;
             }
         };
+        if let Err(e) = crate::listen::watch_for_vanished_peer(&tcp) {
+            // Served all the same: only a peer gone without a word goes unnoticed longer.
+            warn!(peer = %addr, error = %e, "could not set TCP keepalive on a connection");
+        }
         let conn = Conn { id, table: Arc::clone(&table) };
         let io = Held { io: crate::stall::watch(tcp), _slot: Slot(conn.clone()) };
         let app = app.clone().layer(axum::Extension(ConnectInfo(Peer(addr)))).layer(axum::Extension(conn.clone()));
