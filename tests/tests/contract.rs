@@ -1568,6 +1568,32 @@ async fn idempotent_submits_run_once(kind: EdgeKind) {
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// Review rev36a, 1: a keyed job that ended without ever reaching an agent (here its wait
+/// in the queue ran out behind the busy slot) kept its key, and every repeat was given its
+/// stored end for JOB_RETENTION_MS, though it can never run. A repeat makes a new job in
+/// its place, which runs once; the old one stays readable.
+async fn a_repeat_of_the_key_of_a_job_that_never_ran_runs_the_task(kind: EdgeKind) {
+    let s = setup(kind, &[("QUEUE_TTL_MS", "1500")], &[]).await;
+    let busy = s.client.submit(json!({"prompt": "@sleep=4000 holding the one slot"})).await;
+    let busy = busy.body["job_id"].as_str().unwrap().to_string();
+    let body = json!({"prompt": "once", "idempotency_key": "k-expired"});
+    let first = s.client.submit(body.clone()).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let old = first.body["job_id"].as_str().unwrap().to_string();
+    let ended = s.client.wait_job(&old, Duration::from_secs(60)).await;
+    assert_eq!((ended["state"].as_str(), ended["result"]["error_code"].as_str()), (Some("timed_out"), Some("TIMEOUT")), "{ended}");
+    assert_eq!(s.client.wait_job(&busy, Duration::from_secs(60)).await["state"], "succeeded");
+    let again = s.client.execute(body.clone()).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}", again.text);
+    assert_ne!(again.body["job_id"], json!(old), "a new job");
+    // The key names the new job now; the old one is still there to read.
+    let repeat = s.client.submit(body).await;
+    assert_eq!((repeat.status, &repeat.body["job_id"]), (200, &again.body["job_id"]), "{}", repeat.text);
+    assert_eq!(s.client.get(&format!("/jobs/{old}")).await.body["state"], "timed_out");
+    let runs: Vec<String> = s.agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(runs.iter().filter(|p| *p == "once").count(), 1, "{runs:?}");
+}
+
 /// `/execute` callers repeating the key of a job wait on it, up to 16 (the next is told
 /// 429 at once, where to read the job). On the native edge one that hangs up gives its
 /// place back; the Worker's object is not told of a hang-up (the workerd these tests run
@@ -2515,6 +2541,7 @@ macro_rules! contract {
 
 contract!(
     a_job_returns_every_response_field,
+    a_repeat_of_the_key_of_a_job_that_never_ran_runs_the_task,
     the_existing_callers_are_served_as_they_call,
     request_options_reach_claude_as_flags,
     offline_is_answered_at_once_with_fallback,

@@ -341,6 +341,43 @@ fn edge_holds_connection(edge_port: u16, peer_port: u16) -> bool {
     })
 }
 
+/// The timer the kernel runs on the edge's side of the connection from `peer_port`
+/// (`/proc/net/tcp`'s `tr:tm->when`): its kind (2: keepalive) and when it fires, in clock
+/// ticks (USER_HZ, 100 a second).
+fn edge_side_timer(edge_port: u16, peer_port: u16) -> Option<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port_of = |field: &str| field.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() <= 5 || port_of(f[1]) != Some(edge_port) || port_of(f[2]) != Some(peer_port) || f[3] != "01" {
+            return None;
+        }
+        let (kind, when) = f[5].split_once(':')?;
+        Some((u8::from_str_radix(kind, 16).ok()?, u64::from_str_radix(when, 16).ok()?))
+    })
+}
+
+/// Review rev36a, 3: a caller gone without a FIN or a reset (its machine off, its network
+/// cut) was never noticed — no TCP keepalive on accepted sockets, the kernel's default
+/// probing after two hours — so its queued `/execute` started later for nobody. Every
+/// accepted connection is probed after 30 s of quiet (`listen::KEEPALIVE_IDLE`): the
+/// kernel runs the keepalive timer on the edge's side of it, due within those 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_connection_is_probed_once_quiet_for_30_s() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let quiet = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let peer_port = quiet.local_addr().unwrap().port();
+    assert!(eventually(Duration::from_secs(10), || edge_holds_connection(port, peer_port)).await, "accepted");
+    let probed = eventually(Duration::from_secs(10), || edge_side_timer(port, peer_port).is_some_and(|(kind, _)| kind == 2)).await;
+    let timer = edge_side_timer(port, peer_port);
+    assert!(probed, "no keepalive timer on the edge's side of a quiet connection: {timer:?}");
+    let (_, when) = timer.unwrap();
+    assert!(when <= 30 * 100, "the first probe is due in {} s, not within 30 s", when / 100);
+    drop(quiet);
+}
+
 /// A follower that reads the status line and then never another byte, while megabytes of
 /// progress go by: it is dropped from the job (it falls too far behind), and its
 /// connection — the edge's file descriptor and what is queued for it — must go too, even

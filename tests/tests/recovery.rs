@@ -506,6 +506,124 @@ async fn a_queued_execute_kept_alive_whose_caller_hung_up_never_runs() {
     assert!(!prompts.iter().any(|p| p.contains("hung up on")), "the job hung up on ran: {prompts:?}");
 }
 
+/// An `/execute` with idempotency key `key` whose caller gives up after `patience`: what
+/// it got (no answer: the job was queued behind the busy slot).
+async fn impatient_execute(edge: &EdgeServer, prompt: &str, key: &str, patience: Duration) -> Result<reqwest::Response, reqwest::Error> {
+    let impatient = reqwest::Client::builder().no_proxy().timeout(patience).build().unwrap();
+    impatient
+        .post(format!("{}/execute", edge.url()))
+        .header("X-Runner-Secret", SECRET)
+        .header("content-type", "application/json")
+        .body(json!({"prompt": prompt, "idempotency_key": key}).to_string())
+        .send()
+        .await
+}
+
+/// The prompts the agent's Claude was given, in order.
+fn prompts(agent: &AgentProc) -> Vec<String> {
+    agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect()
+}
+
+/// Review rev36a, 1 (`idem_hangup.py` order A, `stale503.py`): an `/execute` whose job
+/// ended without ever starting — its caller hung up while it was queued, or its agent left
+/// — answered every repeat of its key with the stored 503 ("its caller hung up…", "no
+/// agent is connected…") for JOB_RETENTION_MS, with the agent back and idle. Resending
+/// with the same key is the recovery README gives: the repeat runs the task, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_the_key_of_an_execute_that_never_started_runs_the_task() {
+    let (edge, mut agent, client) = setup(&[QUICK_HEARTBEATS, ("LOST_AFTER_MS", "3000")]).await;
+    // Its caller hung up while it was queued behind the busy slot.
+    client.submit(json!({"prompt": "@sleep=2000 holding the one slot"})).await;
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    let gone = impatient_execute(&edge, "task A", "KA", Duration::from_millis(500)).await;
+    assert!(gone.is_err(), "queued: no answer yet: {gone:?}");
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job ended before it started")).await, "{}", edge.log());
+    let again = client.execute(json!({"prompt": "task A", "idempotency_key": "KA"})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}", again.text);
+    assert_eq!(prompts(&agent).iter().filter(|p| *p == "task A").count(), 1, "{:?}", prompts(&agent));
+
+    // Its agent left while it was queued; the agent is back.
+    client.submit(json!({"prompt": "@sleep=30000 holding the one slot again"})).await;
+    assert!(eventually(Duration::from_secs(60), || prompts(&agent).len() == 3).await, "{}", edge.log());
+    let c = client.clone();
+    let first = tokio::spawn(async move { c.execute(json!({"prompt": "task D", "idempotency_key": "KD"})).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.health_full().await.body["queued_jobs"] != 1 {
+        assert!(Instant::now() < deadline, "task D never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill();
+    let first = first.await.unwrap();
+    assert_eq!((first.status, first.body["error_code"].as_str()), (503, Some("RUNNER_OFFLINE")), "{}", first.text);
+    agent.ensure_running();
+    client.wait_online().await;
+    let again = client.execute(json!({"prompt": "task D", "idempotency_key": "KD"})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}", again.text);
+    assert_ne!(again.body["job_id"], first.body["job_id"], "a new job");
+    assert_eq!(prompts(&agent).iter().filter(|p| *p == "task D").count(), 1, "{:?}", prompts(&agent));
+}
+
+/// Review rev36a, 1 (`crash_idem.py`): the edge is killed with an `/execute` queued; the
+/// restart ends it (its caller's request died with the edge), and every repeat of its key
+/// was told "the edge restarted before the job started … submit it again" — for good. The
+/// repeat runs the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_the_key_of_an_execute_a_crash_ended_unstarted_runs_the_task() {
+    let (mut edge, agent, client) = setup(&[]).await;
+    client.submit(json!({"prompt": "@sleep=3000 holding the one slot"})).await;
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    let c = client.clone();
+    let caller = tokio::spawn(async move { c.try_send("POST", "/execute", Some(SECRET), Some(json!({"prompt": "task C", "idempotency_key": "KC"}).to_string().into_bytes())).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.health_full().await.body["queued_jobs"] != 1 {
+        assert!(Instant::now() < deadline, "task C never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.kill();
+    assert!(caller.await.unwrap().is_err(), "its caller's request died with the edge");
+    edge.restart();
+    client.wait_online().await;
+    let again = client.execute(json!({"prompt": "task C", "idempotency_key": "KC"})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, edge.log());
+    assert_eq!(prompts(&agent).iter().filter(|p| *p == "task C").count(), 1, "{:?}", prompts(&agent));
+}
+
+/// Review rev36a, 2 (`idem_hangup.py` order B): a `POST /jobs` repeating the key of an
+/// `/execute` still waiting was told "queued"; then the `/execute` caller hung up and the
+/// job ended unstarted ("its caller hung up … submit it again"), though the `/jobs` caller
+/// never did. The job is kept from that repeat on, and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_repeat_of_a_waiting_executes_key_keeps_the_job_after_the_execute_hangs_up() {
+    let (edge, agent, client) = setup(&[]).await;
+    client.submit(json!({"prompt": "@sleep=3000 holding the one slot"})).await;
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    let url = edge.url();
+    let hanging = tokio::spawn(async move {
+        let edge_url = url;
+        let impatient = reqwest::Client::builder().no_proxy().timeout(Duration::from_millis(1500)).build().unwrap();
+        impatient
+            .post(format!("{edge_url}/execute"))
+            .header("X-Runner-Secret", SECRET)
+            .header("content-type", "application/json")
+            .body(json!({"prompt": "task B", "idempotency_key": "KB"}).to_string())
+            .send()
+            .await
+            .is_err()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.health_full().await.body["queued_jobs"] != 1 {
+        assert!(Instant::now() < deadline, "task B never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let repeat = client.submit(json!({"prompt": "task B", "idempotency_key": "KB"})).await;
+    assert_eq!((repeat.status, repeat.body["state"].as_str()), (200, Some("queued")), "{}", repeat.text);
+    let id = repeat.body["job_id"].as_str().unwrap().to_string();
+    assert!(hanging.await.unwrap(), "the /execute caller hung up before its job started");
+    let job = client.wait_job(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", edge.log());
+    assert_eq!(prompts(&agent).iter().filter(|p| *p == "task B").count(), 1, "{:?}", prompts(&agent));
+}
+
 /// A clean stop (SIGTERM) while a job's callback is on its way to a slow receiver: the
 /// edge waits for the answer and stores it before it exits, so its restart has no
 /// callback left to post. (It exited 3 s after the stop whatever was on its way, and the
