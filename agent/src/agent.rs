@@ -717,7 +717,7 @@ impl Agent {
         };
         // The job's task lasts until its result is on disk: a drain waits for it.
         let (agent, owner, id) = (Arc::clone(self), owner.clone(), job_id.to_string());
-        let written = tokio::task::spawn_blocking(move || {
+        let written = crate::trips::run(move || {
             if let Some(session) = &session {
                 // Appended before the result goes (one write, no sync: a kill of the agent
                 // loses nothing written): an agent killed once the result was sent lost the

@@ -89,6 +89,7 @@ mod sessions;
 mod signin;
 mod spool;
 mod status;
+mod trips;
 mod submit;
 #[cfg(feature = "up")]
 mod up;

@@ -481,7 +481,8 @@ pub async fn run(
         Ok(pipes) => pipes,
         Err(e) => return could_not_start(e),
     };
-    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
+    // Both trips on the agent's own threads ([`crate::trips`]), beside each other.
+    let start = crate::trips::run(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
     // `ready` (the job's durable "started" record) is made while Claude starts, and the
     // prompt — Claude's work — goes into its stdin the moment it is done, by the thread
     // that made it, whether or not Claude is up yet (the socket holds it): the runtime
@@ -489,7 +490,7 @@ pub async fn run(
     // is most often done. Until then stdin stays open and empty: a Claude killed for want
     // of the record never reads a prompt, not even an empty one.
     let stdin = child.stdin.take();
-    let feed = tokio::task::spawn_blocking(move || {
+    let feed = crate::trips::run(move || {
         // Even a panic there hands stdin back unwritten, to be closed only once Claude is
         // killed.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(ready)) {
@@ -499,7 +500,7 @@ pub async fn run(
         }
     });
     // The launcher first: awaited in this order, a record done before the answer wakes
-    // nothing (a join handle wakes only a task that has polled it).
+    // nothing (a oneshot wakes only a task that has polled it).
     let spawned = start.await;
     let fed = feed.await.unwrap_or_else(|e| Err((format!("the start was cut short: {e}"), None)));
     let spawned = spawned.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
