@@ -692,8 +692,9 @@ impl Agent {
     /// travels (see [`crate::spool`]); the job's workspace is removed after that write, as
     /// is the upkeep of the sessions' log. The record of whose its Claude session is
     /// ([`crate::sessions`]) is appended before the result goes. All of these writes are
-    /// one trip off the async threads: each trip costs a wake-up of a pool thread and
-    /// another of the runtime's, and the record and the result's write were two.
+    /// one trip off the async threads ([`crate::trips`]): each trip costs a wake-up of a
+    /// trip thread and another of the runtime's, and the record and the result's write
+    /// were two.
     /// `session` is the one the agent started Claude in ([`runner::Ended::session`]), not
     /// the result's.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, session: Option<String>, leftover: Option<runner::Leftover>) {
@@ -756,7 +757,7 @@ impl Agent {
 
     /// Sends a job's result ([`Agent::finish`]): kept in the spool's memory, MACed, queued
     /// with the statement of the agent's slots (and of its mirrors, when they changed), the
-    /// job's slot freed. Called from the runtime or a blocking-pool thread.
+    /// job's slot freed. Called from the runtime or a trip thread ([`crate::trips`]).
     fn send_result(&self, job_id: &str, stored: StoredResult) {
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.

@@ -26,6 +26,8 @@
 //!   under a byte budget (dropped past it, and counted).
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
+//! - [`trips`]: a job's blocking trips (its start, its end's records) on the agent's own
+//!   threads, each woken once, not through tokio's blocking pool.
 //! - [`launcher`]: the small process that starts every Claude, so the agent itself never
 //!   forks per job.
 //! - [`zygote`]: the process each launcher is cloned from, forked at the agent's start, so

@@ -453,7 +453,7 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 /// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
 /// to `on_line`. Whatever happens, nothing of its process group is left running.
 /// `started` is called once Claude was spawned and `ready` (its durable started marker,
-/// made on a blocking-pool thread while the launcher starts Claude) is done: never for a
+/// made on a trip thread, [`crate::trips`], while the launcher starts Claude) is done: never for a
 /// job whose Claude could not be started.
 pub async fn run(
     launch: Launch<'_>,

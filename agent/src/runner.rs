@@ -775,7 +775,7 @@ async fn run_claude(
     let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, &ctx.progress, send, tell);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
-    // started). Written on a blocking-pool thread while Claude starts, which then gives
+    // started). Written on a trip thread (crate::trips) while Claude starts, which then gives
     // Claude its prompt (process::run).
     // Set when the start rule, looked at once the record was written and Claude spawned,
     // said no: never (given up), or not now (held).
