@@ -320,6 +320,9 @@ fn widen_stdout(end: &OwnedFd) {
 /// This agent's launcher (see [`crate::launcher`]), started with the first job.
 static LAUNCHER: Launcher = Launcher::new();
 
+/// The thread every job's start through [`LAUNCHER`] is sent to, in turn ([`crate::trips::Lane`]).
+static LAUNCHES: crate::trips::Lane = crate::trips::Lane::new("claude-runner-launches");
+
 /// Starts this agent's launcher ahead of the first job.
 pub fn start_launcher() -> std::io::Result<()> {
     LAUNCHER.start()
@@ -481,8 +484,10 @@ pub async fn run(
         Ok(pipes) => pipes,
         Err(e) => return could_not_start(e),
     };
-    // Both trips on the agent's own threads ([`crate::trips`]), beside each other.
-    let start = crate::trips::run(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
+    // Both trips on the agent's own threads ([`crate::trips`]), beside each other: the
+    // launcher's on its lane (it starts one Claude at a time), the record's on a thread of
+    // its own.
+    let start = LAUNCHES.run(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
     // `ready` (the job's durable "started" record) is made while Claude starts, and the
     // prompt — Claude's work — goes into its stdin the moment it is done, by the thread
     // that made it, whether or not Claude is up yet (the socket holds it): the runtime

@@ -14,15 +14,19 @@
 //! first: their number is the most trips ever under way at once (a job's start has two,
 //! its launcher's spawn and its record, beside each other), so a slow trip — a disk sync,
 //! the launcher busy for seconds — never holds up another job's. A thread that cannot be
-//! made (the user's process limit) leaves the trip to tokio's pool, as before. Rare or
-//! slow work (repositories, evictions, leftovers at start) stays on `spawn_blocking`.
+//! made (the user's process limit) leaves the trip to tokio's pool, as before. Trips that
+//! take turns anyway — the launcher's spawns, one at a time behind its lock — go to a
+//! [`Lane`] of their own instead: one thread that takes them in order, so none sleeps on
+//! that lock. Rare or slow work (repositories, evictions, leftovers at start) stays on
+//! `spawn_blocking`.
 //!
 //! A trip that panics answers [`Cut`], as a `JoinError` did, and its thread goes on; a
 //! trip's future dropped before its answer lets the trip run to its end all the same, as
 //! `spawn_blocking` does (a started record, a result's write are never cut in half).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 
 /// A trip ended without an answer: it panicked (a bug: the panic is in the agent's log),
@@ -41,9 +45,10 @@ type Task = Box<dyn FnOnce(Option<&Arc<Worker>>) + Send>;
 
 /// One of the agent's trip threads, as the runtime thread hands it work.
 struct Worker {
-    /// The next trip; locked by the runtime thread to put one in and by the worker to
-    /// take it, never while the other is woken.
-    next: Mutex<Option<Task>>,
+    /// The trips handed to it, in order (a pool thread's holds one at a time; a
+    /// [`Lane`]'s queues); locked by the runtime thread to put one in and by the worker
+    /// to take it, never while the other is woken.
+    next: Mutex<VecDeque<Task>>,
     thread: std::thread::Thread,
 }
 
@@ -58,6 +63,42 @@ static IDLE: Mutex<Vec<Arc<Worker>>> = Mutex::new(Vec::new());
 /// Inside the trip the caller's runtime is entered (as on a blocking-pool thread), so what
 /// it calls finds it (`Handle::try_current`: the status file's write behind).
 pub fn run<R: Send + 'static>(trip: impl FnOnce() -> R + Send + 'static) -> impl std::future::Future<Output = Result<R, Cut>> {
+    let (task, answer) = task(trip, true);
+    if let Err(task) = hand(task) {
+        fallback(task);
+    }
+    answer
+}
+
+/// One thread of the agent's own for trips that take turns anyway: the launcher starts one
+/// Claude at a time, behind its lock. Each start on a pool thread of its own slept on that
+/// lock while another's exchange ran (two thirds of the agent's waits on a contended lock
+/// once the blocking pool's were gone); queued here, the lane's thread takes the next start
+/// as it ends the last, and is woken only when it had none.
+pub struct Lane {
+    name: &'static str,
+    worker: OnceLock<Option<Arc<Worker>>>,
+}
+
+impl Lane {
+    pub const fn new(name: &'static str) -> Lane {
+        Lane { name, worker: OnceLock::new() }
+    }
+
+    /// Runs `trip` on the lane's thread after the trips handed to it before: as [`run`].
+    pub fn run<R: Send + 'static>(&self, trip: impl FnOnce() -> R + Send + 'static) -> impl std::future::Future<Output = Result<R, Cut>> {
+        let (task, answer) = task(trip, false);
+        match self.worker.get_or_init(|| spawn(self.name)) {
+            Some(worker) => give(worker, task),
+            // No thread could be made at the first trip: the lane is tokio's pool.
+            None => fallback(task),
+        }
+        answer
+    }
+}
+
+/// `trip` as a task for a thread (made idle again after it when `pooled`), and its answer.
+fn task<R: Send + 'static>(trip: impl FnOnce() -> R + Send + 'static, pooled: bool) -> (Task, impl std::future::Future<Output = Result<R, Cut>>) {
     let (tx, rx) = oneshot::channel();
     let runtime = tokio::runtime::Handle::try_current().ok();
     let task: Task = Box::new(move |me| {
@@ -67,7 +108,7 @@ pub fn run<R: Send + 'static>(trip: impl FnOnce() -> R + Send + 'static) -> impl
         };
         // Idle again before the answer wakes the runtime thread: its next trip finds this
         // thread without waiting for it to push itself back.
-        if let Some(me) = me {
+        if let Some(me) = me.filter(|_| pooled) {
             IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(me));
         }
         if let Ok(answer) = answer {
@@ -75,12 +116,13 @@ pub fn run<R: Send + 'static>(trip: impl FnOnce() -> R + Send + 'static) -> impl
         }
         // A panic drops `tx`: the caller hears `Cut`.
     });
-    if let Err(task) = hand(task) {
-        // No thread of our own: tokio's pool. A task it never runs (the runtime stopping)
-        // is dropped, and with it `tx`.
-        drop(tokio::task::spawn_blocking(move || task(None)));
-    }
-    async move { rx.await.map_err(|_| Cut) }
+    (task, async move { rx.await.map_err(|_| Cut) })
+}
+
+/// No thread of our own: tokio's pool. A task it never runs (the runtime stopping) is
+/// dropped, and with it its answer's sender.
+fn fallback(task: Task) {
+    drop(tokio::task::spawn_blocking(move || task(None)));
 }
 
 /// Gives `task` to an idle thread, or to a new one; the task back if no thread could be
@@ -89,26 +131,32 @@ fn hand(task: Task) -> Result<(), Task> {
     let idle = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop();
     let worker = match idle {
         Some(worker) => worker,
-        None => match spawn() {
+        None => match spawn("claude-runner-trip") {
             Some(worker) => worker,
             None => return Err(task),
         },
     };
-    *worker.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-    // After the lock is let go: the thread wakes to a slot it takes at once.
-    worker.thread.unpark();
+    give(&worker, task);
     Ok(())
 }
 
+/// Puts `task` in `worker`'s slot and wakes it, after the lock is let go: the thread wakes
+/// to a slot it takes at once. (A thread not parked is not woken: `unpark` leaves it a
+/// token, no system call.)
+fn give(worker: &Worker, task: Task) {
+    worker.next.lock().unwrap_or_else(|e| e.into_inner()).push_back(task);
+    worker.thread.unpark();
+}
+
 /// A new trip thread, parked until its first trip.
-fn spawn() -> Option<Arc<Worker>> {
+fn spawn(name: &str) -> Option<Arc<Worker>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Worker>>(1);
-    let made = std::thread::Builder::new().name("claude-runner-trip".into()).spawn(move || {
-        let me = Arc::new(Worker { next: Mutex::new(None), thread: std::thread::current() });
+    let made = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let me = Arc::new(Worker { next: Mutex::new(VecDeque::new()), thread: std::thread::current() });
         let _ = tx.send(Arc::clone(&me));
         drop(tx);
         loop {
-            let next = me.next.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let next = me.next.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
             match next {
                 // Panics are caught inside the task: the thread goes on.
                 Some(task) => task(Some(&me)),
@@ -179,6 +227,32 @@ mod tests {
         let second = run(move || tx.send(()).is_ok());
         assert!(tokio::time::timeout(Duration::from_secs(60), first).await.expect("the second trip never started").unwrap());
         assert!(second.await.unwrap());
+    }
+
+    /// A lane runs its trips one after another in the order they were asked for, and a
+    /// panic in one answers `Cut` without keeping the next from running.
+    #[tokio::test]
+    async fn a_lane_runs_its_trips_in_turn_and_goes_on_after_a_panic() {
+        static LANE: Lane = Lane::new("claude-runner-test-lane");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let first = {
+            let order = Arc::clone(&order);
+            LANE.run(move || {
+                rx.recv().unwrap();
+                order.lock().unwrap().push(1);
+            })
+        };
+        let panics = LANE.run(|| -> u32 { panic!("a bug in a trip") });
+        let third = {
+            let order = Arc::clone(&order);
+            LANE.run(move || order.lock().unwrap().push(3))
+        };
+        tx.send(()).unwrap();
+        first.await.unwrap();
+        assert!(panics.await.is_err());
+        third.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), [1, 3]);
     }
 
     /// Inside a trip the caller's runtime is entered: what the trip calls may spawn on it
