@@ -269,25 +269,38 @@ async fn run_in(
             // Rounds of room made from idle mirrors so far for the fetch and for the
             // checkout (`Repos::make_room`): each step has its own.
             let mut rounds = [0u32; 2];
+            let mut evicted = 0;
+            // The job's time ended at `checking_out`: after rounds of room, the full disk
+            // is said, not only a slow server (rev37-4).
+            let timed_out = |checking_out: bool, rounds: [u32; 2], evicted: usize| {
+                let timeout_ms = spec.timeout_ms;
+                match (rounds, checking_out) {
+                    ([0, 0], true) => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
+                    ([0, 0], false) => RepoError::FetchTimedOut { url: url.clone(), timeout_ms },
+                    (rounds, checking_out) => {
+                        let step = if checking_out { "checkout" } else { "fetch" };
+                        RepoError::RoomTimedOut { url: url.clone(), step: step.into(), timeout_ms, rounds: rounds[0] + rounds[1], evicted }
+                    }
+                }
+            };
             let (prepared, checked_out) = loop {
-                // A leftover of the same job (sent again), or of the try before, goes, as
-                // `workspace::prepare` removes one. (The try before's checkout has ended.)
-                let leftover = workspace.clone();
-                let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
                 let checking_out = Arc::new(AtomicBool::new(false));
                 let (done_tx, done_rx) = oneshot::channel();
                 *checkout_done = Some(done_rx);
                 let signals = crate::repo::CheckoutSignals { started: Arc::clone(&checking_out), done: done_tx };
+                let leftover = workspace.clone();
+                let attempt = async {
+                    // A leftover of the same job (sent again), or of the try before, goes,
+                    // as `workspace::prepare` removes one. (The try before's checkout has
+                    // ended.) Under the stop and the deadline too: cut off, the removal
+                    // ends on its own (rev37-5).
+                    let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
+                    ctx.repos.prepare(&spec, &workspace, signals).await
+                };
                 let prepared = tokio::select! {
-                    prepared = ctx.repos.prepare(&spec, &workspace, signals) => prepared.map_err(Err),
+                    prepared = attempt => prepared.map_err(Err),
                     s = &mut stop => Err(Ok(Stop::ending(s))),
-                    _ = boot_clock::sleep_until(deadline) => {
-                        let timeout_ms = spec.timeout_ms;
-                        Err(Err(match checking_out.load(Ordering::SeqCst) {
-                            true => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
-                            false => RepoError::FetchTimedOut { url: url.clone(), timeout_ms },
-                        }))
-                    }
+                    _ = boot_clock::sleep_until(deadline) => Err(Err(timed_out(checking_out.load(Ordering::SeqCst), rounds, evicted))),
                 };
                 // Out of room: idle mirrors of other repositories go first, as many as the
                 // step is taken to need, and it is tried again (a fetch, whose need is an
@@ -298,12 +311,23 @@ async fn run_in(
                         let step = checking_out.load(Ordering::SeqCst);
                         let round = &mut rounds[usize::from(step)];
                         *round += 1;
-                        let made = ctx.repos.make_room(url, step, &e, &ctx.workspaces, *round).await;
+                        let round = *round;
+                        // Under the stop and the deadline: a cancel, a drain or the job's
+                        // end waited for the evictions (rev37-5), which end on their own.
+                        let made = tokio::select! {
+                            made = ctx.repos.make_room(url, step, &e, &ctx.workspaces, round) => made,
+                            s = &mut stop => break (Err(Ok(Stop::ending(s))), step),
+                            _ = boot_clock::sleep_until(deadline) => break (Err(Err(timed_out(step, rounds, evicted))), step),
+                        };
+                        let needs = made.needs.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+                        if !made.could_fit {
+                            info!(job_id, agent_id = %ctx.cfg.agent_id, round, needs, "out of room for the repository, which could not fit even with every idle mirror gone: none evicted");
+                        }
                         if made.evicted == 0 {
                             break (Err(Err(e)), step);
                         }
-                        let needs = made.needs.map_or_else(|| "unknown".to_string(), |n| n.to_string());
-                        info!(job_id, agent_id = %ctx.cfg.agent_id, evicted = made.evicted, round = *round, needs, "out of room for the repository: idle mirrors evicted, trying once more");
+                        evicted += made.evicted;
+                        info!(job_id, agent_id = %ctx.cfg.agent_id, evicted = made.evicted, round, needs, "out of room for the repository: idle mirrors evicted, trying again");
                     }
                     prepared => break (prepared, checking_out.load(Ordering::SeqCst)),
                 }
@@ -323,7 +347,10 @@ async fn run_in(
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
                         Err(e) => {
-                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. } | RepoError::FilledMeanwhile { .. });
+                            *no_room = matches!(
+                                e,
+                                RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomTimedOut { .. }
+                            );
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
                             warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
@@ -442,48 +469,81 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// agent's — no job could start — and this one goes back unstarted ([`CannotStart`]), as
 /// one without room for its workspace does (its error is then not the job's). Room again:
 /// a checkout measured to need no more than is free now met another writer, and the job
-/// ends retryable ([`RepoError::FilledMeanwhile`]); else (a fetch, whose need is not known,
-/// or a checkout needing more than is free) the repository's — it needs more than the disk
-/// has free, and would fill it again here ([`full_disk_verdict`]). A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
+/// ends retryable ([`RepoError::FilledMeanwhile`]); so does a fetch estimated to fit with
+/// the reserve in what is free now, or in that and the mirrors of other repositories that
+/// jobs hold now ([`RepoError::FetchFilledMeanwhile`]: rev37-2, two fetches at once, each
+/// fitting alone); else the repository's — it needs more than the disk has free, and
+/// would fill it again here ([`full_disk_verdict`]), told to lower the cache only while
+/// idle mirrors of others are kept. A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
 /// `checkout::room`) is judged the same way: on a disk that takes no write it is the
 /// agent's want, else the repository's, and its error names the bytes needed and free.
 async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
     let RepoError::DiskFull { detail, needed, fetch_needs } = error else { return error };
-    // Measured only when the checkout's need is known (a fetch's is not).
-    let free = match (takes_writes, needed) {
-        (true, Some(_)) => workspace::disk_space(&ctx.workspaces).ok().map(|space| space.free),
-        _ => None,
+    if !takes_writes {
+        return RepoError::DiskFull { detail, needed, fetch_needs };
+    }
+    let others = ctx.repos.others_bytes(url).await;
+    // What is known of the step's need: a checkout's measured, a fetch's estimated from
+    // how far it got (none: the disk was full before its pack began, and it wrote next to
+    // nothing). On the disk the step wrote to.
+    let (need, on) = match checking_out {
+        true => (needed.map(Need::Measured), ctx.workspaces.as_path()),
+        false => (Some(Need::Estimated(fetch_needs.unwrap_or(0))), ctx.repos.root()),
     };
-    match full_disk_verdict(takes_writes, needed, free) {
-        FullDisk::Agents => RepoError::DiskFull { detail, needed, fetch_needs },
-        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail),
-        FullDisk::Meanwhile => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free: free.unwrap_or_default() },
+    let space = workspace::disk_space(on).ok();
+    match full_disk_verdict(need, space, others.in_use) {
+        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail, others.idle > 0),
+        FullDisk::Meanwhile { held } => {
+            let free = space.map_or(0, |space| space.free);
+            match need {
+                Some(Need::Estimated(needs)) => {
+                    let held = match held {
+                        true => format!(", beside {} bytes the mirrors of other repositories that jobs hold now take (they may go for room once those jobs are done)", others.in_use),
+                        false => String::new(),
+                    };
+                    RepoError::FetchFilledMeanwhile { url: url.to_string(), detail, needs, free, held }
+                }
+                _ => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free },
+            }
+        }
     }
 }
 
-/// Whose want a full disk met by a job's fetch or checkout is, once the checkout is removed.
+/// What a step that filled the disk is known to need ([`full_disk_verdict`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FullDisk {
-    /// The folders every job needs take no write: the job goes back unstarted.
-    Agents,
-    /// The repository needs more than the disk has free: REPO_ERROR, not retryable.
-    TooBig,
-    /// Room enough for the checkout, as measured, is free again: another writer filled the
-    /// disk meanwhile. The job ends retryable.
-    Meanwhile,
+enum Need {
+    /// A checkout's, measured before it was written.
+    Measured(u64),
+    /// A fetch's, estimated from how far it got (`repo::layout::fetch_needs`).
+    Estimated(u64),
 }
 
-/// The verdict on a full disk from what is known once the checkout is removed: whether the
-/// job folders take a write, the bytes the checkout needs (`needed`: measured before it
-/// was written; none when the fetch filled the disk) and the disk's free bytes (`free`).
-fn full_disk_verdict(takes_writes: bool, needed: Option<u64>, free: Option<u64>) -> FullDisk {
-    // The write first: a disk with no room at all is the agent's want, and a repository
-    // may fit it once it has room (the order "too big first" would fail, not retryable,
-    // a one-file repository on a disk another writer filled).
-    match (takes_writes, needed, free) {
-        (false, _, _) => FullDisk::Agents,
-        (true, Some(needed), Some(free)) if needed <= free => FullDisk::Meanwhile,
+/// Whose want a full disk met by a job's fetch or checkout that takes writes again is,
+/// once what the step wrote is removed. (A disk that takes none is the agent's want: the
+/// job goes back unstarted, [`full_disk`].)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FullDisk {
+    /// The repository needs more than the disk has free: REPO_ERROR, not retryable.
+    TooBig,
+    /// Room enough for the step is free again (`held`: counting the mirrors of other
+    /// repositories that jobs hold now, a fetch's only): another writer filled the disk
+    /// meanwhile. The job ends retryable.
+    Meanwhile { held: bool },
+}
+
+/// The verdict on a full disk that takes writes again, from the step's `need` and the
+/// disk's `space` now, and the bytes of other repositories' mirrors that jobs hold
+/// (`held`). A checkout measured to need no more than is free met another writer. A fetch
+/// estimated to fit with the reserve in what is free, or in that and the held mirrors
+/// (which go for room once their jobs are done), did too: judged "too big" whatever its
+/// estimate, a repository fitting the disk alone failed for good beside another job's
+/// fetch (rev37-2). Anything else is too big for the disk.
+fn full_disk_verdict(need: Option<Need>, space: Option<workspace::DiskSpace>, held: u64) -> FullDisk {
+    match (need, space) {
+        (Some(Need::Measured(needed)), Some(space)) if needed <= space.free => FullDisk::Meanwhile { held: false },
+        (Some(Need::Estimated(needs)), Some(space)) if crate::repo::checkout::fits_with_reserve(needs, space) => FullDisk::Meanwhile { held: false },
+        (Some(Need::Estimated(needs)), Some(space)) if crate::repo::layout::could_fit(needs, space, held) => FullDisk::Meanwhile { held: true },
         _ => FullDisk::TooBig,
     }
 }
@@ -930,7 +990,8 @@ async fn send_on_ticks(
 
 #[cfg(test)]
 mod tests {
-    use super::{full_disk_verdict, the_disks, FullDisk};
+    use super::{full_disk_verdict, the_disks, FullDisk, Need};
+    use crate::workspace::DiskSpace;
 
     /// The disk's own failings are named by their kind (errno, or the kind a wrapped error
     /// keeps): full, over quota, read-only, failing. Any other error — EPERM or EBUSY on a
@@ -987,18 +1048,38 @@ mod tests {
     /// A checkout is measured before a byte is written, and refused when it does not fit
     /// the free space: one that still filled the disk, with room for it once removed, met
     /// another writer. It was judged too big for the disk for good, not retryable
-    /// (rev28-2): a 10 KiB checkout with 1 MiB free.
+    /// (rev28-2): a 10 KiB checkout with 1 MiB free. (A disk that takes no write is the
+    /// agent's before any verdict: `full_disk`.)
     #[test]
-    fn a_full_disk_is_the_agents_the_repositorys_or_another_writers() {
-        assert_eq!(full_disk_verdict(true, Some(10 << 10), Some(1 << 20)), FullDisk::Meanwhile);
-        assert_eq!(full_disk_verdict(true, Some(2 << 20), Some(1 << 20)), FullDisk::TooBig);
-        // A disk that takes no write is the agent's, whatever the checkout needs.
-        assert_eq!(full_disk_verdict(false, Some(10 << 10), Some(1 << 20)), FullDisk::Agents);
-        assert_eq!(full_disk_verdict(false, Some(2 << 20), Some(0)), FullDisk::Agents);
-        // The fetch filled it (nothing measured), or the free space is unknown: as before.
-        assert_eq!(full_disk_verdict(true, None, Some(1 << 20)), FullDisk::TooBig);
-        assert_eq!(full_disk_verdict(true, Some(10 << 10), None), FullDisk::TooBig);
-        assert_eq!(full_disk_verdict(false, None, None), FullDisk::Agents);
+    fn a_full_disk_is_the_repositorys_or_another_writers() {
+        let space = |free: u64| Some(DiskSpace { free, size: 16 << 20, free_inodes: None, block: 4096 });
+        let meanwhile = FullDisk::Meanwhile { held: false };
+        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), space(1 << 20), 0), meanwhile);
+        assert_eq!(full_disk_verdict(Some(Need::Measured(2 << 20)), space(1 << 20), 0), FullDisk::TooBig);
+        // The free space unknown, or the checkout's need: as before.
+        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), None, 0), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(None, space(1 << 20), 0), FullDisk::TooBig);
+    }
+
+    /// rev37-2: two jobs fetching different repositories at once on a disk of 16 MiB, each
+    /// about 9: the one that filled it was judged too big for the disk, not retryable,
+    /// whatever its estimate, and told to lower the cache for the other's fetch under way.
+    /// A fetch estimated to fit with the reserve (0.8 MiB here) in what is free again, or
+    /// in that and the mirrors other jobs hold now, met another writer: retryable.
+    #[test]
+    fn a_fetch_that_fits_beside_what_other_jobs_hold_filled_the_disk_meanwhile() {
+        let space = |free: u64| Some(DiskSpace { free, size: 16 << 20, free_inodes: None, block: 4096 });
+        let (alone, held) = (FullDisk::Meanwhile { held: false }, FullDisk::Meanwhile { held: true });
+        // The other's fetch failed too, or went elsewhere: 15 MiB free again.
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(15 << 20), 0), alone);
+        // The other's mirror (9 MiB) held by its job: 6 free, and the two fit.
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), 9 << 20), held);
+        // Past the free space and every held mirror, or the whole disk: too big.
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), 0), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(20 << 20)), space(15 << 20), 1 << 20), FullDisk::TooBig);
+        // Nothing of its pack had come (no estimate, next to nothing written): room again is
+        // another writer's doing.
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(0)), space(1 << 20), 0), alone);
     }
 
     #[test]

@@ -60,6 +60,20 @@ pub enum RepoError {
     /// meanwhile (`runner::full_disk`). Retryable.
     #[error("the checkout of {url} filled the disk holding DATA_DIR ({detail}) though it was measured to fit (about {needed} bytes): another process wrote to that disk meanwhile, and {free} bytes are free again, so nothing ran; retry")]
     FilledMeanwhile { url: String, detail: String, needed: u64, free: u64 },
+    /// A fetch that filled the disk, estimated (`layout::fetch_needs`) to fit with the
+    /// disk's reserve in what is free again once what it wrote was removed, or in that and
+    /// what the mirrors of other repositories that jobs hold or fetch now take (`held`:
+    /// evictable for room once those jobs are done): other writers took the room meanwhile
+    /// (`runner::full_disk`). Retryable: judged "too big" it failed for good a repository
+    /// that fits the disk alone, told to lower the cache for another job's fetch (rev37-2).
+    #[error("the fetch of {url} filled the disk holding DATA_DIR ({detail}), though it is estimated to need about {needs} bytes and {free} bytes are free again{held}: other writers took that room meanwhile, so nothing ran; retry")]
+    FetchFilledMeanwhile { url: String, detail: String, needs: u64, free: u64, held: String },
+    /// A fetch or checkout (`step`) that ran out of room, made room for and tried again
+    /// (`rounds` times, `evicted` idle mirrors gone: `Repos::make_room`), whose job's
+    /// timeout ended meanwhile (`runner::run_in`): the full disk cost the time, not only
+    /// the git server.
+    #[error("the {step} of {url} ran out of room on the disk holding DATA_DIR, and the job's timeout_ms ({timeout_ms} ms) ended while room was made for it and it was tried again ({rounds} tries after the first, {evicted} idle mirrors of other repositories evicted), so nothing ran: free space on that disk (or lower REPO_CACHE_MAX_BYTES), or retry with a larger timeout_ms")]
+    RoomTimedOut { url: String, step: Text, timeout_ms: u64, rounds: u32, evicted: usize },
     #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering, or the repository is large for the time given; retry, raise timeout_ms, or send \"allow_stale\": true")]
     FetchTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} sent more than REPO_MAX_FETCH_BYTES ({max_bytes} bytes) in one fetch, so the fetch was stopped and what it received removed: the repository is larger than this runner allows (or the server sends without end); raise REPO_MAX_FETCH_BYTES (and REPO_CACHE_MAX_BYTES, and the disk holding DATA_DIR) on the runner machine, or use a smaller repository")]
@@ -139,7 +153,7 @@ impl RepoError {
     /// sentence asks for a change first (a setting, `repo_url`, the server's contents), or
     /// tells of a push that may have landed.
     pub fn retryable(&self) -> bool {
-        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. })
+        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. })
     }
 }
 

@@ -128,20 +128,41 @@ pub fn pack_index_bytes(objects: u64) -> u64 {
     objects.saturating_mul(20 + 4 + 4).saturating_add(8 + 256 * 4 + 2 * 20)
 }
 
+/// The fewest bytes an object takes in a pack: its header (a byte) and the smallest zlib
+/// stream (8 bytes, of nothing). Bounds the objects a pack of a given size can hold, so a
+/// count a server announces (what it likes) cannot make its index's estimate unbounded.
+pub const MIN_PACKED_OBJECT_BYTES: u64 = 9;
+
 /// What a fetch that ran out of room is taken to need, from how far it got: `received`
 /// bytes of a pack of `objects` objects, `objects_received` of them whole. The pack's size
 /// is not known before it has all arrived (a server announces only its count of objects),
 /// so the bytes so far are scaled to the objects announced, never below what arrived, and
 /// its index is added. Only an estimate (an object is as large as it likes, the last ones
 /// too): room is made for it, the fetch tried again, and a further failure, having got
-/// further, estimates again ([`room_to_make`]).
-pub fn fetch_needs(received: u64, objects_received: u64, objects: u64) -> u64 {
+/// further, estimates again ([`room_to_make`]). Capped at what a fetch may receive,
+/// `max_bytes` (`REPO_MAX_FETCH_BYTES`: past it the fetch stops anyway), and the index of
+/// as many objects as that can hold ([`MIN_PACKED_OBJECT_BYTES`]): a server announcing
+/// 2^32 objects made it ~120 GB (rev37-3).
+pub fn fetch_needs(received: u64, objects_received: u64, objects: u64, max_bytes: u64) -> u64 {
     let pack = match objects_received {
         0 => received,
         whole if whole >= objects => received,
         whole => u64::try_from(u128::from(received) * u128::from(objects) / u128::from(whole)).unwrap_or(u64::MAX),
     };
-    pack.max(received).saturating_add(pack_index_bytes(objects))
+    let pack = pack.min(max_bytes).max(received);
+    let objects = objects.min(pack / MIN_PACKED_OBJECT_BYTES + 1);
+    pack.saturating_add(pack_index_bytes(objects))
+}
+
+/// Whether a job's step that ran out of room could fit at all once every idle mirror of
+/// other repositories on its disk went: `needs` bytes (a checkout's measured need, a
+/// fetch's estimate) beside the disk's reserve in its free bytes (`space`) and the idle
+/// mirrors' (`idle`). Not: no mirror goes, and the step is judged at once
+/// (`super::Repos::make_room`) — a fetch that could never fit emptied the whole cache
+/// before it was told so (rev37-3).
+pub fn could_fit(needs: u64, mut space: crate::workspace::DiskSpace, idle: u64) -> bool {
+    space.free = space.free.saturating_add(idle);
+    super::checkout::fits_with_reserve(needs, space)
 }
 
 /// Packs a mirror may hold before it is repacked (`mirror::MirrorCache::repack`). Each fetch
@@ -221,14 +242,32 @@ mod tests {
     fn a_fetch_out_of_room_is_taken_to_need_its_pack_scaled_to_the_objects_announced() {
         let index = |objects| pack_index_bytes(objects);
         // Half the objects in 3 MiB: about 6.
-        assert_eq!(fetch_needs(3 << 20, 50, 100), (6 << 20) + index(100));
+        let max = 1 << 30;
+        assert_eq!(fetch_needs(3 << 20, 50, 100, max), (6 << 20) + index(100));
         // All arrived (the index's write filled the disk): what arrived and the index.
-        assert_eq!(fetch_needs(5 << 20, 100, 100), (5 << 20) + index(100));
+        assert_eq!(fetch_needs(5 << 20, 100, 100, max), (5 << 20) + index(100));
         // No object whole yet (a large first one): never below what arrived.
-        assert_eq!(fetch_needs(7 << 20, 0, 100), (7 << 20) + index(100));
+        assert_eq!(fetch_needs(7 << 20, 0, 100, max), (7 << 20) + index(100));
         // Hostile counts (a server announces what it likes) neither overflow nor shrink it.
-        assert_eq!(fetch_needs(u64::MAX, 1, u64::MAX), u64::MAX);
-        assert_eq!(fetch_needs(10, 5, 1), 10 + index(1));
+        assert_eq!(fetch_needs(u64::MAX, 1, u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(fetch_needs(10, 5, 1, max), 10 + index(1));
+        // Nor take it past what a fetch may receive (REPO_MAX_FETCH_BYTES, where it stops
+        // anyway) and the index of as many objects as that holds: 2^32-1 objects announced
+        // made it ~120 GB (rev37-3).
+        let hostile = fetch_needs(1 << 20, 10, u64::from(u32::MAX), 64 << 20);
+        assert_eq!(hostile, (64 << 20) + index((64 << 20) / MIN_PACKED_OBJECT_BYTES + 1));
+        assert!(hostile < 300 << 20, "{hostile}");
+    }
+
+    #[test]
+    fn a_step_that_could_not_fit_with_every_idle_mirror_gone_makes_no_room() {
+        // 24 MiB, a reserve of 1.2: 4 free and 12 in idle mirrors.
+        let space = crate::workspace::DiskSpace { free: 4 << 20, size: 24 << 20, free_inodes: None, block: 4096 };
+        assert!(could_fit(14 << 20, space, 12 << 20));
+        assert!(!could_fit(15 << 20, space, 12 << 20), "16 free and idle, less the reserve");
+        // An estimate past the whole disk (a hostile count of objects) fits no cache.
+        assert!(!could_fit(u64::MAX, space, 12 << 20));
+        assert!(!could_fit(30 << 20, space, 0));
     }
 
     #[test]

@@ -609,6 +609,18 @@ impl MirrorCache {
         mirrors
     }
 
+    /// The bytes of the mirrors of repositories other than the folder `keep`'s: those idle
+    /// (evictable for room, `evict_for_room`) and those a job holds or fetches now (not,
+    /// until that job is done). Walks every mirror: on the blocking pool.
+    pub fn others_bytes(&self, keep: &str, now: shared::Millis) -> OthersBytes {
+        let mut bytes = OthersBytes::default();
+        for m in self.on_disk(now, true).into_iter().filter(|m| m.folder != keep) {
+            let sum = if m.in_use { &mut bytes.in_use } else { &mut bytes.idle };
+            *sum = sum.saturating_add(m.bytes);
+        }
+        bytes
+    }
+
     /// Removes the mirror `folder` unless a job holds it or waits for it now: its
     /// repository's name, once it went.
     fn remove_idle(&self, folder: &str, now: shared::Millis) -> Option<String> {
@@ -994,6 +1006,13 @@ impl Failed {
     }
 }
 
+/// What the mirrors of other repositories than a job's take ([`MirrorCache::others_bytes`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OthersBytes {
+    pub idle: u64,
+    pub in_use: u64,
+}
+
 /// A mirror's config file, as the agent leaves it: what `git init --bare` writes. libgit2
 /// reads some of it as it opens the repository (the format, `extensions.*`).
 const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n";
@@ -1269,7 +1288,7 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
             _ => fail(e),
         };
         // Out of room with a pack under way: how far it got says what room to make.
-        failed.needing((objects > 0).then(|| layout::fetch_needs(pack, whole, objects)))
+        failed.needing((objects > 0).then(|| layout::fetch_needs(pack, whole, objects, source.max_bytes)))
     };
     let mut cb = callbacks(source.token.as_ref(), &source.host, &auth, abort);
     cb.transfer_progress(|progress| {

@@ -54,11 +54,13 @@ pub struct CheckoutSignals {
 }
 
 /// What [`Repos::make_room`] did: how many idle mirrors went, for what need (bytes: a
-/// checkout's measured, a fetch's estimated; none known).
+/// checkout's measured, a fetch's estimated; none known); `could_fit` false when none went
+/// because the step could not fit even with every idle mirror gone ([`layout::could_fit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MadeRoom {
     pub evicted: usize,
     pub needs: Option<u64>,
+    pub could_fit: bool,
 }
 
 /// How long a hand-back given up at the job's end (plus its grace) is waited for before
@@ -123,15 +125,24 @@ impl Repos {
     /// filled the disk, though it had room once what it wrote was removed: the repository
     /// needs more than the disk has free. `REPO_CACHE_MAX_BYTES` is named when the cache
     /// keeps mirrors of other repositories (lowered, fewer of them take that disk).
-    pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String) -> RepoError {
-        let name = RepoUrl::parse(repo_url).map(|u| u.name()).unwrap_or_default();
-        let others = self.cache.mirror_names().iter().any(|n| *n != name);
-        let lower = match others {
+    pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String, idle_others: bool) -> RepoError {
+        // Only idle mirrors are the cache's to lower: one a job holds or fetches now is
+        // that job's, and goes for room once it is done (rev37-2: a fetch beside another
+        // repository's was told to lower the cache for the other's fetch under way).
+        let lower = match idle_others {
             true => format!(", lower REPO_CACHE_MAX_BYTES ({} bytes: the mirrors of other repositories kept on that disk)", self.settings.cache_max_bytes),
             false => String::new(),
         };
         let step = if checking_out { "checkout" } else { "fetch" };
         RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower, step: step.into() }
+    }
+
+    /// What the mirrors of repositories other than `repo_url`'s take on disk, idle and in
+    /// use ([`MirrorCache::others_bytes`]): for the verdict on a full disk (`runner::full_disk`).
+    pub async fn others_bytes(&self, repo_url: &str) -> mirror::OthersBytes {
+        let keep = RepoUrl::parse(repo_url).map(|u| layout::folder(&u.name())).unwrap_or_default();
+        let cache = Arc::clone(&self.cache);
+        tokio::task::spawn_blocking(move || cache.others_bytes(&keep, crate::now_ms())).await.unwrap_or_default()
     }
 
     /// Makes room for a job whose fetch (`checking_out` false) or checkout of `repo_url` ran
@@ -140,13 +151,15 @@ impl Repos {
     /// used first, as much as [`layout::room_to_make`] says — until the checkout's measured
     /// need fits with its reserve (`checkout::fits_with_reserve`); for a fetch, until what
     /// it is estimated to need from how far it got does (`layout::fetch_needs`), at least
-    /// one mirror a round, every idle one at its last. Returns how many went (none: trying
-    /// again would end the same) and the need they went for. The mirrors are a cache, and a
-    /// job refused (or an agent held back) for the room they took was refused for nothing
-    /// (rev28-5); but the cache emptied for one large fetch made every other repository's
-    /// next job clone cold.
+    /// one mirror a round, every idle one at its last. None goes when that need could not
+    /// fit even with every idle mirror gone ([`layout::could_fit`]): the step is judged at
+    /// once. Returns how many went (none: trying again would end the same) and the need they
+    /// went for. The mirrors are a cache, and a job refused (or an agent held back) for the
+    /// room they took was refused for nothing (rev28-5); but the cache emptied for one large
+    /// fetch made every other repository's next job clone cold, and emptied for one that
+    /// could never fit bought nothing (rev37-3).
     pub async fn make_room(&self, repo_url: &str, checking_out: bool, error: &RepoError, workspaces: &Path, round: u32) -> MadeRoom {
-        let none = MadeRoom { evicted: 0, needs: None };
+        let none = MadeRoom { evicted: 0, needs: None, could_fit: true };
         let needs = match error {
             RepoError::DiskFull { needed, .. } if checking_out => *needed,
             RepoError::DiskFull { fetch_needs, .. } => *fetch_needs,
@@ -159,16 +172,23 @@ impl Repos {
         let keep = RepoUrl::parse(repo_url).map(|u| layout::folder(&u.name())).unwrap_or_default();
         let on = if checking_out { workspaces.to_path_buf() } else { self.cache.root().to_path_buf() };
         let cache = Arc::clone(&self.cache);
-        let evicted = tokio::task::spawn_blocking(move || {
+        let made = tokio::task::spawn_blocking(move || {
+            let now = crate::now_ms();
+            // Judged before any goes: a fetch estimated past the whole disk (a hostile count
+            // of objects announced) emptied the cache, then failed all the same (rev37-3).
+            let hopeless = needs.is_some_and(|needs| crate::workspace::disk_space(&on).is_ok_and(|space| !layout::could_fit(needs, space, cache.others_bytes(&keep, now).idle)));
+            if hopeless {
+                return MadeRoom { evicted: 0, needs, could_fit: false };
+            }
             let enough = |evicted: usize| match room {
                 layout::Room::All => false,
                 layout::Room::Bytes { bytes, at_least_one } => {
                     (evicted > 0 || !at_least_one) && crate::workspace::disk_space(&on).is_ok_and(|space| checkout::fits_with_reserve(bytes, space))
                 }
             };
-            cache.evict_for_room(&keep, &on, &enough, crate::now_ms())
+            MadeRoom { evicted: cache.evict_for_room(&keep, &on, &enough, now), needs, could_fit: true }
         });
-        MadeRoom { evicted: evicted.await.unwrap_or(0), needs }
+        made.await.unwrap_or(MadeRoom { needs, ..none })
     }
 
     /// Checks the host, brings the mirror up to date and makes the job's checkout in
