@@ -224,6 +224,15 @@ impl FairQueue {
         self.aside.len()
     }
 
+    /// Moves a queued job's end of wait (its wait grew: an `/execute` job kept as a
+    /// `POST /jobs` one), its place kept. Nothing if it is not queued.
+    pub fn retime(&mut self, id: &str, expires_at: Millis) {
+        let Some((_, _, at)) = self.places.get_mut(id) else { return };
+        let old = std::mem::replace(at, expires_at);
+        self.expiries.remove(&(old, id.to_string()));
+        self.expiries.insert((expires_at, id.to_string()));
+    }
+
     /// Takes a job out of the queue; false if it was not in it.
     pub fn remove(&mut self, id: &str) -> bool {
         self.take(id).is_some()

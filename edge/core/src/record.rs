@@ -364,6 +364,11 @@ impl Job {
 
     /// Whether its only callers are `/execute` waiters, so that it is abandoned — never
     /// to start — once none waits: an `/execute` job no `POST /jobs` repeated ([`Job::kept`]).
+    /// The one test of every `/execute`-only rule (its wait in the queue, its end once no
+    /// fitting agent is connected or all are held back, its end on a hang-up, a clean stop
+    /// or a restore): a kept job — whose `POST /jobs` caller was told it is queued as a
+    /// `POST /jobs` job is — is a `POST /jobs` job for all of them, from that repeat on,
+    /// whether or not an `/execute` caller still waits on it (review rev38, 3).
     pub fn waited_only(&self) -> bool {
         self.mode == Mode::Wait && !self.kept
     }
@@ -583,12 +588,12 @@ impl Job {
         }
     }
 
-    /// A waiting caller's job must start within its own timeout; a detached one may wait
-    /// for an agent up to `QUEUE_TTL_MS`.
+    /// A waiting caller's job must start within its own timeout; a detached one — or a
+    /// kept one ([`Job::waited_only`]) — may wait for an agent up to `QUEUE_TTL_MS`.
     pub fn queue_wait(&self, queue_ttl_ms: u64) -> u64 {
-        match self.mode {
-            Mode::Wait => self.spec.timeout_ms,
-            Mode::Detached => queue_ttl_ms,
+        match self.waited_only() {
+            true => self.spec.timeout_ms,
+            false => queue_ttl_ms,
         }
     }
 

@@ -6,7 +6,7 @@
 use super::storage::Origin;
 use super::{Edge, Effect};
 use crate::clock::Now;
-use crate::record::{self, Job, Mode};
+use crate::record::{self, Job};
 use crate::session::Refused;
 use shared::contract::{ApiError, ErrorCode};
 use shared::job::JobResult;
@@ -62,8 +62,8 @@ impl Edge {
 
     fn queued_deadline(&self, job: &Job) -> Millis {
         let mut own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
-        // A detached job held for the usage window waits for its reset, then QUEUE_TTL_MS.
-        if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.queue_usage_hold()) {
+        // A detached (or kept) job held for the usage window waits for its reset, then QUEUE_TTL_MS.
+        if let (false, true, Some(hold)) = (job.waited_only(), job.wait_for_usage, self.queue_usage_hold()) {
             own = own.max(hold.saturating_add(self.cfg.queue_ttl_ms));
         }
         // A waiting caller should fall back rather than wait out its whole timeout for an
@@ -71,7 +71,7 @@ impl Edge {
         // whole edge offline, or the agents it names or whose labels it needs gone), an
         // agent's brief reconnect tolerated.
         match self.unfit_since.get(&job.id) {
-            Some(since) if job.mode == Mode::Wait => own.min(since.max(&job.created_at).saturating_add(self.cfg.lost_after_ms)),
+            Some(since) if job.waited_only() => own.min(since.max(&job.created_at).saturating_add(self.cfg.lost_after_ms)),
             _ => own,
         }
     }
@@ -132,9 +132,9 @@ impl Edge {
             let job = &self.jobs[&id];
             let waited = now.at.saturating_sub(job.created_at);
             // Its caller falls back, told why: as a new `/execute` would be refused.
-            let gone = match (job.mode, self.unfit_since.contains_key(&id), self.is_online()) {
-                (Mode::Wait, true, false) => Some(ApiError::offline()),
-                (Mode::Wait, true, true) => self.unplaceable(now, &job.placement),
+            let gone = match (job.waited_only(), self.unfit_since.contains_key(&id), self.is_online()) {
+                (true, true, false) => Some(ApiError::offline()),
+                (true, true, true) => self.unplaceable(now, &job.placement),
                 _ => None,
             };
             let result = match gone {

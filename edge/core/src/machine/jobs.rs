@@ -164,12 +164,20 @@ impl Edge {
 
     /// A `POST /jobs` repeated the key of `job_id`: an `/execute` job not ended yet is
     /// kept from then on as a `POST /jobs` job is ([`Job::kept`]) — that caller was told
-    /// it is queued, and never hung up —, stored so, in this request's event.
+    /// it is queued, and never hung up —, stored so, in this request's event. Every
+    /// `/execute`-only rule lets go of it at once ([`Job::waited_only`]): still queued, it
+    /// waits up to `QUEUE_TTL_MS` from its submission, not its own timeout, and no longer
+    /// ends `LOST_AFTER_MS` after no connected agent fits it.
     fn keep_for_detached_repeat(&mut self, job_id: &str, mode: Mode, effects: &mut Vec<Effect>) {
         let keep = mode == Mode::Detached && self.job(job_id).is_some_and(|j| j.waited_only() && !j.state.is_terminal());
         if keep {
             info!(job_id, "a POST /jobs repeated this /execute job's key: it is kept whether or not its /execute callers wait");
-            self.job_mut(job_id).expect("the job exists").kept = true;
+            let ttl = self.cfg.queue_ttl_ms;
+            let job = self.job_mut(job_id).expect("the job exists");
+            job.kept = true;
+            let expires_at = job.created_at.saturating_add(job.queue_wait(ttl));
+            self.queue.retime(job_id, expires_at);
+            self.unfit_since.remove(job_id);
             effects.push(self.save(job_id));
         }
     }

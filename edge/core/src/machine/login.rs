@@ -222,7 +222,8 @@ impl Edge {
     }
 
     /// The connected agents that fit a placement.
-    /// The queued `/execute` jobs for which `judge`, given the job's placement, has a
+    /// The queued `/execute` jobs ([`crate::record::Job::waited_only`]: not kept by a
+    /// `POST /jobs` repeat) for which `judge`, given the job's placement, has a
     /// verdict, with it: judged once per (labels, `agent_id`) however many jobs share them,
     /// so that a walk of 20,000 queued jobs costs a walk, not 20,000 looks at the agents.
     /// Both walks that end or time waits as agents come and go use it
@@ -232,7 +233,7 @@ impl Edge {
         let mut found = Vec::new();
         for id in self.queue.ids() {
             let job = &self.jobs[id];
-            if job.mode != Mode::Wait {
+            if !job.waited_only() {
                 continue;
             }
             let placement = &job.placement;
@@ -281,14 +282,14 @@ impl Edge {
             let mut verdicts: HashMap<(&Labels, Option<&str>, Told), Option<ApiError>> = HashMap::new();
             for id in self.queue.ids() {
                 let job = &self.jobs[id];
-                if job.mode == Mode::Detached && job.wait_for_usage {
+                if !job.waited_only() && job.wait_for_usage {
                     continue;
                 }
                 let placement = &job.placement;
                 let need = self.judged_as(placement);
                 let refused = verdicts.entry(need).or_insert_with(|| self.unrunnable(now, placement));
                 match refused {
-                    Some(err) if job.mode == Mode::Wait || Self::impatient(err) => ended.push((id.clone(), err.clone())),
+                    Some(err) if job.waited_only() || Self::impatient(err) => ended.push((id.clone(), err.clone())),
                     _ => {}
                 }
             }
@@ -321,7 +322,7 @@ impl Edge {
 
     /// [`Edge::end_held_back_waits`] for the one job `job_id`, just queued again.
     pub(super) fn end_held_back_wait(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        let Some(job) = self.job(job_id).filter(|j| j.state == JobState::Queued && j.mode == Mode::Wait) else { return };
+        let Some(job) = self.job(job_id).filter(|j| j.state == JobState::Queued && j.waited_only()) else { return };
         if let Some(err) = self.held_back_only(now, &job.placement) {
             self.end_queued(now, vec![(job_id.to_string(), err)], HELD_BACK_ENDED, effects);
         }

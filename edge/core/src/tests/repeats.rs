@@ -211,3 +211,76 @@ fn a_jobs_repeat_of_a_waiting_execute_keeps_it_through_the_hang_up_and_a_restart
     let effects = edge.shutdown(3);
     assert!(!finished(&effects).iter().any(|(j, ..)| *j == id), "{effects:?}");
 }
+
+/// Queued behind the busy job: an `/execute` (`timeout_ms`), kept by a `POST /jobs`
+/// repeating its key, and a plain `POST /jobs` job beside it. Their ids and the waiter.
+fn kept_beside_plain(key: &str, timeout_ms: u64) -> (Edge, String, http::Handled, String, String) {
+    let mut stored = Stored::default();
+    let (mut edge, sid) = ready_edge();
+    let busy = edge.submit(0, "busy".into(), submission("busy", 600_000, None), Mode::Detached).unwrap();
+    stored.keep(&busy.effects);
+    let body = json!({"prompt": "task", "timeout_ms": timeout_ms, "idempotency_key": key});
+    let waiting = call(&mut edge, 1, "POST", "/execute", body.clone());
+    assert!(answer_to(&waiting.effects, waiting.caller).is_none(), "queued: it waits");
+    let kept = saved(&waiting.effects);
+    let repeat = call(&mut edge, 1, "POST", "/jobs", body);
+    assert_eq!(saved(&repeat.effects), kept);
+    assert!(edge.job(&kept).unwrap().kept);
+    let plain = call(&mut edge, 1, "POST", "/jobs", json!({"prompt": "other", "timeout_ms": timeout_ms}));
+    let plain = saved(&plain.effects);
+    (edge, sid, waiting, kept, plain)
+}
+
+/// rev38, 3: a kept `/execute` (a `POST /jobs` repeated its key, its `/execute` caller then
+/// gone) was still ended by the `/execute`-only rules: with its agents gone for
+/// `LOST_AFTER_MS` it ended `RUNNER_OFFLINE`, while a `POST /jobs` job queued beside it
+/// waited on (`QUEUE_TTL_MS`). The reviewer's attack, kept as the regression test.
+#[test]
+fn a_kept_execute_waits_on_as_a_jobs_job_when_its_agents_leave() {
+    let (mut edge, sid, waiting, id, plain) = kept_beside_plain("kr", 60_000);
+    edge.caller_gone(3, waiting.caller);
+    edge.disconnect(4, &sid);
+    let effects = edge.tick(4 + LOST + 1);
+    assert!(finished(&effects).is_empty(), "{effects:?}");
+    assert_eq!(edge.job(&id).unwrap().state, edge.job(&plain).unwrap().state, "the kept job is not kept as a POST /jobs job is");
+    assert_eq!(edge.job(&id).unwrap().state, JobState::Queued);
+}
+
+/// Every other `/execute`-only rule lets go of a kept job as well (one predicate,
+/// `Job::waited_only`): its wait in the queue is `QUEUE_TTL_MS`, not its own (shorter)
+/// timeout, and a pause of every agent that fits it does not end it — it ends exactly
+/// when the `POST /jobs` job beside it does.
+#[test]
+fn a_kept_execute_is_a_jobs_job_for_its_wait_and_a_pause() {
+    // Its own timeout (10 s) is shorter than QUEUE_TTL_MS (30 s).
+    let (mut edge, _sid, waiting, id, plain) = kept_beside_plain("kt", 10_000);
+    edge.caller_gone(2, waiting.caller);
+    let effects = edge.tick(1 + 10_000 + 1);
+    assert!(finished(&effects).is_empty(), "ended at its own timeout: {effects:?}");
+    let effects = edge.tick(1 + 30_000);
+    let ended: Vec<String> = finished(&effects).into_iter().map(|(j, ..)| j).collect();
+    assert_eq!(ended, [id, plain], "both end at QUEUE_TTL_MS, in their order");
+
+    // The agent paused: an /execute falls back at once, a POST /jobs job waits.
+    let (mut edge, _sid, waiting, id, plain) = kept_beside_plain("kp", 60_000);
+    edge.caller_gone(2, waiting.caller);
+    let paused = call(&mut edge, 3, "POST", "/agents/spark/pause", Value::Null);
+    assert!(finished(&paused.effects).is_empty(), "{:?}", paused.effects);
+    assert_eq!((edge.job(&id).unwrap().state, edge.job(&plain).unwrap().state), (JobState::Queued, JobState::Queued));
+}
+
+/// The `/execute` caller still waiting on a kept job is not given the `/execute` fallback
+/// (a 503 that says to run the task elsewhere) while the job stays queued for the
+/// `POST /jobs` caller — the task would run twice —: it waits on with the job, and is
+/// answered its end (or hangs up; the job goes on).
+#[test]
+fn the_waiter_of_a_kept_execute_waits_with_it() {
+    let (mut edge, sid, waiting, id, _plain) = kept_beside_plain("kw", 60_000);
+    edge.disconnect(3, &sid);
+    let effects = edge.tick(3 + LOST + 1);
+    assert!(answer_to(&effects, waiting.caller).is_none(), "{effects:?}");
+    assert_eq!(edge.job(&id).unwrap().state, JobState::Queued);
+    let effects = edge.tick(1 + 30_000);
+    let (status, body) = answer_to(&effects, waiting.caller).expect("answered its job's end");
+    assert_eq!((status, body["job_id"].as_str(), body["error_code"].as_str()), (200, Some(id.as_str()), Some("TIMEOUT")), "{body}");
+}
