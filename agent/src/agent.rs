@@ -1317,6 +1317,88 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// rev37-1: a job whose deadline passed before the refresh gate let it go (the machine
+    /// slept through its checkout, and the gate opened on resume) is not started: the gate
+    /// and the deadline were both ready, the select picked at random, and when the gate won
+    /// Claude was spawned and given its prompt after the edge had told its caller TIMEOUT
+    /// (12 of 20 in the review), the error saying it ran and was stopped. A `timeout_ms` of
+    /// 0 puts the deadline at the job's start, so it has passed when the gate opens; each
+    /// job here met the race, so the test fails unless every one ends as never started.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_job_whose_deadline_passed_before_the_gate_opened_never_starts_claude() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-agent-late-start-{}", std::process::id()));
+        let (spawned, prompted) = (dir.join("spawned"), dir.join("prompted"));
+        let (agent, queues) = agent_with_claude(&dir, "");
+        let script = format!("#!/bin/sh\ntouch '{}'\ncat >/dev/null\ntouch '{}'\nexec sleep 600\n", spawned.display(), prompted.display());
+        std::fs::write(dir.join("claude.sh"), script).unwrap();
+        std::fs::set_permissions(dir.join("claude.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        agent.link.welcomed(Some(60_000), Vec::new(), crate::boot_clock::BootInstant::now());
+        let jobs = 16;
+        for i in 0..jobs {
+            let job_id = format!("j{i}");
+            let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 0})).unwrap();
+            let ctx = agent.job_context(&format!("{job_id}:1"), "default", Some(false));
+            let (_stop, stop_rx) = oneshot::channel();
+            let ended = runner::run(&ctx, &job_id, spec, stop_rx).await;
+            ended.leftover.clean_up().await;
+            let result = ended.result;
+            // process::run returns once Claude is dead: whatever it did, it has done.
+            assert!(!spawned.exists() && !prompted.exists(), "job {i}: Claude was spawned (prompted: {}) after the job's deadline: {result:?}", prompted.exists());
+            assert_eq!((result.error_code, result.retryable, result.success), (Some(ErrorCode::Timeout), Some(true), false), "job {i}: {result:?}");
+            let said = result.error.clone().unwrap_or_default();
+            assert!(said.starts_with("not started: timeout_ms (0 ms) passed before Claude was started") && said.contains("Claude never ran"), "job {i}: {said}");
+            assert!(result.session_id.is_none(), "job {i}: a session of a Claude that never ran: {result:?}");
+            assert!(ended.cannot_start.is_none(), "job {i}: handed back as if the agent could not start jobs");
+        }
+        // A restart finds no started record of any: none is reported run and lost.
+        drop((agent, queues));
+        let (agent, _queues) = agent_in(&dir);
+        for i in 0..jobs {
+            assert!(agent.spool.get(&format!("j{i}")).is_none(), "job {i}: its started record outlived it");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The last look right before the prompt, on the thread that wrote the started record,
+    /// checks the deadline too: one that passed after the start rule let the job go (the
+    /// record's write, or a suspend during it, took the rest) kills Claude unprompted, clears
+    /// its record, and the job ends TIMEOUT, never started. The window is forced: this
+    /// thread's machine stands still before the deadline (booted a second ago), and the
+    /// record's thread (a trip thread, `crate::trips`), on which no test machine is
+    /// installed, reads the system's boot clock, long past it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deadline_that_passed_after_the_start_rule_let_the_job_go_is_seen_before_the_prompt() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-agent-late-prompt-{}", std::process::id()));
+        let prompted = dir.join("prompted");
+        let (agent, queues) = agent_with_claude(&dir, "");
+        // Its prompt read, Claude ends at once: this thread's clock, standing still, never
+        // reaches the deadline to stop it.
+        std::fs::write(dir.join("claude.sh"), format!("#!/bin/sh\ncat >/dev/null\ntouch '{}'\n", prompted.display())).unwrap();
+        std::fs::set_permissions(dir.join("claude.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let machine = crate::boot_clock::tests::Machine::install_up(std::time::Duration::from_secs(1));
+        // Read on another thread, the system's clock is past this thread's deadline.
+        assert!(crate::boot_clock::BootInstant::now() + std::time::Duration::from_secs(1) < std::thread::spawn(crate::boot_clock::BootInstant::now).join().unwrap(), "the system's boot clock is not past this thread's deadline");
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 100})).unwrap();
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        drop(machine);
+        ended.leftover.clean_up().await;
+        let result = ended.result;
+        assert!(!prompted.exists(), "Claude got its prompt after the job's deadline: {result:?}");
+        assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::Timeout), Some(true)), "{result:?}");
+        let said = result.error.unwrap_or_default();
+        assert!(said.starts_with("not started: timeout_ms (100 ms) passed before Claude was started"), "{said}");
+        assert!(ended.cannot_start.is_none(), "handed back as if the agent could not start jobs");
+        // A restart finds no started record of it: nothing reports it run and lost.
+        drop((ctx, agent, queues));
+        let (agent, _queues) = agent_in(&dir);
+        assert!(agent.spool.get("j").is_none(), "its started record outlived it: reported lost at the restart");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A started record refused for the job's own order (a nonce too long to record), not
     /// for want of the agent's disk: the job fails alone, unstarted, and the agent keeps
     /// taking work. Every record failure held the agent back and told the operator to free

@@ -134,8 +134,13 @@ pub mod tests {
     impl Machine {
         /// Installs a machine booted an hour ago, which never slept yet.
         pub fn install() -> Installed {
-            let hour = Duration::from_secs(3_600);
-            MACHINE.with(|m| *m.borrow_mut() = Some(Machine { monotonic: hour, boot: hour }));
+            Machine::install_up(Duration::from_secs(3_600))
+        }
+
+        /// Installs a machine booted `up` ago, which never slept yet: with `up` short, its
+        /// clocks read behind the system's, which another thread (the blocking pool's) reads.
+        pub fn install_up(up: Duration) -> Installed {
+            MACHINE.with(|m| *m.borrow_mut() = Some(Machine { monotonic: up, boot: up }));
             Installed(())
         }
 

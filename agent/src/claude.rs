@@ -220,6 +220,10 @@ impl Transcript {
 pub enum Ending {
     Exited(Option<i32>),
     TimedOut { after_ms: u64 },
+    /// `timeout_ms` passed before Claude got its prompt (the checkout, the refresh gate, a
+    /// suspend took it all): Claude never ran. TIMEOUT, as the edge itself would end the
+    /// job at its deadline, with words that do not say it ran and was stopped.
+    TimedOutUnstarted { after_ms: u64 },
     Cancelled { reason: String },
     /// The agent itself is shutting down: the caller should fall back, not give up.
     AgentStopping,
@@ -299,6 +303,12 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
     match ending {
         Ending::TimedOut { after_ms } => {
             r.error = Some(format!("Claude did not finish within timeout_ms ({after_ms} ms) and was stopped; raise timeout_ms or split the task"));
+            r.error_code = Some(ErrorCode::Timeout);
+        }
+        Ending::TimedOutUnstarted { after_ms } => {
+            r.error = Some(format!(
+                "not started: timeout_ms ({after_ms} ms) passed before Claude was started (the wait for the repository, the login refresh or a suspend of the runner machine took it all), so Claude never ran; run it again, with a longer timeout_ms"
+            ));
             r.error_code = Some(ErrorCode::Timeout);
         }
         Ending::Cancelled { reason } => {
@@ -586,6 +596,7 @@ mod tests {
         let unknown = transcript(&[json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":["No conversation found"]})]);
         assert_eq!(result(&unknown, Ending::Exited(Some(1)), "", 1).retryable, Some(false));
         assert_eq!(result(&Transcript::default(), Ending::TimedOut { after_ms: 5 }, "", 1).retryable, Some(true));
+        assert_eq!(result(&Transcript::default(), Ending::TimedOutUnstarted { after_ms: 5 }, "", 1).retryable, Some(true));
         assert_eq!(result(&overloaded, Ending::Exited(Some(1)), "", 1).retry_at, None);
     }
 

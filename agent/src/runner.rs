@@ -297,10 +297,13 @@ async fn run_in(
                     let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
                     ctx.repos.prepare(&spec, &workspace, signals).await
                 };
+                // The deadline first (`biased`): a checkout that ends as the deadline passes
+                // (on resume after a suspend past it) does not go on to start Claude.
                 let prepared = tokio::select! {
-                    prepared = attempt => prepared.map_err(Err),
-                    s = &mut stop => Err(Ok(Stop::ending(s))),
+                    biased;
                     _ = boot_clock::sleep_until(deadline) => Err(Err(timed_out(checking_out.load(Ordering::SeqCst), rounds, evicted))),
+                    s = &mut stop => Err(Ok(Stop::ending(s))),
+                    prepared = attempt => prepared.map_err(Err),
                 };
                 // Out of room: idle mirrors of other repositories go first, as many as the
                 // step is taken to need, and it is tried again (a fetch, whose need is an
@@ -369,13 +372,18 @@ async fn run_in(
     }
     // While the token is stale only one job starts; see oauth::RefreshGate.
     // Err(Err(_)): another process held the refresh lock too long; the gate says who.
+    // The deadline first (`biased`): a select picks at random among the branches ready, and
+    // a gate that opens as the deadline passes (on resume after a suspend past it) started
+    // Claude after the edge had told its caller TIMEOUT (rev37-1).
     let admitted = tokio::select! {
-        refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
+        biased;
+        _ = boot_clock::sleep_until(deadline) => Err(Ok(Ending::TimedOutUnstarted { after_ms: spec.timeout_ms })),
         s = &mut stop => Err(Ok(Stop::ending(s))),
-        _ = boot_clock::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
+        refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
     };
     // The start rule (a link cut, or kept up by a hop without the edge, during the checkout
-    // or the wait for the refresh gate): see `start_rule`. Checked again before the prompt.
+    // or the wait for the refresh gate): see `start_rule`, which also ends a job whose
+    // deadline has passed. Checked again, with the deadline, right before the prompt.
     if admitted.is_ok() {
         if let Err(result) = start_rule(ctx, job_id, started, deadline, &mut stop, None).await {
             return (result, None);
@@ -581,7 +589,9 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
 /// it: a blip, a slow ack), until the edge proves it is there in a frame written after the
 /// check (`held`: since when; `None` at the first check), and ends at its deadline, when
 /// cancelled, or when a welcome names it as given up; the result then says it never
-/// started.
+/// started. The deadline decides before a `Go`: a job whose deadline passed before the
+/// rule was looked at (on resume from a suspend past it) ends TIMEOUT, never started
+/// ([`Ending::TimedOutUnstarted`]), as at the refresh gate.
 async fn start_rule(
     ctx: &JobContext,
     job_id: &str,
@@ -596,6 +606,7 @@ async fn start_rule(
         tokio::pin!(proven);
         proven.as_mut().enable();
         let (heard, lost_after_ms) = match ctx.link.start(job_id, held) {
+            Start::Go if BootInstant::now() >= deadline => return Err(too_late(ctx, job_id, started, deadline)),
             Start::Go => {
                 if held.is_some() {
                     info!(job_id, agent_id = %ctx.cfg.agent_id, "the edge proved it is there again: the job held before its start goes on");
@@ -613,19 +624,32 @@ async fn start_rule(
                 "job held before its start: nothing the edge proved is younger than its LOST_AFTER_MS, so it may have given the job up; it starts once the edge answers a heartbeat written from now, and ends not started at its deadline"
             );
         }
+        // The deadline first (`biased`): held until it, the job ends as held, whatever came
+        // with it.
         tokio::select! {
-            _ = &mut proven => {}
+            biased;
+            _ = boot_clock::sleep_until(deadline) => {
+                let away = heard.map(|h| h + looked.elapsed());
+                return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms, carrying: ctx.link.carried() }));
+            }
             s = &mut *stop => {
                 let ending = Stop::ending(s);
                 info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while its start was held");
                 return Err(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64));
             }
-            _ = boot_clock::sleep_until(deadline) => {
-                let away = heard.map(|h| h + looked.elapsed());
-                return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms, carrying: ctx.link.carried() }));
-            }
+            _ = &mut proven => {}
         }
     }
+}
+
+/// The end of a job whose deadline passed before Claude got its prompt ([`start_rule`],
+/// the last look before the prompt in [`run_claude`]): TIMEOUT, saying Claude never ran.
+/// Not `RUNNER_LOST`: that says the edge may have given the job up and its caller been
+/// told to fall back; here the edge held it, and ends it TIMEOUT at the same deadline.
+fn too_late(ctx: &JobContext, job_id: &str, started: BootInstant, deadline: BootInstant) -> JobResult {
+    let after_ms = deadline.saturating_duration_since(started).as_millis() as u64;
+    info!(job_id, agent_id = %ctx.cfg.agent_id, timeout_ms = after_ms, "job not started: its deadline passed before Claude got its prompt");
+    claude::result(&Transcript::default(), Ending::TimedOutUnstarted { after_ms }, "", started.elapsed().as_millis() as u64)
 }
 
 /// The end of a job the edge gave up, or may have ([`start_rule`]), and why it is taken so.
@@ -837,8 +861,8 @@ async fn run_claude(
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written on a trip thread (crate::trips) while Claude starts, which then gives
     // Claude its prompt (process::run).
-    // Set when the start rule, looked at once the record was written and Claude spawned,
-    // said no: never (given up), or not now (held).
+    // Set when the last look, once the record was written and Claude spawned, said no:
+    // the deadline passed, or the start rule said never (given up) or not now (held).
     let not_now = Arc::new(std::sync::OnceLock::new());
     // Set when the records refused the job's started record: the agent's want, whatever
     // the error (`NotRecorded::Records`) — it holds the agent back until the records take
@@ -861,12 +885,17 @@ async fn run_claude(
                 })?;
             }
             // The last moment before the prompt (written by this thread as this returns,
-            // with no wait between): the rule saying no, Claude is killed unprompted, as
-            // when the record failed.
+            // with no wait between): the deadline passed (the record's write, or a
+            // suspend, took the rest of it), or the rule saying no, Claude is killed
+            // unprompted, as when the record failed.
+            if BootInstant::now() >= deadline {
+                let _ = not_now.set(LastLook::Late);
+                return Err("not started: its deadline passed".to_string());
+            }
             match link.start(&job_id, None) {
                 Start::Go => Ok(()),
                 no => {
-                    let _ = not_now.set(no);
+                    let _ = not_now.set(LastLook::Rule(no));
                     Err("not started by the start rule".to_string())
                 }
             }
@@ -900,17 +929,18 @@ async fn run_claude(
         // and the edge takes it in while the result is made here, rather than after it.
         tokio::task::yield_now().await;
     }
-    // Not started by the rule right before the prompt: Claude was killed unprompted. Its
-    // started record goes, so a restart does not report the job lost as if it had run;
-    // given up, the result says why; held, the caller holds the start (`None`).
+    // Not started at the last look right before the prompt: Claude was killed unprompted.
+    // Its started record goes, so a restart does not report the job lost as if it had run;
+    // too late or given up, the result says why; held, the caller holds the start (`None`).
     if let Some(no) = not_now.get() {
         if let Some(spool) = ctx.spool.clone() {
             let id = job_id.to_string();
             let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;
         }
         return match no {
-            Start::GivenUp(why) => Some((gave_up_result(ctx, job_id, started, why), None)),
-            _ => None,
+            LastLook::Late => Some((too_late(ctx, job_id, started, deadline), None)),
+            LastLook::Rule(Start::GivenUp(why)) => Some((gave_up_result(ctx, job_id, started, why), None)),
+            LastLook::Rule(_) => None,
         };
     }
     // Claude never ran, for want of what the agent needs to start any job: the job goes
@@ -954,6 +984,14 @@ async fn run_claude(
         }
     };
     Some((result, session))
+}
+
+/// Why the last look right before Claude's prompt ([`run_claude`]) did not let it go.
+enum LastLook {
+    /// The job's deadline had passed.
+    Late,
+    /// The start rule said never, or not now.
+    Rule(Start),
 }
 
 /// Sends what `batch` holds at each tick of the progress clock that comes while it holds
