@@ -5,7 +5,7 @@
 //! It works on the *decoded* text: each string of a stream-json line after JSON
 //! unescaping (then re-encoded), and inside it, second-level escapes decoded too (`%XX`,
 //! `\uXXXX`, `\xHH`, `\/`) with line breaks, spaces and NULs ignored (wrapped base64, hex
-//! dumps, `\n` inside JSON, UTF-16 text). There it looks for the secrets in the forms a tool prints them —
+//! dumps, `\n` inside JSON, UTF-16 text) — in a secret's plain forms too, so one with a space is found. There it looks for the secrets in the forms a tool prints them —
 //! plain, reversed, hex (as `xxd`, `xxd -p`, `xxd -e`, `od -x`, `od -t x4`, `hexdump -C`
 //! print it), octal (`od`, `od -b`), base64 at
 //! each byte alignment (standard and URL-safe), base32 likewise — and masks not only whole copies but any
@@ -390,7 +390,12 @@ impl Carry {
 /// need no form of their own.
 fn encodings(text: &str, fragment: usize) -> Vec<(Vec<u8>, f64, usize)> {
     let secret = text.as_bytes();
-    let mut forms = vec![(secret.to_vec(), 1.0, 0), (text.chars().rev().collect::<String>().into_bytes(), 1.0, 0)];
+    // The text is matched with what [`read_past`] passes over left out, so the secret's
+    // plain forms are too: a secret with a space in it (a passphrase, a token pasted with
+    // one) was never found, even printed plain (hostile review rev38, 4). Its encoded forms
+    // are of its bytes as they are (a tool encodes the space too) and hold no whitespace.
+    let kept = |chars: &mut dyn Iterator<Item = char>| chars.filter(|c| !c.is_ascii() || !read_past(*c as u8)).collect::<String>().into_bytes();
+    let mut forms = vec![(kept(&mut text.chars()), 1.0, 0), (kept(&mut text.chars().rev()), 1.0, 0)];
     // Hex forms share one window width (one pass over the text): that of `od -x`, which
     // prints little-endian 16-bit words — each pair of bytes swapped, at either parity of
     // the secret's offset in the file — so a piece cut by the end of an `od` line may start

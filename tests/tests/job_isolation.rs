@@ -148,6 +148,20 @@ async fn the_login_printed_as_utf16_is_masked() {
     assert!(read.contains("claudeAiOauth") && read.contains("[REDACTED]"), "{read}");
 }
 
+/// A secret with a space in it (a passphrase) was never masked, even printed plain: the
+/// text is read past its whitespace, the secret's forms kept theirs (hostile review rev38, 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_with_a_space_is_masked_printed_plain() {
+    let secret = "correct horse battery staple of the agent 2026";
+    let s = setup(&[("RUNNER_SECRET", secret)], Vec::new()).await;
+    let file = s.agent.data.path().join("leaked.txt");
+    std::fs::write(&file, format!("the passphrase is {secret}.")).unwrap();
+    let out = output(&s, &format!("@print_file_utf16={}", file.display())).await;
+    let read = out.replace('\0', "");
+    assert!(!read.contains("battery staple") && !read.contains("horse battery"), "the secret reached the caller: {read}");
+    assert!(read.contains("the passphrase is") && read.contains("[REDACTED]"), "{read}");
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -622,3 +622,17 @@ fn a_lines_redaction_does_not_allocate_for_each_string_in_it() {
     r.redact_line(&json_line("assistant", &"z".repeat(1024 * 1024)), &mut carry).unwrap();
     assert!(carry.scratch.held_bytes() < 300 * 1024, "the scratch holds {} bytes", carry.scratch.held_bytes());
 }
+
+/// A secret with a space in it (a passphrase in RUNNER_SECRET, a token variable pasted
+/// with one) was never masked: the text is read past its whitespace, the secret's forms kept
+/// theirs (hostile review rev38, 4).
+#[test]
+fn a_secret_with_a_space_is_masked() {
+    let secret = "correct horse battery staple 2026";
+    let r = Redactor::new([secret.to_string()]);
+    for text in [format!("the secret is {secret}."), format!("the secret is {}.", secret.replace(' ', "  ")), format!("cut: {}", &secret[..20])] {
+        let out = r.redact(&text);
+        assert!(!out.contains("horse battery") && !out.contains("horse  battery"), "a secret with spaces printed plain is not masked: {out}");
+    }
+    assert_eq!(r.redact("a horse and a battery"), "a horse and a battery");
+}
