@@ -41,8 +41,9 @@ pub struct Login {
     /// The credentials file as last read (a job reads the login five times: the refresh
     /// gate, Claude's environment, three redactors).
     pub readings: ReadingCache,
-    /// Every login the credentials file has held since the agent started (up to
-    /// [`REMEMBERED`]): the redactor masks them all, whatever the file holds now.
+    /// The logins the credentials file has held since the agent started (up to
+    /// [`REMEMBERED`], and those given up until they expire: [`Logins`]): the redactor
+    /// masks them all, whatever the file holds now.
     pub remembered: Remembered,
 }
 
@@ -67,18 +68,63 @@ pub type Remembered = Arc<std::sync::Mutex<Logins>>;
 /// the bound's size, is what keeps the real login in.
 pub const REMEMBERED: usize = 4;
 
-/// Logins once read, in the order first read. None is forgotten for a failed, absent or
-/// changed reading: only to make room for a newer one, and then only one whose access
-/// token has expired by its own `expiresAt` (the refresh that made the newer login spent
-/// its refresh token). With every one unexpired, a new login is not kept: the redactor
-/// masks it while the file holds it, as before, and a reading after the oldest expires
-/// keeps it. So a job that writes the file with logins of its own cannot push the real one
-/// out while its access token is valid. An expired login still in the file (no job ran
-/// since) is refreshed by the next job's Claude at its first request, before any of its
-/// tools can write the file, so its refresh token is spent before it can be pushed out.
+/// How many logins given up for a newer one stay masked until their access token has
+/// expired ([`Logins`]): a rotation needs one; the rest is room for a job's own logins,
+/// which can only get here by being within [`NEAR_EXPIRY_MS`] of expiry (so they leave
+/// within that and [`RETIRED_GRACE_MS`]).
+pub const RETIRED: usize = 8;
+
+/// How long after its `expiresAt` a login given up stays masked: the server's clock and
+/// this machine's may differ, and the access token is valid by the server's.
+pub const RETIRED_GRACE_MS: Millis = 5 * 60_000;
+
+/// The tokens the agent remembers ([`Logins`]) are of a shape real ones have: visible
+/// ASCII, no whitespace, [`TOKEN_BYTES`] long (Claude's are about 110 bytes,
+/// `sk-ant-oat01-…`). A job can write anything into the file: a login of ordinary words
+/// ("the result") kept for the agent's life masked them in every later job's output, and a
+/// 700 KB one made every later redactor take seconds to build (hostile review rev38, 2).
+pub const TOKEN_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
+
+/// Whether `token` has the shape of a real token ([`TOKEN_BYTES`]).
+fn plausible(token: &str) -> bool {
+    TOKEN_BYTES.contains(&token.len()) && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The most of a token the file holds now that is masked: the whole of any real one. A
+/// token longer (not one Anthropic issues, a job's doing) is masked in its first
+/// `CURRENT_TOKEN_BYTES` (any piece of them): its redactor is built from that much only, in
+/// milliseconds, not the seconds a 700 KB one took for each job and each repository job's
+/// git worker (hostile review rev38, 2).
+pub const CURRENT_TOKEN_BYTES: usize = 4096;
+
+/// Logins once read, in the order first read, and the ones given up for a newer one until
+/// their access token has expired. None is forgotten for a failed, absent or changed
+/// reading: only to make room for a newer one, and then only one Claude would refresh now —
+/// its access token expired or within [`NEAR_EXPIRY_MS`] of it by its own `expiresAt`, the
+/// earliest first. The one given up is masked still, until its `expiresAt` and
+/// [`RETIRED_GRACE_MS`] (a rotation never unmasks the access token it replaced while that
+/// is valid). With every one far from expiry, a new login is not kept: the redactor masks
+/// it while the file holds it, as before, and a reading once one nears expiry keeps it. So
+/// a job that writes the file with far-expiring logins of its own cannot keep the next
+/// real login out (Claude refreshes only inside that window, when the real login can give
+/// its place; hostile review rev38, 1), and cannot push the real one out while it is far
+/// from expiry. Only tokens of a real token's shape are kept ([`plausible`]).
+///
+/// What a job writing the file can still do (the agent cannot tell a job's login from
+/// Claude's, and the memory is bounded): once the real login is within [`NEAR_EXPIRY_MS`]
+/// of expiry, write a far-expiring one of its own to take its place (the real one stays
+/// masked, as given up), so that with the memory full of its logins the refresh that
+/// follows is masked only while the file holds it; fill the [`RETIRED`] list with logins
+/// near expiry, read one by one, so that one given up earlier leaves it before its
+/// `expiresAt` (an access token with at most [`NEAR_EXPIRY_MS`] left, its refresh token
+/// spent); and mask strings of a token's shape (16 or more visible characters) in later
+/// jobs' output until the expiry it wrote. Each needs the job running, writing the file,
+/// while the real login nears expiry, and the agent re-reading the file in between.
 #[derive(Default)]
 pub struct Logins {
     logins: Vec<Known>,
+    /// Given up for a newer login: masked until `until`, at most [`RETIRED`].
+    retired: Vec<(Vec<String>, Millis)>,
 }
 
 /// One remembered login.
@@ -88,30 +134,51 @@ struct Known {
 }
 
 impl Logins {
-    /// Keeps `tokens` (a login's access and refresh token) in mind, if there is room or an
-    /// expired login to make room.
+    /// Keeps the tokens of `tokens` (a login's access and refresh token) of a real token's
+    /// shape in mind, if there is room or a login Claude would refresh now to make room.
     fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) {
-        if self.logins.iter().any(|known| known.tokens == tokens) {
+        self.forget_expired(now);
+        let tokens: Vec<String> = tokens.iter().filter(|token| plausible(token)).cloned().collect();
+        if tokens.is_empty() || self.logins.iter().any(|known| known.tokens == tokens) {
             return;
         }
         if self.logins.len() >= REMEMBERED {
-            let expired = self.logins.iter().enumerate().filter(|(_, known)| known.expires_at.is_some_and(|t| t <= now)).min_by_key(|(_, known)| known.expires_at);
-            let Some((oldest, _)) = expired else { return };
-            self.logins.remove(oldest);
+            let refreshable = self
+                .logins
+                .iter()
+                .enumerate()
+                .filter(|(_, known)| known.expires_at.is_some_and(|t| t <= now + NEAR_EXPIRY_MS))
+                .min_by_key(|(_, known)| known.expires_at);
+            let Some((oldest, _)) = refreshable else { return };
+            let given_up = self.logins.remove(oldest);
+            let until = given_up.expires_at.unwrap_or(now).saturating_add(RETIRED_GRACE_MS);
+            if until > now {
+                if self.retired.len() >= RETIRED {
+                    // The one nearest its end goes first.
+                    let first = self.retired.iter().enumerate().min_by_key(|(_, (_, until))| *until).map(|(i, _)| i);
+                    self.retired.remove(first.unwrap_or(0));
+                }
+                self.retired.push((given_up.tokens, until));
+            }
         }
-        self.logins.push(Known { tokens: tokens.to_vec(), expires_at });
+        self.logins.push(Known { tokens, expires_at });
     }
 
-    /// Every token remembered, in the order first read.
+    /// Lets go of the logins given up whose access token has expired (and the grace).
+    fn forget_expired(&mut self, now: Millis) {
+        self.retired.retain(|(_, until)| *until > now);
+    }
+
+    /// Every token remembered, in the order first read, then those given up.
     fn tokens(&self) -> impl Iterator<Item = &String> {
-        self.logins.iter().flat_map(|known| &known.tokens)
+        self.logins.iter().flat_map(|known| &known.tokens).chain(self.retired.iter().flat_map(|(tokens, _)| tokens))
     }
 }
 
 /// Never the tokens, even in a debug print.
 impl std::fmt::Debug for Logins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Logins").field("logins", &self.logins.len()).finish()
+        f.debug_struct("Logins").field("logins", &self.logins.len()).field("retired", &self.retired.len()).finish()
     }
 }
 
@@ -273,7 +340,7 @@ impl Login {
                     report.subscription_type = login.subscription_type;
                     let read: Vec<String> = std::iter::once(login.access_token).chain(login.refresh_token).collect();
                     self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(&read, login.expires_at, now);
-                    tokens.extend(read);
+                    tokens.extend(read.iter().map(|token| shared::text::truncate(token, CURRENT_TOKEN_BYTES).to_string()));
                     return Reading { report, tokens };
                 }
                 Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
@@ -315,7 +382,9 @@ impl Login {
     /// same. The credentials file is looked at each time (Claude may have rotated the
     /// tokens), and every login it has held is masked, not only the one it holds now.
     pub fn redactor(&self, now: Millis) -> Arc<Redactor> {
-        self.redactor_of(self.secrets(&self.read(now).tokens))
+        let read = self.read(now);
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).forget_expired(now);
+        self.redactor_of(self.secrets(&read.tokens))
     }
 
     /// The secrets to mask, once each, in an order that changes only when one is learnt or
@@ -696,35 +765,126 @@ mod tests {
 
     /// The memory is bounded ([`REMEMBERED`] logins), and a job that can write the file
     /// cannot use the bound to push the real login out: a login is forgotten only for a
-    /// newer one, and only once its access token has expired.
+    /// newer one, and only once Claude would refresh it (expired or near it); then it stays
+    /// masked until its access token has expired.
     #[test]
     fn a_job_writing_logins_of_its_own_cannot_push_the_real_one_out() {
         let d = tempdir("bounded");
         let (access, refresh) = (&token("access"), &token("refresh"));
         let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let hour = 3_600_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
-        login.redactor(expires - 3_000);
+        login.redactor(expires - 3 * hour);
         let fake = |n: usize| (token(&format!("fake-access-{n}")), token(&format!("fake-refresh-{n}")));
         for n in 0..REMEMBERED + 4 {
             let (a, r) = fake(n);
             std::fs::write(&path, credentials(&a, &r, far)).unwrap();
-            let redactor = login.redactor(expires - 2_000);
+            let redactor = login.redactor(expires - 2 * hour);
             assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
         }
         std::fs::remove_file(&path).unwrap();
-        let hidden = login.redactor(expires - 1_000);
+        let hidden = login.redactor(expires - hour);
         assert!(masks(&hidden, access) && masks(&hidden, refresh), "the real login was pushed out while valid");
         assert!(masks(&hidden, &fake(REMEMBERED - 2).0), "the last login with room is kept");
         assert!(!masks(&hidden, &fake(REMEMBERED - 1).0), "the memory is bounded");
-        // Once the real login's access token has expired, a new login takes its place.
+        // Once the real login's access token has expired, a new login takes its place; the
+        // old one stays masked for the grace, and no longer.
         let (access2, refresh2) = (&token("access2"), &token("refresh2"));
         std::fs::write(&path, credentials(access2, refresh2, far)).unwrap();
         login.redactor(expires + 1);
         std::fs::remove_file(&path).unwrap();
         let hidden = login.redactor(expires + 2);
         assert!(masks(&hidden, access2) && masks(&hidden, refresh2), "the new login took the expired one's place");
-        assert!(!masks(&hidden, access), "an expired login was kept over a new one");
+        assert!(masks(&hidden, access), "the login given up was unmasked within its grace");
+        let later = login.redactor(expires + RETIRED_GRACE_MS + 1);
+        assert!(!masks(&later, access), "a login given up is masked for ever");
+        assert!(masks(&later, access2));
+    }
+
+    /// Claude refreshes within [`NEAR_EXPIRY_MS`] of expiry, while the old access token is
+    /// valid. With the memory full of a job's far-expiring logins, the new real login was
+    /// not kept, and a job that then hid the file printed it unmasked (hostile review rev38,
+    /// 1). The login near expiry gives its place, and its access token stays masked.
+    #[test]
+    fn a_rotation_in_the_refresh_window_is_kept_with_the_memory_full_of_fakes() {
+        let d = tempdir("rev38-rot");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000); // agent start
+        // A job writes three fakes, read by the agent's re-read, then the real file back.
+        for n in 0..REMEMBERED - 1 {
+            let (a, r) = (token(&format!("f-a-{n}")), token(&format!("f-r-{n}")));
+            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
+            login.redactor(expires - 3_000_000);
+        }
+        std::fs::write(&path, credentials(access, refresh, expires)).unwrap();
+        login.redactor(expires - 3_000_000);
+        // Claude refreshes 4 min before expiry; the agent reads the new file.
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, expires + 3_600_000)).unwrap();
+        assert!(masks(&login.redactor(expires - 240_000), access2));
+        // The job moves the file away and prints the tokens.
+        std::fs::rename(&path, d.join("away")).unwrap();
+        let hidden = login.redactor(expires - 239_000);
+        assert!(masks(&hidden, access2) && masks(&hidden, refresh2), "the rotated login is not masked once the job hid the file");
+        assert!(masks(&hidden, access), "the access token the rotation replaced is unmasked while valid");
+    }
+
+    /// The logins given up are bounded ([`RETIRED`]): a job writing logins near expiry one
+    /// after another cannot grow the redactor without end.
+    #[test]
+    fn logins_given_up_are_bounded() {
+        let mut logins = Logins::default();
+        let now = 1_800_000_000_000;
+        for n in 0..REMEMBERED + RETIRED + 20 {
+            logins.learn(&[token(&format!("near-{n}"))], Some(now + 60_000 + n as Millis), now + n as Millis);
+        }
+        assert_eq!(logins.logins.len(), REMEMBERED);
+        assert_eq!(logins.retired.len(), RETIRED);
+        // Expired and past the grace: all let go.
+        logins.forget_expired(now + 60_000 + RETIRED_GRACE_MS + 1_000);
+        assert!(logins.retired.is_empty());
+    }
+
+    /// A job wrote a "login" of ordinary words; kept for the agent's life, every later job's
+    /// output lost those words (hostile review rev38, 2). Only tokens of a real token's shape
+    /// are remembered.
+    #[test]
+    fn a_fake_login_of_common_words_is_not_remembered() {
+        let d = tempdir("rev38-words");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let far = 4_102_444_800_000;
+        let login = login_with(&d, &credentials(access, refresh, far));
+        login.redactor(1);
+        std::fs::write(&login.credentials_path, credentials("the result", "function main", far)).unwrap();
+        login.redactor(2);
+        std::fs::write(&login.credentials_path, credentials(access, refresh, far)).unwrap();
+        let later = login.clone().redactor(3_600_000);
+        let out = later.redact("Here is the result: fn main() is the function main of the program");
+        assert!(!out.contains("[REDACTED]"), "a fake login of ordinary words masks them in every later job: {out}");
+    }
+
+    /// A 700 KB fake token was remembered for the agent's life and made every later redactor
+    /// (each job's, each repository job's git worker's) take seconds to build (hostile review
+    /// rev38, 2). It is not remembered, and while the file holds it only its first
+    /// [`CURRENT_TOKEN_BYTES`] are masked.
+    #[test]
+    fn a_huge_fake_token_is_not_remembered_and_masked_in_part() {
+        let d = tempdir("rev38-huge");
+        let far = 4_102_444_800_000;
+        let big: String = (0..700_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2654435761) >> 13) % 26) as u8)).collect();
+        let login = login_with(&d, &credentials(&big, &token("realr"), far));
+        let held = login.redactor(1);
+        let built_from: Vec<String> = held.as_ref().clone().into();
+        assert!(built_from.iter().all(|secret| secret.len() <= CURRENT_TOKEN_BYTES), "the redactor is built from the whole huge token");
+        assert!(held.redact(&big[1000..1100]).contains("[REDACTED]"), "the file's token is not masked while it holds it");
+        std::fs::write(&login.credentials_path, credentials(&token("real"), &token("realr"), far)).unwrap();
+        let later = login.redactor(2);
+        assert_eq!(later.redact(&big[1000..1100]), &big[1000..1100], "the huge fake is remembered");
+        assert!(masks(&later, &token("realr")), "the plausible token beside it is remembered");
     }
 
     #[test]
