@@ -441,6 +441,19 @@ impl Claude {
     }
 }
 
+/// Between a job's run and the trip that makes its started record ([`run`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Gate {
+    /// Neither has decided yet.
+    Open,
+    /// The record's trip is past its record (made or refused): the rest of its way — the
+    /// prompt, which never waits — is its own.
+    Passed,
+    /// The job ended first (its deadline, a cancel, the agent's drain): the record's trip
+    /// gives no prompt and undoes its record.
+    Shut,
+}
+
 /// How a job whose Claude could not be started (`e`) ends: a missing binary
 /// (`not_found` says what to do), no room for a process now — the user's process limit
 /// (`EAGAIN`), the machine's memory (`ENOMEM`): [`Ending::NoRoom`], no fault of the job's —
@@ -458,6 +471,12 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 /// `started` is called once Claude was spawned and `ready` (its durable started marker,
 /// made on a trip thread, [`crate::trips`], while the launcher starts Claude) is done: never for a
 /// job whose Claude could not be started.
+///
+/// The deadline and `stop` end a start stuck behind the launcher or on its record too. A
+/// record still being made then has no prompt given after it; `unready` is called on its
+/// thread once it is done instead (to clear a record made for a job that ended), and a
+/// Claude the launcher starts after finds its control pipe closed: its warden kills it.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     launch: Launch<'_>,
     job_id: &str,
@@ -465,6 +484,7 @@ pub async fn run(
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
     ready: impl FnOnce() -> Result<(), String> + Send + 'static,
+    unready: impl FnOnce() + Send + 'static,
     started: impl FnOnce(),
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
@@ -495,19 +515,62 @@ pub async fn run(
     // is most often done. Until then stdin stays open and empty: a Claude killed for want
     // of the record never reads a prompt, not even an empty one.
     let stdin = child.stdin.take();
-    let feed = crate::trips::run(move || {
-        // Even a panic there hands stdin back unwritten, to be closed only once Claude is
-        // killed.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(ready)) {
-            Ok(Ok(())) => Ok(stdin.and_then(|stdin| feed_prompt(stdin, prompt))),
-            Ok(Err(why)) => Err((why, stdin)),
-            Err(_) => Err(("recording that the job starts failed (a bug: see the agent's log), so it was not started".to_string(), stdin)),
-        }
-    });
+    // Whether the record's trip may go on to the prompt, or the job ended while its start
+    // was stuck (the record or the launcher): decided once, under this lock, by whichever of
+    // the two comes first.
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Open));
+    let feed = {
+        let gate = Arc::clone(&gate);
+        crate::trips::run(move || {
+            // Even a panic there hands stdin back unwritten, to be closed only once Claude is
+            // killed.
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(ready));
+            {
+                let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+                if *gate == Gate::Shut {
+                    drop(gate);
+                    // The job ended meanwhile: no prompt, and no record left behind that
+                    // a restart would report lost.
+                    drop(stdin);
+                    unready();
+                    return Err(("the job ended before its start was recorded".to_string(), None));
+                }
+                *gate = Gate::Passed;
+            }
+            match made {
+                Ok(Ok(())) => Ok(stdin.and_then(|stdin| feed_prompt(stdin, prompt))),
+                Ok(Err(why)) => Err((why, stdin)),
+                Err(_) => Err(("recording that the job starts failed (a bug: see the agent's log), so it was not started".to_string(), stdin)),
+            }
+        })
+    };
+    // One wait for the whole run, not one per line; on the boot clock, so a deadline that
+    // passed while the machine slept ends the run on resume ([`crate::boot_clock`]).
+    let timed_out = boot_clock::sleep_until(deadline);
+    tokio::pin!(timed_out);
     // The launcher first: awaited in this order, a record done before the answer wakes
-    // nothing (a oneshot wakes only a task that has polled it).
-    let spawned = start.await;
-    let fed = feed.await.unwrap_or_else(|e| Err((format!("the start was cut short: {e}"), None)));
+    // nothing (a oneshot wakes only a task that has polled it). Both raced against the
+    // deadline and the stop: the launcher's exchange is bounded only by its own wait, a
+    // record's write (a hung DATA_DIR) not at all.
+    let starting = async { (start.await, feed.await) };
+    tokio::pin!(starting);
+    let ended = tokio::select! {
+        both = &mut starting => Ok(both),
+        _ = &mut timed_out => Err(Ending::TimedOut { after_ms: timeout_ms }),
+        s = &mut *stop => Err(Stop::ending(s)),
+    };
+    let (spawned, fed) = match ended {
+        Ok(both) => both,
+        Err(ending) => {
+            let recorded = std::mem::replace(&mut *gate.lock().unwrap_or_else(|e| e.into_inner()), Gate::Shut) == Gate::Passed;
+            // Returning drops `child`, and with it the control pipe: a Claude the launcher
+            // starts after this finds it closed, and its warden kills it at once. Its
+            // trips run to their end on their threads.
+            warn!(job_id, ending = ?ending, recorded, "the job ended while its start was stuck (the launcher or its started record): claude is killed as it starts");
+            return Finished { ending, stderr: String::new() };
+        }
+    };
+    let fed = fed.unwrap_or_else(|e| Err((format!("the start was cut short: {e}"), None)));
     let spawned = spawned.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
     match fed {
         Err((why, stdin)) => {
@@ -578,10 +641,6 @@ pub async fn run(
     let mut stdout_open = true;
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut line = Line::default();
-    // One wait for the whole run, not one per line; on the boot clock, so a deadline that
-    // passed while the machine slept ends the run on resume ([`crate::boot_clock`]).
-    let timed_out = boot_clock::sleep_until(deadline);
-    tokio::pin!(timed_out);
     let stopped: Option<Ending> = loop {
         if child.exit.is_some() && !stdout_open {
             break None;
@@ -852,7 +911,7 @@ mod tests {
             held.recv().map_err(|_| "the test ended".to_string())?;
             Ok(())
         };
-        let run = run(launch, "j", deadline, 300_000, &mut stop, ready, || {}, |_: &[u8]| {});
+        let run = run(launch, "j", deadline, 300_000, &mut stop, ready, || {}, || {}, |_: &[u8]| {});
         let hold = async {
             // Once round first, so that the run has asked for the record and the launcher.
             tokio::task::yield_now().await;
@@ -869,6 +928,100 @@ mod tests {
         assert!(had_it, "Claude got no prompt while the runtime's thread was held");
         assert_eq!(std::fs::read_to_string(&got).unwrap(), "the prompt");
         assert_eq!(finished.ending, Ending::Exited(Some(0)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stand-in Claude that writes its pid, then what it reads, for the stuck-start tests.
+    fn stuck_start_claude(name: &str) -> (PathBuf, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-process-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let claude = dir.join("claude.sh");
+        let (pid, got) = (dir.join("pid"), dir.join("got"));
+        std::fs::write(&claude, format!("#!/bin/sh\necho $$ > '{}'\ncat > '{1}.part' && mv '{1}.part' '{1}'\n", pid.display(), got.display())).unwrap();
+        std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let program = claude.to_string_lossy().into_owned();
+        (dir, program)
+    }
+
+    /// Once every start the launcher was asked for is done: if the stand-in Claude got as
+    /// far as writing its pid, it is gone (its warden killed it: the control pipe closed),
+    /// and (`prompt_unseen`) it never had its prompt. The bound only keeps a broken build from hanging.
+    async fn no_claude_left(dir: &Path, prompt_unseen: bool) {
+        LAUNCHES.run(|| ()).await.unwrap();
+        if let Ok(pid) = std::fs::read_to_string(dir.join("pid")) {
+            let pid: libc::pid_t = pid.trim().parse().unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            // SAFETY: signal 0 only asks whether the process is there.
+            while unsafe { libc::kill(pid, 0) } == 0 && std::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "a Claude spawned for a job that ended is still running");
+        }
+        if prompt_unseen {
+            assert_ne!(std::fs::read_to_string(dir.join("got")).ok().as_deref(), Some("the prompt"), "Claude got the prompt of a job that ended");
+        }
+    }
+
+    /// Review rev38, finding 5: a start whose started record hangs (a DATA_DIR write that
+    /// never returns) was awaited before the run watched its stop: a cancel never ended the
+    /// job. Now it ends CANCELLED at once; the record, made after all, is cleared on the
+    /// record's thread (`unready`), and Claude — spawned meanwhile — is killed unprompted.
+    #[tokio::test]
+    async fn a_start_stuck_on_its_record_ends_by_cancel() {
+        let (dir, program) = stuck_start_claude("stuck-record");
+        let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
+        let (cancel, mut stop) = oneshot::channel();
+        let deadline = BootInstant::now() + Duration::from_secs(300);
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let ready = move || {
+            stuck.recv().map_err(|_| "the test ended".to_string())?;
+            Ok(())
+        };
+        let (cleared, was_cleared) = tokio::sync::oneshot::channel();
+        let unready = move || {
+            let _ = cleared.send(());
+        };
+        cancel.send(Stop::Cancelled("by the test".into())).unwrap();
+        let run = run(launch, "j", deadline, 300_000, &mut stop, ready, unready, || panic!("a job that ended is not started"), |_: &[u8]| {});
+        let finished = tokio::time::timeout(Duration::from_secs(30), run).await.expect("a start stuck on its record was not ended by its cancel");
+        assert_eq!(finished.ending, Ending::Cancelled { reason: "by the test".into() });
+        // The record is made after all: it is cleared, and the prompt never goes in.
+        release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), was_cleared).await.expect("the record made after the job ended was not cleared").unwrap();
+        no_claude_left(&dir, true).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review rev38, finding 5: a start stuck behind the launcher (another job's exchange,
+    /// each bounded only by `answer_within`) did not end at its deadline. Now it ends
+    /// TIMEOUT at the deadline; the Claude the launcher starts later finds its control pipe
+    /// closed and is killed at once. The record was made in time: it stays, for the job's
+    /// result to be written beside it (not cleared).
+    #[tokio::test]
+    async fn a_start_stuck_behind_the_launcher_ends_at_its_deadline() {
+        let (dir, program) = stuck_start_claude("stuck-launcher");
+        let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
+        let (_stop, mut stop) = oneshot::channel();
+        // The launcher's lane is busy until the test lets it go, as behind a stuck exchange.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let busy = LAUNCHES.run(move || stuck.recv());
+        let deadline = BootInstant::now() + Duration::from_millis(50);
+        let cleared = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let unready = {
+            let cleared = Arc::clone(&cleared);
+            move || cleared.store(true, std::sync::atomic::Ordering::SeqCst)
+        };
+        let run = run(launch, "j", deadline, 50, &mut stop, || Ok(()), unready, || panic!("a job that ended is not started"), |_: &[u8]| {});
+        let finished = tokio::time::timeout(Duration::from_secs(30), run).await;
+        release.send(()).unwrap();
+        let _ = busy.await;
+        assert_eq!(finished.expect("a start stuck behind the launcher did not end at its deadline").ending, Ending::TimedOut { after_ms: 50 });
+        no_claude_left(&dir, false).await;
+        assert!(!cleared.load(std::sync::atomic::Ordering::SeqCst), "a record made before the job ended is the result's to clear");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -890,7 +1043,7 @@ mod tests {
         let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: prompt.clone() };
         let (_stop, mut stop) = oneshot::channel();
         let deadline = BootInstant::now() + Duration::from_secs(300);
-        let finished = run(launch, "j", deadline, 300_000, &mut stop, || Ok(()), || {}, |_: &[u8]| {}).await;
+        let finished = run(launch, "j", deadline, 300_000, &mut stop, || Ok(()), || {}, || {}, |_: &[u8]| {}).await;
         assert_eq!(finished.ending, Ending::Exited(Some(0)));
         assert!(std::fs::read_to_string(&got).unwrap() == prompt, "Claude's input is not the prompt");
         let _ = std::fs::remove_dir_all(&dir);

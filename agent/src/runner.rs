@@ -910,7 +910,18 @@ async fn run_claude(
             ctx.link.seal_and_send(uplink, |key| shared::protocol::AgentMessage::started(job_id, &ctx.order_nonce, key));
         }
     };
-    let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, told, on_line);
+    // A record made after the job ended (its start stuck on a DATA_DIR write past its
+    // deadline, a cancel or the drain: process::run) goes, on the thread that made it: its
+    // job's result may have gone already, and a restart would report it lost.
+    let unready = {
+        let (spool, job_id) = (ctx.spool.clone(), job_id.to_string());
+        move || {
+            if let Some(spool) = spool {
+                spool.unstart(&job_id);
+            }
+        }
+    };
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, unready, told, on_line);
     let finished = tokio::select! {
         finished = run => finished,
         never = timer => match never {},
@@ -932,7 +943,9 @@ async fn run_claude(
     // Not started at the last look right before the prompt: Claude was killed unprompted.
     // Its started record goes, so a restart does not report the job lost as if it had run;
     // too late or given up, the result says why; held, the caller holds the start (`None`).
-    if let Some(no) = not_now.get() {
+    // Not when the job ended first, its start stuck (process::run: its deadline, a stop —
+    // heard, not waited for again): that ending is the job's.
+    if let (Ending::NotStarted(_), Some(no)) = (&finished.ending, not_now.get()) {
         if let Some(spool) = ctx.spool.clone() {
             let id = job_id.to_string();
             let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;

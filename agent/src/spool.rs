@@ -430,10 +430,15 @@ impl Spool {
 
     /// The job whose started record this is never started after all (Claude could not be
     /// spawned: it goes back to the edge unstarted): its record is cleared, so a restart
-    /// does not report it lost, and its slot is free.
+    /// does not report it lost, and its slot is free. Or its start was recorded only after
+    /// the job ended (`runner::run_claude`): a result of the job's already kept (being
+    /// written into the slot, or held) owns the slot, and is left to clear it.
     pub fn unstart(&self, job_id: &str) {
         let n = {
             let mut kept = self.lock();
+            if Self::in_memory(&kept, job_id).is_some() {
+                return;
+            }
             let Some(n) = Self::slot_of(&kept, job_id) else { return };
             kept.slots[n] = Slot::Clearing;
             n
