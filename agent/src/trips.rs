@@ -26,7 +26,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// A trip ended without an answer: it panicked (a bug: the panic is in the agent's log),
@@ -77,23 +77,50 @@ pub fn run<R: Send + 'static>(trip: impl FnOnce() -> R + Send + 'static) -> impl
 /// as it ends the last, and is woken only when it had none.
 pub struct Lane {
     name: &'static str,
-    worker: OnceLock<Option<Arc<Worker>>>,
+    /// Its thread, once one could be made.
+    worker: Mutex<Option<Arc<Worker>>>,
+    /// How many of its next attempts to make its thread fail, as at the user's process
+    /// limit (tests only).
+    #[cfg(test)]
+    refuse: std::sync::atomic::AtomicUsize,
 }
 
 impl Lane {
     pub const fn new(name: &'static str) -> Lane {
-        Lane { name, worker: OnceLock::new() }
+        Lane {
+            name,
+            worker: Mutex::new(None),
+            #[cfg(test)]
+            refuse: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// Runs `trip` on the lane's thread after the trips handed to it before: as [`run`].
+    /// A thread that could not be made (the user's process limit, used up by a job for a
+    /// while) is tried again at the next trip: only this one goes to tokio's pool, not
+    /// every launch for the agent's life.
     pub fn run<R: Send + 'static>(&self, trip: impl FnOnce() -> R + Send + 'static) -> impl std::future::Future<Output = Result<R, Cut>> {
         let (task, answer) = task(trip, false);
-        match self.worker.get_or_init(|| spawn(self.name)) {
-            Some(worker) => give(worker, task),
-            // No thread could be made at the first trip: the lane is tokio's pool.
+        let worker = {
+            let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+            if worker.is_none() {
+                *worker = self.spawn();
+            }
+            worker.clone()
+        };
+        match worker {
+            Some(worker) => give(&worker, task),
             None => fallback(task),
         }
         answer
+    }
+
+    fn spawn(&self) -> Option<Arc<Worker>> {
+        #[cfg(test)]
+        if self.refuse.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return None;
+        }
+        spawn(self.name)
     }
 }
 
@@ -253,6 +280,18 @@ mod tests {
         assert!(panics.await.is_err());
         third.await.unwrap();
         assert_eq!(*order.lock().unwrap(), [1, 3]);
+    }
+
+    /// Review rev38, finding 6: a lane whose thread could not be made at its first trip
+    /// (a job had used up the user's process limit) sent every later one to tokio's pool
+    /// for the agent's life. Its thread is tried again at the next trip.
+    #[tokio::test]
+    async fn a_lane_whose_thread_could_not_be_made_tries_again() {
+        static LANE: Lane = Lane::new("claude-runner-test-lane-again");
+        let on = || std::thread::current().name().map(str::to_string);
+        LANE.refuse.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_ne!(LANE.run(on).await.unwrap().as_deref(), Some("claude-runner-test-lane-again"), "its thread was refused: the trip ran on tokio's pool");
+        assert_eq!(LANE.run(on).await.unwrap().as_deref(), Some("claude-runner-test-lane-again"), "the lane did not try its thread again");
     }
 
     /// Inside a trip the caller's runtime is entered: what the trip calls may spawn on it
