@@ -221,7 +221,7 @@ pub enum Ending {
     Exited(Option<i32>),
     TimedOut { after_ms: u64 },
     /// `timeout_ms` passed before Claude got its prompt (the checkout, the refresh gate, a
-    /// suspend took it all): Claude never ran. TIMEOUT, as the edge itself would end the
+    /// start stuck on its record or the launcher, a suspend took it all): Claude never ran. TIMEOUT, as the edge itself would end the
     /// job at its deadline, with words that do not say it ran and was stopped.
     TimedOutUnstarted { after_ms: u64 },
     Cancelled { reason: String },
@@ -307,7 +307,7 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
         }
         Ending::TimedOutUnstarted { after_ms } => {
             r.error = Some(format!(
-                "not started: timeout_ms ({after_ms} ms) passed before Claude was started (the wait for the repository, the login refresh or a suspend of the runner machine took it all), so Claude never ran; run it again, with a longer timeout_ms"
+                "not started: timeout_ms ({after_ms} ms) passed before Claude was started (the wait for the repository, the login refresh, a start stuck on the runner's disk or its launcher, or a suspend of the runner machine took it all), so Claude never ran; run it again, with a longer timeout_ms"
             ));
             r.error_code = Some(ErrorCode::Timeout);
         }

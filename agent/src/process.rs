@@ -556,7 +556,8 @@ pub async fn run(
     tokio::pin!(starting);
     let ended = tokio::select! {
         both = &mut starting => Ok(both),
-        _ = &mut timed_out => Err(Ending::TimedOut { after_ms: timeout_ms }),
+        // Claude never ran: killed as it starts, whether or not its prompt was in.
+        _ = &mut timed_out => Err(Ending::TimedOutUnstarted { after_ms: timeout_ms }),
         s = &mut *stop => Err(Stop::ending(s)),
     };
     let (spawned, fed) = match ended {
@@ -997,7 +998,7 @@ mod tests {
 
     /// Review rev38, finding 5: a start stuck behind the launcher (another job's exchange,
     /// each bounded only by `answer_within`) did not end at its deadline. Now it ends
-    /// TIMEOUT at the deadline; the Claude the launcher starts later finds its control pipe
+    /// TIMEOUT at the deadline, not started; the Claude the launcher starts later finds its control pipe
     /// closed and is killed at once. The record was made in time: it stays, for the job's
     /// result to be written beside it (not cleared).
     #[tokio::test]
@@ -1019,7 +1020,7 @@ mod tests {
         let finished = tokio::time::timeout(Duration::from_secs(30), run).await;
         release.send(()).unwrap();
         let _ = busy.await;
-        assert_eq!(finished.expect("a start stuck behind the launcher did not end at its deadline").ending, Ending::TimedOut { after_ms: 50 });
+        assert_eq!(finished.expect("a start stuck behind the launcher did not end at its deadline").ending, Ending::TimedOutUnstarted { after_ms: 50 });
         no_claude_left(&dir, false).await;
         assert!(!cleared.load(std::sync::atomic::Ordering::SeqCst), "a record made before the job ended is the result's to clear");
         let _ = std::fs::remove_dir_all(&dir);
