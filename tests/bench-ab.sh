@@ -14,7 +14,8 @@
 set -euo pipefail
 A=${1:?A_DIR}; B=${2:?B_DIR}; PAIRS=${3:?PAIRS}; JOBS=${4:?JOBS}; OUT=${5:?OUTDIR}; BENCH=${6:-$A/bench}
 mkdir -p "$OUT"
-mnt=/mnt/claude-runner-benchfs img=/var/tmp/claude-runner-benchfs.img
+# BENCHFS_MNT / BENCHFS_IMG: where the loop file system goes, so two A/Bs can run at once.
+mnt=${BENCHFS_MNT:-/mnt/claude-runner-benchfs} img=${BENCHFS_IMG:-/var/tmp/claude-runner-benchfs.img}
 run() { # DIR LABEL
   local dir=$1 label=$2 tmp=${TMPDIR:-/tmp}
   # Binaries read whole into the page cache first: no run pays for the other's reads.
