@@ -658,8 +658,10 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                     return answer(Response::error(error.with_job(shared::ids::shown_job_id(id))), Vec::new());
                 }
             };
+            // The places of streams are parted by whose secret opens them (`Edge::follow`).
+            let Some(reader) = &who else { return answer(Response::error(ApiError::unauthorized()), Vec::new()) };
             let mut effects = Vec::new();
-            match edge.follow(caller, id, after, &mut effects) {
+            match edge.follow(caller, id, reader, after, &mut effects) {
                 Ok(()) => Handled { caller, reply: Reply::Stream, effects },
                 Err(refused) => answer(Response::error(refused), effects),
             }

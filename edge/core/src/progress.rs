@@ -12,12 +12,19 @@ use std::task::{Context, Poll, Waker};
 /// same text, so many followers of a job cost pointers, not copies of its progress.
 pub type Chunk = Arc<str>;
 
-/// Followers (`GET /jobs/{id}/events`) of one job, and of all jobs together, at most;
-/// past these a new one is answered 429.
+/// Followers (`GET /jobs/{id}/events`) of one job, and of all jobs together, at most.
+/// They are parted between the readers, by the secret each stream was opened with
+/// (`crate::machine`, `Edge::follow`): a caller with its own secret (`RUNNER_SECRETS`)
+/// holds at most [`MAX_FOLLOWERS_PER_JOB`] less [`OPERATOR_FOLLOWERS`] streams of its job,
+/// and its equal share of [`MAX_FOLLOWERS`] (`Edge::caller_share`); all such callers
+/// together at most [`MAX_FOLLOWERS`] less [`OPERATOR_FOLLOWERS`]; past its part a new
+/// stream is answered 429.
 pub const MAX_FOLLOWERS_PER_JOB: usize = 16;
 pub const MAX_FOLLOWERS: usize = 64;
-/// (Those of the jobs of one caller with its own secret, `RUNNER_SECRETS`, at most its
-/// equal share of [`MAX_FOLLOWERS`]: `crate::machine`, `Edge::caller_share`.)
+/// The places kept for the operator's streams (the pool's `RUNNER_SECRET`) on each job of
+/// a caller with its own secret, and in all: that caller's, however many it opens, never
+/// lock the operator out of following the job (review rev36a-4).
+pub const OPERATOR_FOLLOWERS: usize = 4;
 
 /// How far a follower may fall behind — bytes queued for its connection that it has not
 /// taken — before it is dropped: the whole backlog it is sent on joining, and 1 MiB. (One

@@ -3,10 +3,16 @@
 //! [`CallerId`]; the host keeps one channel per id and carries out the
 //! [`Effect::Answer`] / [`Effect::Stream`] / [`Effect::EndStream`] addressed to it. The
 //! machine decides who gets what; a host never looks at a job's callers.
+//!
+//! A follower is kept with its reader — the secret its stream was opened with — and the
+//! places of a job's streams, and of all streams, are parted between the readers
+//! ([`Edge::follow`]), so that no reader's streams lock another out: a caller holding its
+//! job's secret cannot keep the operator from following it (review rev36a-4).
 
 use super::{Edge, Effect};
 use crate::clock::Now;
-use crate::progress;
+use crate::http::Who;
+use crate::progress::{self, MAX_FOLLOWERS, MAX_FOLLOWERS_PER_JOB, OPERATOR_FOLLOWERS};
 use crate::record::{Form, Job, Mode};
 use shared::job::JobState;
 use crate::response::Response;
@@ -23,57 +29,51 @@ pub const MAX_WAITERS_PER_JOB: usize = progress::MAX_FOLLOWERS_PER_JOB;
 /// of all jobs together, at most (a job's own `/execute` caller is bounded by the queue's
 /// caps already, and is never refused for these).
 pub const MAX_WAITING_REPEATS: usize = progress::MAX_FOLLOWERS;
-// Repeats waiting on the jobs of one caller with its own secret (`RUNNER_SECRETS`), and
-// streams following them, at most its equal share of all ([`Edge::caller_share`]), so no
-// one caller, nor two, can take them all.
+// Repeats waiting on the jobs of one caller with its own secret (`RUNNER_SECRETS`) at most
+// its equal share of all ([`Edge::caller_share`]), so no one caller, nor two, can take them
+// all; and so the streams it opens ([`Edge::follow`]).
 
 /// One HTTP caller, as the machine and its host both name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallerId(pub u64);
 
-/// The two kinds of callers held to caps on how many a job, a caller and the edge take:
-/// each of them is handed the job's result when it ends.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Waiter,
-    Follower,
-}
-
-/// How many callers of one kind the machine takes: of one job, and in all (of the jobs of
-/// one caller with its own secret, an equal share of all).
-struct Places {
-    per_job: usize,
-    all: usize,
-}
-
-impl Kind {
-    fn places(self) -> Places {
-        match self {
-            Kind::Waiter => Places { per_job: MAX_WAITERS_PER_JOB, all: MAX_WAITING_REPEATS },
-            Kind::Follower => Places { per_job: progress::MAX_FOLLOWERS_PER_JOB, all: progress::MAX_FOLLOWERS },
-        }
-    }
-
-    /// The places `n` callers of this kind on `job` hold against the caps in all and per
-    /// caller: every follower; every waiter but an `/execute` job's first — the job's own
-    /// caller, bounded with its job by the queue's caps —, so that only the waiters that
-    /// repeats of an idempotency key add count, and a new `/execute` is never refused for
-    /// them.
-    fn held(self, job: &Job, n: usize) -> usize {
-        match (self, job.mode) {
-            (Kind::Waiter, Mode::Wait) => n.saturating_sub(1),
-            _ => n,
-        }
+/// The places `n` waiters on `job` hold against the caps in all and per caller: every
+/// waiter but an `/execute` job's first — the job's own caller, bounded with its job by the
+/// queue's caps —, so that only the waiters that repeats of an idempotency key add count,
+/// and a new `/execute` is never refused for them.
+fn waiters_held(job: &Job, n: usize) -> usize {
+    match job.mode {
+        Mode::Wait => n.saturating_sub(1),
+        Mode::Detached => n,
     }
 }
 
-/// Why a job takes no more callers of a kind.
+/// Why a job takes no more waiters.
 enum Crowded {
     /// The caller with its own secret `share` holds `held` places, its share of `all`
     /// (said in words: [`crate::http::named_share`]).
     Share { share: String, held: usize, all: usize },
-    /// The job has `of_job` callers of the kind, and all jobs hold `all` places.
+    /// The job has `of_job` waiters, and all jobs hold `all` places.
     Edge { of_job: usize, all: usize },
+}
+
+/// A stream following a job, and its reader: whose secret opened it (the pool's — the
+/// operator's — or a caller's own), which the places it holds are counted against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Follower {
+    pub caller: CallerId,
+    pub reader: Who,
+}
+
+/// How many of `job`'s streams `reader` may hold: on a job of a caller with its own secret,
+/// that caller all but [`OPERATOR_FOLLOWERS`], the pool's secret (the operator) those; on
+/// the pool secret's jobs, which no caller's own secret reaches, the pool's secret all.
+fn part_of_job(job: &Job, reader: &Who) -> usize {
+    match reader {
+        Who::Caller(_) => MAX_FOLLOWERS_PER_JOB - OPERATOR_FOLLOWERS,
+        Who::Pool if super::share_of(job).is_empty() => MAX_FOLLOWERS_PER_JOB,
+        Who::Pool => OPERATOR_FOLLOWERS,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +82,7 @@ pub(super) struct Callers {
     /// `/execute` callers, by job.
     pub waiters: HashMap<String, Vec<CallerId>>,
     /// Event streams, by job.
-    pub followers: HashMap<String, Vec<CallerId>>,
+    pub followers: HashMap<String, Vec<Follower>>,
     /// Callers of the re-login relay, by login id.
     pub logins: HashMap<String, Vec<CallerId>>,
     /// The ends of jobs given to callers whose answers may still be on their way.
@@ -118,7 +118,7 @@ impl Given {
 }
 
 impl Callers {
-    pub fn set(&mut self, job_id: &str, waiters: Option<Vec<CallerId>>, followers: Option<Vec<CallerId>>) {
+    pub fn set(&mut self, job_id: &str, waiters: Option<Vec<CallerId>>, followers: Option<Vec<Follower>>) {
         match waiters {
             Some(w) => self.waiters.insert(job_id.to_string(), w),
             None => self.waiters.remove(job_id),
@@ -131,6 +131,16 @@ impl Callers {
 
     fn job_of(list: &HashMap<String, Vec<CallerId>>, caller: CallerId) -> Option<String> {
         list.iter().find(|(_, callers)| callers.contains(&caller)).map(|(job, _)| job.clone())
+    }
+
+    /// The job `caller` follows, if it follows one.
+    fn followed_by(&self, caller: CallerId) -> Option<String> {
+        self.followers.iter().find(|(_, followers)| followers.iter().any(|f| f.caller == caller)).map(|(job, _)| job.clone())
+    }
+
+    /// The streams `reader` holds, of all jobs.
+    fn held_by(&self, reader: &Who) -> usize {
+        self.followers.values().flatten().filter(|f| f.reader == *reader).count()
     }
 }
 
@@ -167,7 +177,7 @@ impl Edge {
             refused.body.fallback = None;
             return Err(refused);
         }
-        match self.crowded(Kind::Waiter, job_id) {
+        match self.crowded(job_id) {
             None => {}
             Some(Crowded::Share { share, held, all }) => {
                 return Err(ApiError::new(
@@ -197,23 +207,19 @@ impl Edge {
         Ok(())
     }
 
-    /// Whether job `job_id` takes one more caller of this `kind`: not past the kind's caps
-    /// per job ([`Places::per_job`]), in all and per caller with its own secret. The caps
-    /// in all and per caller count the places each job's callers hold ([`Kind::held`]);
-    /// a caller that would hold none (an `/execute` job's own) is always taken.
-    fn crowded(&self, kind: Kind, job_id: &str) -> Option<Crowded> {
+    /// Whether job `job_id` takes one more waiter: not past [`MAX_WAITERS_PER_JOB`], nor the
+    /// caps in all and per caller with its own secret, which count the places each job's
+    /// waiters hold ([`waiters_held`]); a waiter that would hold none (an `/execute` job's
+    /// own) is always taken.
+    fn crowded(&self, job_id: &str) -> Option<Crowded> {
         let job = self.job(job_id)?;
-        let list = match kind {
-            Kind::Waiter => &self.callers.waiters,
-            Kind::Follower => &self.callers.followers,
-        };
+        let list = &self.callers.waiters;
         let of_job = list.get(job_id).map_or(0, Vec::len);
-        if kind.held(job, of_job + 1) == kind.held(job, of_job) {
+        if waiters_held(job, of_job + 1) == waiters_held(job, of_job) {
             return None;
         }
-        let places = kind.places();
         let held_by = |of: &dyn Fn(&Job) -> bool| -> usize {
-            list.iter().filter_map(|(id, callers)| self.job(id).filter(|j| of(j)).map(|j| kind.held(j, callers.len()))).sum()
+            list.iter().filter_map(|(id, callers)| self.job(id).filter(|j| of(j)).map(|j| waiters_held(j, callers.len()))).sum()
         };
         // A caller with its own secret holds its own share of the places (the operator's
         // callers of its jobs too), so it cannot take every one; the pool secret's are held
@@ -221,58 +227,112 @@ impl Edge {
         let share = super::share_of(job);
         if !share.is_empty() {
             let held = held_by(&|j| super::share_of(j) == share);
-            let cap = self.caller_share(places.all);
+            let cap = self.caller_share(MAX_WAITING_REPEATS);
             if held >= cap {
-                return Some(Crowded::Share { share: share.to_string(), held, all: places.all });
+                return Some(Crowded::Share { share: share.to_string(), held, all: MAX_WAITING_REPEATS });
             }
         }
         let all = held_by(&|_| true);
-        (of_job >= places.per_job || all >= places.all).then_some(Crowded::Edge { of_job, all })
+        (of_job >= MAX_WAITERS_PER_JOB || all >= MAX_WAITING_REPEATS).then_some(Crowded::Edge { of_job, all })
     }
 
-    /// `caller` follows the job's progress: what is kept so far at once — only what came
-    /// after `after` when it resumes a stream (its `Last-Event-ID`) —, then each event,
-    /// then the result. Refused (404) when there is no such job, and (429) when the job, or
-    /// the edge, has as many followers as it takes.
-    pub fn follow(&mut self, caller: CallerId, job_id: &str, after: Option<progress::At>, effects: &mut Vec<Effect>) -> Result<(), ApiError> {
+    /// `caller` follows the job's progress with `reader`'s secret: what is kept so far at
+    /// once — only what came after `after` when it resumes a stream (its `Last-Event-ID`) —,
+    /// then each event, then the result. Refused (404) when there is no such job, and (429)
+    /// past `reader`'s places, which are parted between the readers so that none locks
+    /// another out ([`Edge::streams_crowded`]).
+    pub fn follow(
+        &mut self,
+        caller: CallerId,
+        job_id: &str,
+        reader: &Who,
+        after: Option<progress::At>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), ApiError> {
         if !self.jobs.contains_key(job_id) {
             return Err(ApiError::job_not_found(job_id));
         }
         if self.give_ended(caller, job_id, Form::Stream, effects) {
             return Ok(());
         }
-        match self.crowded(Kind::Follower, job_id) {
-            None => {}
-            Some(Crowded::Share { share, held, all }) => {
-                return Err(ApiError::new(
-                    ErrorCode::RunnerBusy,
-                    format!(
-                        "caller `{share}` follows {held} streams already ({}): read the job with GET /jobs/{job_id}, or follow it \
-                         once another of your streams ends",
-                        crate::http::named_share(&format!("the {all} places"))
-                    ),
-                )
-                .with_job(job_id));
-            }
-            Some(Crowded::Edge { of_job, all }) => {
-                return Err(ApiError::new(
-                    ErrorCode::RunnerBusy,
-                    format!(
-                        "too many streams follow jobs already ({of_job} this one, {all} in all; at most {} per job and {} in all): \
-                         read the job with GET /jobs/{job_id}, or follow it once another stream ends",
-                        progress::MAX_FOLLOWERS_PER_JOB,
-                        progress::MAX_FOLLOWERS
-                    ),
-                )
-                .with_job(job_id));
-            }
+        if let Some(refused) = self.streams_crowded(job_id, reader) {
+            return Err(refused.with_job(job_id));
         }
         for chunk in self.progress.get(job_id).map(|b| b.replay(after)).unwrap_or_default() {
             effects.push(Effect::Stream { caller, chunk });
         }
         self.note_callers(job_id);
-        self.callers.followers.entry(job_id.to_string()).or_default().push(caller);
+        self.callers.followers.entry(job_id.to_string()).or_default().push(Follower { caller, reader: reader.clone() });
         Ok(())
+    }
+
+    /// Why `job_id` takes no more streams of `reader`, as the reader is told it: `None` if
+    /// it takes one. The places are parted between the readers, so that none locks another
+    /// out (review rev36a-4: a caller holding its job's secret opened all 16 of the job's,
+    /// or its whole share of all — the operator's streams of its jobs counted in it —, and
+    /// the operator could not follow the job):
+    /// - of a job's [`MAX_FOLLOWERS_PER_JOB`], a caller with its own secret holds at most
+    ///   all but [`OPERATOR_FOLLOWERS`] of its job's, which are the operator's (the pool's
+    ///   secret): [`part_of_job`];
+    /// - of all [`MAX_FOLLOWERS`], such a caller holds its equal share
+    ///   ([`Edge::caller_share`]) of the streams it opened itself — the operator's of its
+    ///   jobs are the operator's —, and all such callers together all but
+    ///   [`OPERATOR_FOLLOWERS`]; the pool's secret, whose holder is the operator, is held to
+    ///   [`MAX_FOLLOWERS`] alone.
+    ///
+    /// A reader at its own part is refused, not given a place by ending one of its streams:
+    /// ending its oldest let a flood of one secret's streams (stalled, never read) cut that
+    /// secret's reader that reads. A caller with its own secret is told its own count and
+    /// the caps, never how many the others hold.
+    fn streams_crowded(&self, job_id: &str, reader: &Who) -> Option<ApiError> {
+        let job = self.job(job_id)?;
+        let of_job = self.callers.followers.get(job_id).map_or(&[][..], Vec::as_slice);
+        let part = part_of_job(job, reader);
+        let mine = of_job.iter().filter(|f| f.reader == *reader).count();
+        let busy = |error: String| Some(ApiError::new(ErrorCode::RunnerBusy, error));
+        let read_instead = format!("read the job with GET /jobs/{job_id}");
+        let all: usize = self.callers.followers.values().map(Vec::len).sum();
+        match reader {
+            Who::Caller(name) => {
+                if mine >= part || of_job.len() >= MAX_FOLLOWERS_PER_JOB {
+                    return busy(format!(
+                        "caller `{name}` follows this job with {mine} streams already, its part of the job's (at most {part}; \
+                         the rest are kept for the operator): close one you no longer read, {read_instead}, or follow it \
+                         once another of your streams of it ends"
+                    ));
+                }
+                let held = self.callers.held_by(reader);
+                if held >= self.caller_share(MAX_FOLLOWERS) {
+                    return busy(format!(
+                        "caller `{name}` follows {held} streams already ({}): close one you no longer read, {read_instead}, \
+                         or follow it once another of your streams ends",
+                        crate::http::named_share(&format!("the {MAX_FOLLOWERS} places"))
+                    ));
+                }
+                let callers = self.callers.followers.values().flatten().filter(|f| matches!(f.reader, Who::Caller(_))).count();
+                (callers >= MAX_FOLLOWERS - OPERATOR_FOLLOWERS || all >= MAX_FOLLOWERS).then(|| {
+                    ApiError::new(
+                        ErrorCode::RunnerBusy,
+                        format!(
+                            "this edge's streams are all taken (at most {MAX_FOLLOWERS}, of which the callers with their own \
+                             secrets together hold {} and the operator the rest): {read_instead}, or follow it once another \
+                             stream ends",
+                            MAX_FOLLOWERS - OPERATOR_FOLLOWERS
+                        ),
+                    )
+                })
+            }
+            Who::Pool => (mine >= part || of_job.len() >= MAX_FOLLOWERS_PER_JOB || all >= MAX_FOLLOWERS).then(|| {
+                ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "too many streams follow jobs already ({mine} of this job's with this secret, which may hold {part} \
+                         of them; {all} in all, of at most {MAX_FOLLOWERS}): close one you no longer read, {read_instead}, or \
+                         follow it once another stream ends"
+                    ),
+                )
+            }),
+        }
     }
 
     /// The host's bound on a wait passed before the job ended (the machine ends every job
@@ -410,7 +470,7 @@ impl Edge {
     /// on, if it was a waiter.
     pub(super) fn let_caller_go(&mut self, caller: CallerId) -> Option<String> {
         let waited = Callers::job_of(&self.callers.waiters, caller);
-        if let Some(job_id) = waited.clone().or_else(|| Callers::job_of(&self.callers.followers, caller)) {
+        if let Some(job_id) = waited.clone().or_else(|| self.callers.followed_by(caller)) {
             self.forget_caller(&job_id, caller);
         }
         if self.callers.logins.values().any(|c| c.contains(&caller)) {
@@ -438,12 +498,16 @@ impl Edge {
 
     fn forget_caller(&mut self, job_id: &str, caller: CallerId) {
         self.note_callers(job_id);
-        for list in [&mut self.callers.waiters, &mut self.callers.followers] {
-            if let Some(callers) = list.get_mut(job_id) {
-                callers.retain(|c| *c != caller);
-                if callers.is_empty() {
-                    list.remove(job_id);
-                }
+        if let Some(callers) = self.callers.waiters.get_mut(job_id) {
+            callers.retain(|c| *c != caller);
+            if callers.is_empty() {
+                self.callers.waiters.remove(job_id);
+            }
+        }
+        if let Some(followers) = self.callers.followers.get_mut(job_id) {
+            followers.retain(|f| f.caller != caller);
+            if followers.is_empty() {
+                self.callers.followers.remove(job_id);
             }
         }
     }
@@ -454,7 +518,7 @@ impl Edge {
         let followers = self.callers.followers.remove(job_id).unwrap_or_default();
         if !followers.is_empty() {
             let chunk: progress::Chunk = progress::result_chunk(body).into();
-            for caller in followers {
+            for Follower { caller, .. } in followers {
                 effects.push(Effect::Stream { caller, chunk: chunk.clone() });
                 effects.push(Effect::EndStream { caller });
             }
@@ -486,8 +550,8 @@ impl Edge {
             return;
         }
         let chunk: progress::Chunk = progress::progress_chunk(at, event).into();
-        for caller in self.callers.followers.get(job_id).into_iter().flatten() {
-            effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
+        for follower in self.callers.followers.get(job_id).into_iter().flatten() {
+            effects.push(Effect::Stream { caller: follower.caller, chunk: chunk.clone() });
         }
         backlog.push(at, chunk);
     }
@@ -520,9 +584,9 @@ impl Edge {
         for caller in self.callers.logins.drain().flat_map(|(_, c)| c) {
             effects.push(Effect::Answer { caller, response: restarting.clone() });
         }
-        let followers: Vec<(String, Vec<CallerId>)> = self.callers.followers.drain().collect();
-        for (job_id, callers) in followers {
-            for caller in callers {
+        let followers: Vec<(String, Vec<Follower>)> = self.callers.followers.drain().collect();
+        for (job_id, followers) in followers {
+            for Follower { caller, .. } in followers {
                 effects.push(Effect::Stream { caller, chunk: progress::restart_chunk(&job_id).into() });
                 effects.push(Effect::EndStream { caller });
             }
@@ -531,6 +595,7 @@ impl Edge {
 
     /// Callers waiting or following, for tests and metrics.
     pub fn callers_waiting(&self) -> usize {
-        [&self.callers.waiters, &self.callers.followers, &self.callers.logins].iter().flat_map(|m| m.values()).map(Vec::len).sum()
+        let followers: usize = self.callers.followers.values().map(Vec::len).sum();
+        [&self.callers.waiters, &self.callers.logins].iter().flat_map(|m| m.values()).map(Vec::len).sum::<usize>() + followers
     }
 }

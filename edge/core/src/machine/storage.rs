@@ -130,7 +130,7 @@ pub(super) struct Journal {
     spent: HashMap<String, Option<super::spent::Spent>>,
     sessions: HashMap<String, Option<Arc<Session>>>,
     /// A job's (waiters, followers) lists.
-    callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
+    callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<super::callers::Follower>>)>,
     backlogs: Vec<(String, Backlog)>,
     stats: Option<super::Stats>,
     /// The relay's callers before the event changed them.

@@ -226,7 +226,7 @@ fn followers_are_capped_per_job_and_in_all() {
     }
     let follow = |edge: &mut Edge, job: &str| {
         let caller = edge.begin_request(0);
-        edge.follow(caller, job, None, &mut Vec::new()).map(|()| caller)
+        edge.follow(caller, job, &crate::http::Who::Pool, None, &mut Vec::new()).map(|()| caller)
     };
     let first = follow(&mut edge, "j0").unwrap();
     for _ in 1..MAX_FOLLOWERS_PER_JOB {
@@ -287,7 +287,7 @@ fn followed_job() -> (Edge, String, CallerId) {
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let follower = edge.begin_request(1);
-    edge.follow(follower, "j1", None, &mut Vec::new()).unwrap();
+    edge.follow(follower, "j1", &crate::http::Who::Pool, None, &mut Vec::new()).unwrap();
     (edge, sid, follower)
 }
 
@@ -473,7 +473,7 @@ fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     assert_eq!(streamed(&say(&mut edge, 4, &sid, event(3)), follower).0.len(), 1, "the next one goes through");
     let late = edge.begin_request(4);
     let mut effects = Vec::new();
-    edge.follow(late, "j1", None, &mut effects).unwrap();
+    edge.follow(late, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     let ids: Vec<String> = streamed(&effects, late).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
     assert_eq!(ids, ["id: 1", "id: 2", "id: 3"], "a late follower reads each event once, in order");
 }
@@ -502,7 +502,7 @@ fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
     assert_eq!(ids(&chunks), ["id: 5", "id: 9"]);
     let late = edge.begin_request(3);
     let mut effects = Vec::new();
-    edge.follow(late, "j1", None, &mut effects).unwrap();
+    edge.follow(late, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 5", "id: 9"], "the backlog holds each event");
 }
 
@@ -543,7 +543,7 @@ fn progress_batches_forged_replayed_or_misbound_are_refused_and_show_nothing() {
     assert_eq!(ids(&chunks), ["id: 3", "id: 4"]);
     let late = edge.begin_request(8);
     let mut effects = Vec::new();
-    edge.follow(late, "j1", None, &mut effects).unwrap();
+    edge.follow(late, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 4"]);
     assert!(edge.is_online());
 }
@@ -584,7 +584,7 @@ fn a_batch_of_the_agents_the_edge_cannot_show_is_told_to_followers_as_dropped() 
     assert_eq!(ids(&chunks), ["id: 72", "id: 73"]);
     let late = edge.begin_request(6);
     let mut effects = Vec::new();
-    edge.follow(late, "j1", None, &mut effects).unwrap();
+    edge.follow(late, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     let expected: Vec<String> = ["id: 1", "id: 2"].into_iter().map(String::from).chain(shown).chain(["id: 72".into(), "id: 73".into()]).collect();
     assert_eq!(ids(&streamed(&effects, late).0), expected);
     assert!(edge.is_online());

@@ -29,6 +29,7 @@ mod recovery;
 mod repeats;
 mod routing;
 mod shares;
+mod streams;
 mod stop;
 mod storage;
 mod waiters;
@@ -1170,7 +1171,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let early = edge.begin_request(0);
     let mut effects = Vec::new();
-    assert!(edge.follow(early, "j1", None, &mut effects).is_ok());
+    assert!(edge.follow(early, "j1", &crate::http::Who::Pool, None, &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let effects = progress(&mut edge, 2, &sid, "j1", 1, json!({"type": "system"}));
@@ -1184,7 +1185,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     }
     let late = edge.begin_request(3);
     let mut effects = Vec::new();
-    edge.follow(late, "j1", None, &mut effects).unwrap();
+    edge.follow(late, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     let (backlog, ended) = streamed(&effects, late);
     assert!(!ended);
     assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
@@ -1199,7 +1200,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     // A follower of a job that is over gets the result at once, read from storage.
     let after = edge.begin_request(4);
     let mut effects = Vec::new();
-    edge.follow(after, "j1", None, &mut effects).unwrap();
+    edge.follow(after, "j1", &crate::http::Who::Pool, None, &mut effects).unwrap();
     assert!(matches!(&effects[..], [Effect::Deliver { form: crate::record::Form::Stream, .. }]), "{effects:?}");
-    assert_eq!(edge.follow(after, "nope", None, &mut Vec::new()).unwrap_err().status, 404);
+    assert_eq!(edge.follow(after, "nope", &crate::http::Who::Pool, None, &mut Vec::new()).unwrap_err().status, 404);
 }

@@ -49,9 +49,10 @@ fn assert_busy(h: &Handled, says: &str) -> String {
 }
 
 /// `secret`'s caller takes its whole share of each: callbacks waiting (jobs with a
-/// callback cancelled at once, their receiver never answering), the bytes of jobs not
-/// ended (4,000-byte jobs, queued), then streams following and repeats waiting on those
-/// jobs — each until refused. The refusals, the first of each kind.
+/// callback cancelled at once, their receiver never answering), streams following (one to
+/// each of its small jobs, queued), the bytes of jobs not ended (4,000-byte jobs, queued),
+/// then repeats waiting on those jobs — each until refused. The refusals, the first of each
+/// kind.
 fn take_every_share(edge: &mut Edge, secret: &str, name: &str) -> Vec<String> {
     let whose = format!("`{name}`");
     let mut refusals = Vec::new();
@@ -64,8 +65,25 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) -> Vec<String> {
         let id = answer(&h).1["job_id"].as_str().unwrap().to_string();
         assert_eq!(answer(&send(edge, secret, "DELETE", &format!("/jobs/{id}"), None, &Value::Null)).0, 202);
     }
+    // Streams, one to a job — a stream of a reader that follows the job already replaces
+    // its oldest there rather than being refused — on small jobs, until refused.
+    let small = json!({"prompt": "t"});
+    let (mut jobs, mut streams) = (Vec::new(), 0);
+    loop {
+        let key = format!("{name}-small-{}", jobs.len());
+        let h = send(edge, secret, "POST", "/jobs", Some(&key), &small);
+        assert_eq!(answer(&h).0, 202, "{name}'s small job {}: {:?}", jobs.len(), answer(&h).1);
+        let id = answer(&h).1["job_id"].as_str().unwrap().to_string();
+        jobs.push((id.clone(), key, small.clone()));
+        let h = send(edge, secret, "GET", &format!("/jobs/{id}/events"), None, &Value::Null);
+        if h.reply != Reply::Stream {
+            refusals.push(assert_busy(&h, &whose));
+            break;
+        }
+        streams += 1;
+        assert!(streams <= crate::progress::MAX_FOLLOWERS, "{name} took {streams} streams and was never refused");
+    }
     let task = json!({"prompt": "x".repeat(3_488)});
-    let mut jobs = Vec::new();
     loop {
         let key = format!("{name}-{}", jobs.len());
         let h = send(edge, secret, "POST", "/jobs", Some(&key), &task);
@@ -73,28 +91,12 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) -> Vec<String> {
             refusals.push(assert_busy(&h, "MAX_PENDING_BYTES"));
             break;
         }
-        jobs.push((answer(&h).1["job_id"].as_str().unwrap().to_string(), key));
+        jobs.push((answer(&h).1["job_id"].as_str().unwrap().to_string(), key, task.clone()));
     }
-    let (mut streams, mut refused) = (0, false);
-    for (id, _) in &jobs {
-        for _ in 0..crate::progress::MAX_FOLLOWERS_PER_JOB {
-            let h = send(edge, secret, "GET", &format!("/jobs/{id}/events"), None, &Value::Null);
-            if h.reply == Reply::Stream {
-                streams += 1;
-            } else {
-                let error = assert_busy(&h, &whose);
-                if !refused {
-                    refusals.push(error);
-                }
-                refused = true;
-            }
-        }
-    }
-    assert!(refused, "{name} took {streams} streams and was never refused");
     let (mut waiting, mut refused) = (0, false);
-    for (_, key) in &jobs {
+    for (_, key, task) in &jobs {
         for _ in 0..crate::machine::MAX_WAITERS_PER_JOB {
-            let h = send(edge, secret, "POST", "/execute", Some(key), &task);
+            let h = send(edge, secret, "POST", "/execute", Some(key), task);
             match answer_to(&h.effects, h.caller) {
                 None => waiting += 1,
                 Some(_) => {

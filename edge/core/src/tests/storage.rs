@@ -207,7 +207,7 @@ fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
     assert!(out.iter().any(|e| matches!(e, Effect::Answer { response, .. } if response.status == 202)));
     let job_id = host.stored.keys().next().unwrap().clone();
     let follower = host.edge.begin_request(0);
-    host.edge.follow(follower, &job_id, None, &mut Vec::new()).unwrap();
+    host.edge.follow(follower, &job_id, &crate::http::Who::Pool, None, &mut Vec::new()).unwrap();
     host.failing = true;
     let (caller, out) = host.call(1, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
     assert_eq!(answer_to(&out, caller).unwrap().0, 500);
