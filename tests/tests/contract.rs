@@ -2363,6 +2363,44 @@ async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: Edge
     s.client.wait_job(blocker.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
 }
 
+/// rev36a-4: a caller with its own secret opens as many streams of its job as the edge
+/// takes (12 of the job's 16: the rest are the operator's), and is refused past them, told
+/// whose streams fill the job and what to do; the operator (the pool's secret) still
+/// follows the job, to its result. Before, the caller's 16 streams locked the operator out.
+async fn a_callers_streams_leave_the_operator_its_places(kind: EdgeKind) {
+    const A: &str = "caller-a-secret-0123456789";
+    let s = setup(kind, &[("RUNNER_SECRETS", &format!("a={A}"))], &[]).await;
+    let job = s.client.send("POST", "/jobs", Some(A), Some(json!({"prompt": "@sleep=60000 a's"}).to_string().into_bytes())).await;
+    assert_eq!(job.status, 202, "{}", job.text);
+    let job_id = job.body["job_id"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let url = format!("{}/jobs/{job_id}/events", s.client.base);
+    // Each held open, on a connection of its own.
+    let mut held = Vec::new();
+    let refused = loop {
+        let stream = http.get(&url).header("X-Runner-Secret", A).send().await.unwrap();
+        if stream.status() != 200 {
+            break stream;
+        }
+        held.push(stream);
+        assert!(held.len() <= 16, "a was never refused");
+    };
+    // The operator follows, and reads the job to its end (cancelled, not to wait a minute).
+    let operator = s.client.open_events(&job_id).await;
+    assert_eq!(operator.status(), 200, "the operator was locked out by a's {} streams", held.len());
+    assert_eq!(held.len(), 12, "a's part of its job's streams");
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error_code"], "RUNNER_BUSY", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("caller `a`") && error.contains(&format!("GET /jobs/{job_id}")), "{error}");
+    let reader = tokio::spawn(read_events(operator));
+    assert_eq!(s.client.send("DELETE", &format!("/jobs/{job_id}"), Some(A), None).await.status, 202);
+    let events = reader.await.unwrap();
+    assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"), "{events:?}");
+    drop(held);
+}
+
 /// Whoever controls the path between agent and edge makes up a result and a progress
 /// event for a running job: the edge refuses both (they are not MACed by the agent),
 /// says so in its log and metrics, and the job ends with the agent's own result.
@@ -2609,6 +2647,7 @@ contract!(
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,
+    a_callers_streams_leave_the_operator_its_places,
     a_forged_result_from_the_path_is_refused,
     forged_refusals_and_heartbeats_from_the_path_are_refused,
     cut_output_says_how_much_was_left_out,
