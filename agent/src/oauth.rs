@@ -1,6 +1,8 @@
 //! Claude's login on this machine: where it comes from, what the edge is told about it,
-//! the logins read since the agent started (all masked by its redactor, [`Logins`]), and
-//! the gate that keeps two Claude processes from refreshing the token at once.
+//! the logins read since the agent started (masked by its redactor until dead, [`Logins`]),
+//! each job's watch on them (a job that writes logins of its own is withheld,
+//! [`JobWatch`]), and the gate that keeps two Claude processes from refreshing the token at
+//! once.
 //!
 //! Claude Code refreshes an expired access token itself while a refresh token exists, and
 //! rotates the refresh token when it does. Two processes refreshing together can each
@@ -41,9 +43,9 @@ pub struct Login {
     /// The credentials file as last read (a job reads the login five times: the refresh
     /// gate, Claude's environment, three redactors).
     pub readings: ReadingCache,
-    /// The logins the credentials file has held since the agent started (up to
-    /// [`REMEMBERED`], and those given up until they expire: [`Logins`]): the redactor
-    /// masks them all, whatever the file holds now.
+    /// The logins the credentials file has held since the agent started and not dead (up
+    /// to [`REMEMBERED`]: [`Logins`]): the redactor masks them all, whatever the file holds
+    /// now.
     pub remembered: Remembered,
 }
 
@@ -58,25 +60,25 @@ pub type Remembered = Arc<std::sync::Mutex<Logins>>;
 
 /// How many logins (an access token and its refresh token) the agent keeps in mind. The
 /// file holds one at a time, and a job can change what it holds: move it away, blank it,
-/// write it half, or let Claude rotate the tokens (the access token it replaces stays valid
-/// for minutes). The redactor was built from the file as it stood, so a job that hid it
-/// printed the tokens unmasked (hostile review rev36b, 1). Claude refreshes only when the
-/// access token is expired or about to be, and then spends the refresh token, so two logins
-/// at most are live at once; four leave room for that and for one more. Each login's
-/// forms slow the redactor (BENCHMARKS.md, "Redaction throughput": a line costs about
-/// 30 % more with four than with one), and the order of forgetting (see [`Logins`]), not
-/// the bound's size, is what keeps the real login in.
-pub const REMEMBERED: usize = 4;
+/// write it half, write logins of its own, or let Claude rotate the tokens (the access
+/// token it replaces stays valid for hours). The redactor was built from the file as it
+/// stood, so a job that hid it printed the tokens unmasked (hostile review rev36b, 1). In
+/// use the memory holds one to three (the login, and those a refresh replaced until their
+/// access token expires: [`Logins`]); the bound is for a job writing logins of its own,
+/// and a login it keeps out is a reason to withhold output ([`Logins::overflowed`]), never
+/// a reason to forget one kept. Each login's forms slow the redactor (BENCHMARKS.md,
+/// "Redaction throughput"), so only a hostile job ever makes it mask this many.
+pub const REMEMBERED: usize = 16;
 
-/// How many logins given up for a newer one stay masked until their access token has
-/// expired ([`Logins`]): a rotation needs one; the rest is room for a job's own logins,
-/// which can only get here by being within [`NEAR_EXPIRY_MS`] of expiry (so they leave
-/// within that and [`RETIRED_GRACE_MS`]).
-pub const RETIRED: usize = 8;
+/// How many logins a job's run may bring into the credentials file that the agent had not
+/// read before ([`JobWatch`]): its Claude's refresh makes one, a concurrent job's Claude's
+/// another. More is a job writing logins of its own: tampering, and its output is withheld.
+pub const NEW_PER_JOB: u64 = 2;
 
-/// How long after its `expiresAt` a login given up stays masked: the server's clock and
-/// this machine's may differ, and the access token is valid by the server's.
-pub const RETIRED_GRACE_MS: Millis = 5 * 60_000;
+/// How long after its `expiresAt` a login whose refresh token is spent stays masked: the
+/// server's clock and this machine's may differ, and the access token is valid by the
+/// server's.
+pub const SPENT_GRACE_MS: Millis = 5 * 60_000;
 
 /// The tokens the agent remembers ([`Logins`]) are of a shape real ones have: visible
 /// ASCII, no whitespace, [`TOKEN_BYTES`] long (Claude's are about 110 bytes,
@@ -97,88 +99,185 @@ fn plausible(token: &str) -> bool {
 /// git worker (hostile review rev38, 2).
 pub const CURRENT_TOKEN_BYTES: usize = 4096;
 
-/// Logins once read, in the order first read, and the ones given up for a newer one until
-/// their access token has expired. None is forgotten for a failed, absent or changed
-/// reading: only to make room for a newer one, and then only one Claude would refresh now —
-/// its access token expired or within [`NEAR_EXPIRY_MS`] of it by its own `expiresAt`, the
-/// earliest first. The one given up is masked still, until its `expiresAt` and
-/// [`RETIRED_GRACE_MS`] (a rotation never unmasks the access token it replaced while that
-/// is valid). With every one far from expiry, a new login is not kept: the redactor masks
-/// it while the file holds it, as before, and a reading once one nears expiry keeps it. So
-/// a job that writes the file with far-expiring logins of its own cannot keep the next
-/// real login out (Claude refreshes only inside that window, when the real login can give
-/// its place; hostile review rev38, 1), and cannot push the real one out while it is far
-/// from expiry. Only tokens of a real token's shape are kept ([`plausible`]).
+/// Logins once read, in the order first read. A job runs as the agent's user: it can read
+/// the file, keep a copy of the tokens in its `$HOME`, and print them in a later job. So a
+/// login is forgotten only once it is dead: its refresh token known spent and its access
+/// token expired (its `expiresAt` and [`SPENT_GRACE_MS`]). A refresh token is known spent
+/// when the agent read a newer login with none of the jobs that ran when that one was
+/// first read still running (the file as Claude's refresh, or the person logging in, left
+/// it; those jobs' processes are gone). Logins read while a job runs never push one out:
+/// nothing is forgotten for a
+/// newer login, a failed, absent or changed reading, or want of room. A Claude run that
+/// failed to authenticate ([`Logins::doubt`]) takes back "known spent" for good: a job
+/// that left a login of its own in the file at its end made the real one look replaced.
+/// So does a new login made through the relay ([`Logins::keep_all`]): it spends no refresh
+/// token of the one before.
 ///
-/// What a job writing the file can still do (the agent cannot tell a job's login from
-/// Claude's, and the memory is bounded): once the real login is within [`NEAR_EXPIRY_MS`]
-/// of expiry, write a far-expiring one of its own to take its place (the real one stays
-/// masked, as given up), so that with the memory full of its logins the refresh that
-/// follows is masked only while the file holds it; fill the [`RETIRED`] list with logins
-/// near expiry, read one by one, so that one given up earlier leaves it before its
-/// `expiresAt` (an access token with at most [`NEAR_EXPIRY_MS`] left, its refresh token
-/// spent); and mask strings of a token's shape (16 or more visible characters) in later
-/// jobs' output until the expiry it wrote. Each needs the job running, writing the file,
-/// while the real login nears expiry, and the agent re-reading the file in between.
+/// The memory is bounded ([`REMEMBERED`]): a login read with it full is not kept (masked
+/// while the file holds it, as the file's), and from then on the memory has
+/// [`Logins::overflowed`]: every job running then or started after has its output
+/// withheld ([`JobWatch::tampering`]) until the agent restarts. So no login read is
+/// unmasked while it may be live, whatever a job writes into the file (hostile review
+/// rev39). Only tokens of a real token's shape are kept ([`plausible`]).
 #[derive(Default)]
 pub struct Logins {
     logins: Vec<Known>,
-    /// Given up for a newer login: masked until `until`, at most [`RETIRED`].
-    retired: Vec<(Vec<String>, Millis)>,
+    /// Logins read so far that were not known at their reading (kept or not): a job's run
+    /// brought `first_reads` at its end less than at its start ([`JobWatch`]).
+    first_reads: u64,
+    /// Set once a login could not be kept for want of room: for the agent's life.
+    overflowed: bool,
+    /// The jobs running now, by their serial ([`JobWatch`]), and the next job's.
+    running: Vec<u64>,
+    next_job: u64,
 }
 
 /// One remembered login.
 struct Known {
     tokens: Vec<String>,
     expires_at: Option<Millis>,
+    /// The next job's serial when it was first read: only jobs of a lower one ran then,
+    /// and could have written it.
+    jobs_before: u64,
+    /// A newer login was read with none of the jobs that could have written it running:
+    /// its refresh token is spent.
+    spent: bool,
+    /// Kept for good: a Claude run failed to authenticate while it was taken as spent
+    /// ([`Logins::doubt`]), or a new login was made ([`Logins::keep_all`]).
+    doubted: bool,
 }
 
 impl Logins {
     /// Keeps the tokens of `tokens` (a login's access and refresh token) of a real token's
-    /// shape in mind, if there is room or a login Claude would refresh now to make room.
+    /// shape in mind, if there is room; read with none of the jobs that ran when it was
+    /// first read running, the logins read before it are replaced, their refresh tokens
+    /// spent.
     fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) {
-        self.forget_expired(now);
+        self.forget_dead(now);
         let tokens: Vec<String> = tokens.iter().filter(|token| plausible(token)).cloned().collect();
-        if tokens.is_empty() || self.logins.iter().any(|known| known.tokens == tokens) {
+        if tokens.is_empty() {
             return;
         }
-        if self.logins.len() >= REMEMBERED {
-            let refreshable = self
-                .logins
-                .iter()
-                .enumerate()
-                .filter(|(_, known)| known.expires_at.is_some_and(|t| t <= now + NEAR_EXPIRY_MS))
-                .min_by_key(|(_, known)| known.expires_at);
-            let Some((oldest, _)) = refreshable else { return };
-            let given_up = self.logins.remove(oldest);
-            let until = given_up.expires_at.unwrap_or(now).saturating_add(RETIRED_GRACE_MS);
-            if until > now {
-                if self.retired.len() >= RETIRED {
-                    // The one nearest its end goes first.
-                    let first = self.retired.iter().enumerate().min_by_key(|(_, (_, until))| *until).map(|(i, _)| i);
-                    self.retired.remove(first.unwrap_or(0));
+        let at = match self.logins.iter().position(|known| known.tokens == tokens) {
+            Some(at) => at,
+            None => {
+                self.first_reads += 1;
+                if self.logins.len() >= REMEMBERED {
+                    if !self.overflowed {
+                        warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file held more logins than the agent keeps in mind, none of them known dead: a job is writing logins into it; every job's output is withheld from now until the agent restarts");
+                    }
+                    self.overflowed = true;
+                    return;
                 }
-                self.retired.push((given_up.tokens, until));
+                self.logins.push(Known { tokens, expires_at, jobs_before: self.next_job, spent: false, doubted: false });
+                self.logins.len() - 1
+            }
+        };
+        // None of the jobs that ran when it was first read runs now: the file holds it as
+        // Claude's refresh or the person logging in left it.
+        let jobs_before = self.logins[at].jobs_before;
+        if self.running.iter().all(|job| *job >= jobs_before) {
+            for known in self.logins[..at].iter_mut().filter(|known| !known.doubted) {
+                known.spent = true;
             }
         }
-        self.logins.push(Known { tokens, expires_at });
     }
 
-    /// Lets go of the logins given up whose access token has expired (and the grace).
-    fn forget_expired(&mut self, now: Millis) {
-        self.retired.retain(|(_, until)| *until > now);
+    /// Lets go of the logins whose refresh token is spent and whose access token has
+    /// expired (and the grace).
+    fn forget_dead(&mut self, now: Millis) {
+        self.logins.retain(|known| !(known.spent && known.expires_at.unwrap_or(0).saturating_add(SPENT_GRACE_MS) <= now));
     }
 
-    /// Every token remembered, in the order first read, then those given up.
+    /// A Claude run failed to authenticate: the login the file held may be a job's, so the
+    /// logins it was taken to replace are not known spent, and are kept for good.
+    fn doubt(&mut self) {
+        for known in self.logins.iter_mut().filter(|known| known.spent) {
+            known.spent = false;
+            known.doubted = true;
+        }
+    }
+
+    /// Keeps every login read so far for good: a new login does not spend the refresh
+    /// token of the one before it.
+    fn keep_all(&mut self) {
+        for known in &mut self.logins {
+            known.spent = false;
+            known.doubted = true;
+        }
+    }
+
+    /// Every token remembered, in the order first read.
     fn tokens(&self) -> impl Iterator<Item = &String> {
-        self.logins.iter().flat_map(|known| &known.tokens).chain(self.retired.iter().flat_map(|(tokens, _)| tokens))
+        self.logins.iter().flat_map(|known| &known.tokens)
     }
 }
 
 /// Never the tokens, even in a debug print.
 impl std::fmt::Debug for Logins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Logins").field("logins", &self.logins.len()).field("retired", &self.retired.len()).finish()
+        f.debug_struct("Logins").field("logins", &self.logins.len()).field("first_reads", &self.first_reads).field("overflowed", &self.overflowed).finish()
+    }
+}
+
+/// A job's watch on the login memory, from before its checkout to its end: while one is
+/// held a login first read does not replace the logins read before ([`Logins::learn`]),
+/// and the job's run is tampering when it brought more than [`NEW_PER_JOB`] logins the
+/// agent had not read, or the memory overflowed ([`JobWatch::tampering`]). Dropped, the
+/// file is read again, so what the job's Claude refreshed is taken as the login.
+pub struct JobWatch {
+    login: Login,
+    serial: u64,
+    first_reads: u64,
+}
+
+impl Login {
+    /// Watches the login memory for the job that holds the watch ([`JobWatch`]).
+    pub fn watch_job(&self) -> JobWatch {
+        let mut logins = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let serial = logins.next_job;
+        logins.next_job += 1;
+        logins.running.push(serial);
+        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads }
+    }
+
+    /// A Claude run failed to authenticate ([`Logins::doubt`]).
+    pub fn doubt_spent(&self) {
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).doubt();
+    }
+
+    /// A new login was made (the relayed `claude auth login`): it spends no refresh token,
+    /// so every login read so far is kept for good ([`Logins::keep_all`]).
+    pub fn keep_all_read(&self) {
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keep_all();
+    }
+}
+
+impl JobWatch {
+    /// Why the job's output must be withheld, if it must: the words its result carries.
+    pub fn tampering(&self) -> Option<String> {
+        let logins = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let new = logins.first_reads - self.first_reads;
+        if logins.overflowed {
+            return Some(format!(
+                "withheld: Claude's credentials file has held more logins since the agent started than it keeps in mind ({REMEMBERED}), a job writing logins of its own into it, so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: check what the jobs run, log in again if the login no longer works, then restart the agent"
+            ));
+        }
+        (new > NEW_PER_JOB).then(|| {
+            format!(
+                "withheld: while this job ran Claude's credentials file held {new} logins the agent had not read before (a refresh by Claude makes one): something the job ran wrote logins of its own into it, which is how a job gets a live login out past the redactor; its output, its events from then on, its diff and its push are withheld; run it again without writing to ~/.claude, and check the login still works"
+            )
+        })
+    }
+}
+
+impl Drop for JobWatch {
+    fn drop(&mut self) {
+        let serial = self.serial;
+        self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).running.retain(|job| *job != serial);
+        // The job's processes are gone: the file, read now, may hold the login a refresh
+        // in it made, replacing the one before.
+        self.login.read_cached(crate::now_ms());
     }
 }
 
@@ -229,6 +328,8 @@ impl FileStamp {
 pub struct Reading {
     pub report: OAuthReport,
     pub tokens: Vec<String>,
+    /// The file's login as read (its tokens whole, and its `expiresAt`), for the memory.
+    login: Option<(Vec<String>, Option<Millis>)>,
 }
 
 /// Never the tokens, even in a debug print.
@@ -311,15 +412,25 @@ impl Login {
             Err(_) => return self.read_file(now, true),
         };
         let mut cache = self.readings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((seen, reading)) = cache.as_ref() {
-            if *seen == stamp && stamp.settled(looked) {
+        let reading = match cache.as_ref() {
+            Some((seen, reading)) if *seen == stamp && stamp.settled(looked) => {
                 let mut reading = reading.clone();
                 reading.report.reported_at = now;
-                return reading;
+                reading
             }
+            _ => {
+                let reading = self.read_file(now, true);
+                *cache = Some((stamp, reading.clone()));
+                reading
+            }
+        };
+        drop(cache);
+        // Learnt at every reading, the file unchanged too: one with none of the jobs that
+        // could have written it running replaces the logins read before it
+        // ([`Logins::learn`]).
+        if let Some((tokens, expires_at)) = &reading.login {
+            self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, now);
         }
-        let reading = self.read_file(now, true);
-        *cache = Some((stamp, reading.clone()));
         reading
     }
 
@@ -339,9 +450,10 @@ impl Login {
                     report.refresh_expires_at = login.refresh_expires_at;
                     report.subscription_type = login.subscription_type;
                     let read: Vec<String> = std::iter::once(login.access_token).chain(login.refresh_token).collect();
-                    self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(&read, login.expires_at, now);
                     tokens.extend(read.iter().map(|token| shared::text::truncate(token, CURRENT_TOKEN_BYTES).to_string()));
-                    return Reading { report, tokens };
+                    // Only tokens of a real one's shape are kept: no copy of a huge one.
+                    let read = read.into_iter().filter(|token| plausible(token)).collect();
+                    return Reading { report, tokens, login: Some((read, login.expires_at)) };
                 }
                 Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
             },
@@ -355,7 +467,7 @@ impl Login {
             report.source = OAuthSource::ApiKey;
         }
         report.problem = report.problem.map(|problem| self.told(&problem, &tokens));
-        Reading { report, tokens }
+        Reading { report, tokens, login: None }
     }
 
     /// A problem as the report carries it, the one way every report (each heartbeat and
@@ -383,7 +495,7 @@ impl Login {
     /// tokens), and every login it has held is masked, not only the one it holds now.
     pub fn redactor(&self, now: Millis) -> Arc<Redactor> {
         let read = self.read(now);
-        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).forget_expired(now);
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).forget_dead(now);
         self.redactor_of(self.secrets(&read.tokens))
     }
 
@@ -763,49 +875,10 @@ mod tests {
         assert!(login.read(4).tokens.is_empty(), "the reading itself is of the file as it is");
     }
 
-    /// The memory is bounded ([`REMEMBERED`] logins), and a job that can write the file
-    /// cannot use the bound to push the real login out: a login is forgotten only for a
-    /// newer one, and only once Claude would refresh it (expired or near it); then it stays
-    /// masked until its access token has expired.
-    #[test]
-    fn a_job_writing_logins_of_its_own_cannot_push_the_real_one_out() {
-        let d = tempdir("bounded");
-        let (access, refresh) = (&token("access"), &token("refresh"));
-        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
-        let hour = 3_600_000;
-        let login = login_with(&d, &credentials(access, refresh, expires));
-        let path = login.credentials_path.clone();
-        login.redactor(expires - 3 * hour);
-        let fake = |n: usize| (token(&format!("fake-access-{n}")), token(&format!("fake-refresh-{n}")));
-        for n in 0..REMEMBERED + 4 {
-            let (a, r) = fake(n);
-            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
-            let redactor = login.redactor(expires - 2 * hour);
-            assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
-        }
-        std::fs::remove_file(&path).unwrap();
-        let hidden = login.redactor(expires - hour);
-        assert!(masks(&hidden, access) && masks(&hidden, refresh), "the real login was pushed out while valid");
-        assert!(masks(&hidden, &fake(REMEMBERED - 2).0), "the last login with room is kept");
-        assert!(!masks(&hidden, &fake(REMEMBERED - 1).0), "the memory is bounded");
-        // Once the real login's access token has expired, a new login takes its place; the
-        // old one stays masked for the grace, and no longer.
-        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
-        std::fs::write(&path, credentials(access2, refresh2, far)).unwrap();
-        login.redactor(expires + 1);
-        std::fs::remove_file(&path).unwrap();
-        let hidden = login.redactor(expires + 2);
-        assert!(masks(&hidden, access2) && masks(&hidden, refresh2), "the new login took the expired one's place");
-        assert!(masks(&hidden, access), "the login given up was unmasked within its grace");
-        let later = login.redactor(expires + RETIRED_GRACE_MS + 1);
-        assert!(!masks(&later, access), "a login given up is masked for ever");
-        assert!(masks(&later, access2));
-    }
-
     /// Claude refreshes within [`NEAR_EXPIRY_MS`] of expiry, while the old access token is
     /// valid. With the memory full of a job's far-expiring logins, the new real login was
     /// not kept, and a job that then hid the file printed it unmasked (hostile review rev38,
-    /// 1). The login near expiry gives its place, and its access token stays masked.
+    /// 1). Logins read while a job runs push none out: all are kept.
     #[test]
     fn a_rotation_in_the_refresh_window_is_kept_with_the_memory_full_of_fakes() {
         let d = tempdir("rev38-rot");
@@ -814,8 +887,9 @@ mod tests {
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
         login.redactor(expires - 3_600_000); // agent start
+        let _job = login.watch_job();
         // A job writes three fakes, read by the agent's re-read, then the real file back.
-        for n in 0..REMEMBERED - 1 {
+        for n in 0..3 {
             let (a, r) = (token(&format!("f-a-{n}")), token(&format!("f-r-{n}")));
             std::fs::write(&path, credentials(&a, &r, far)).unwrap();
             login.redactor(expires - 3_000_000);
@@ -833,20 +907,266 @@ mod tests {
         assert!(masks(&hidden, access), "the access token the rotation replaced is unmasked while valid");
     }
 
-    /// The logins given up are bounded ([`RETIRED`]): a job writing logins near expiry one
-    /// after another cannot grow the redactor without end.
+    /// A job's Claude refreshes the login (one new login in its run: not tampering); once
+    /// the job has ended the file is read with no job running, so the old login's refresh
+    /// token is known spent, and it is forgotten once its access token has expired. The
+    /// memory holds no more than that in use.
     #[test]
-    fn logins_given_up_are_bounded() {
-        let mut logins = Logins::default();
-        let now = 1_800_000_000_000;
-        for n in 0..REMEMBERED + RETIRED + 20 {
-            logins.learn(&[token(&format!("near-{n}"))], Some(now + 60_000 + n as Millis), now + n as Millis);
+    fn a_refresh_in_a_job_replaces_the_login_once_the_job_ends() {
+        let d = tempdir("refresh");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let job = login.watch_job();
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, expires + 8 * 3_600_000)).unwrap();
+        login.redactor(expires - 240_000);
+        assert_eq!(job.tampering(), None, "Claude's refresh is not tampering");
+        drop(job);
+        let during = login.redactor(expires + SPENT_GRACE_MS - 1);
+        assert!(masks(&during, access), "the replaced access token is unmasked while valid");
+        let later = login.redactor(expires + SPENT_GRACE_MS + 1);
+        assert!(!masks(&later, access) && !masks(&later, refresh), "a dead login is kept");
+        assert!(masks(&later, access2) && masks(&later, refresh2));
+        assert_eq!(login.remembered.lock().unwrap().logins.len(), 1);
+    }
+
+    /// An agent whose slots are never all free at once: a refresh in one job is taken as
+    /// the login once the jobs that ran when it was first read have ended, whatever runs
+    /// then, so the memory does not grow with every refresh (and fill at last).
+    #[test]
+    fn a_refresh_replaces_the_login_on_an_agent_never_idle() {
+        let d = tempdir("never-idle");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let first = login.watch_job();
+        std::fs::write(&path, credentials(&token("access2"), &token("refresh2"), expires + 8 * 3_600_000)).unwrap();
+        login.redactor(expires - 240_000);
+        let second = login.watch_job();
+        login.redactor(expires - 200_000);
+        assert!(masks(&login.redactor(expires + SPENT_GRACE_MS + 1), access), "replaced while the job that could have written the new login runs");
+        drop(first);
+        let later = login.redactor(expires + SPENT_GRACE_MS + 1);
+        assert!(!masks(&later, access) && !masks(&later, refresh), "a dead login is kept while another job runs");
+        drop(second);
+    }
+
+    /// The memory is bounded ([`REMEMBERED`] logins), and a job that can write the file
+    /// cannot use the bound to push the real login out: nothing is forgotten for a newer
+    /// login. A login read with the memory full is masked while the file holds it, and
+    /// withholds every job's output from then on.
+    #[test]
+    fn a_job_writing_logins_of_its_own_cannot_push_the_real_one_out() {
+        let d = tempdir("bounded");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let hour = 3_600_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3 * hour);
+        let job = login.watch_job();
+        let fake = |n: usize| (token(&format!("fake-access-{n}")), token(&format!("fake-refresh-{n}")));
+        for n in 0..REMEMBERED + 4 {
+            let (a, r) = fake(n);
+            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
+            let redactor = login.redactor(expires - 2 * hour);
+            assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
         }
-        assert_eq!(logins.logins.len(), REMEMBERED);
-        assert_eq!(logins.retired.len(), RETIRED);
-        // Expired and past the grace: all let go.
-        logins.forget_expired(now + 60_000 + RETIRED_GRACE_MS + 1_000);
-        assert!(logins.retired.is_empty());
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(expires + 2 * hour);
+        assert!(masks(&hidden, access) && masks(&hidden, refresh), "the real login was pushed out");
+        assert!(masks(&hidden, &fake(REMEMBERED - 2).0), "the last login with room is kept");
+        assert!(!masks(&hidden, &fake(REMEMBERED - 1).0), "the memory is bounded");
+        assert!(job.tampering().is_some_and(|why| why.contains("restarts")), "a login kept out does not withhold the job");
+        drop(job);
+        assert!(login.watch_job().tampering().is_some(), "a login kept out does not withhold a later job");
+    }
+
+    /// A job wrote one login of its own into the file at its end: read with no job
+    /// running, it made the real one look replaced, its refresh token spent, and the real
+    /// one was forgotten once its access token expired, its refresh token live. Claude then
+    /// failed to authenticate on the job's login: the real one is kept for good.
+    #[test]
+    fn a_login_a_job_left_in_the_file_does_not_unmask_the_real_one() {
+        let d = tempdir("left");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let job = login.watch_job();
+        std::fs::write(&path, credentials(&token("left-a"), &token("left-r"), expires + 3_600_000)).unwrap();
+        login.redactor(expires - 3_000_000);
+        drop(job);
+        // The next job's Claude fails to authenticate on it.
+        login.doubt_spent();
+        let later = login.redactor(expires + 3_600_000);
+        assert!(masks(&later, refresh), "the real refresh token, never spent, is unmasked");
+    }
+
+    /// A new login made through the relay (`claude auth login`) does not spend the refresh
+    /// token of the one before it: read with no job running, it made the old one look
+    /// replaced, and the old one was forgotten once its access token expired, its refresh
+    /// token live for a job that had kept a copy.
+    #[test]
+    fn a_new_login_keeps_the_one_before_it_masked() {
+        let d = tempdir("relogin");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        login.redactor(expires - 3_600_000);
+        std::fs::write(&login.credentials_path, credentials(&token("new-a"), &token("new-r"), expires + 8 * 3_600_000)).unwrap();
+        login.redactor(expires - 60_000);
+        login.keep_all_read();
+        let later = login.redactor(expires + 3_600_000);
+        assert!(masks(&later, refresh), "the refresh token of the login before the new one is unmasked");
+    }
+
+    /// The whole of rev39's finding, at the unit's level: the real login stays masked when
+    /// a job writes logins near its expiry, after it, or far from it, and a job that brings
+    /// more than [`NEW_PER_JOB`] logins of its own is withheld.
+    #[test]
+    fn a_job_bringing_more_logins_than_a_refresh_is_withheld() {
+        let d = tempdir("per-job");
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(&token("access"), &token("refresh"), expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let job = login.watch_job();
+        for n in 0..NEW_PER_JOB {
+            std::fs::write(&path, credentials(&token(&format!("own-a-{n}")), &token(&format!("own-r-{n}")), expires + 1)).unwrap();
+            login.redactor(expires - 240_000 + n as Millis);
+            assert_eq!(job.tampering(), None, "{} new logins", n + 1);
+        }
+        std::fs::write(&path, credentials(&token("own-a-x"), &token("own-r-x"), expires + 1)).unwrap();
+        login.redactor(expires - 200_000);
+        let why = job.tampering().expect("withheld");
+        assert!(why.contains(&format!("{} logins", NEW_PER_JOB + 1)) && why.contains("withheld"), "{why}");
+        // A job started since has brought none.
+        assert_eq!(login.watch_job().tampering(), None);
+    }
+
+    /// rev39-A: a job pushes the real login out of the memory with logins of its own once
+    /// it nears expiry (no Claude refreshed it: the job's Claude sits in a long tool call),
+    /// then hides the file. The retired login leaves at expiresAt + the grace, and its
+    /// refresh token, never spent and still valid, is printed unmasked.
+    #[test]
+    fn rev39_an_unrefreshed_login_pushed_out_unmasks_its_refresh_token() {
+        let d = tempdir("rev39-unspent");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000); // the agent reads the real login
+        let job = login.watch_job();
+        // The job (which can read the file: same user) writes 4 far-expiring logins of its
+        // own, one per redactor re-read (REDACTOR_REFRESH is 2 s).
+        for n in 0..4 {
+            let (a, r) = (token(&format!("f-a-{n}")), token(&format!("f-r-{n}")));
+            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
+            login.redactor(expires - 240_000 + n as Millis);
+        }
+        // It hides the file; no Claude refreshed meanwhile, so `refresh` is unspent.
+        std::fs::remove_file(&path).unwrap();
+        let during = login.redactor(expires + 60_000);
+        assert!(masks(&during, refresh), "not masked even within the grace");
+        drop(job);
+        let later = login.redactor(expires + 3_600_000);
+        assert!(masks(&later, refresh), "the real login's refresh token, never spent, is unmasked once its access token's grace is over");
+    }
+
+    /// rev39-A, fast: logins of the job's own just after the real one's expiry push it out of
+    /// the memory, then out of `retired` (the one nearest its end goes first), minutes before
+    /// its expiry, its refresh token never spent (no Claude refreshed: the job's own Claude
+    /// sits in a tool call). 12 re-reads, about 25 s of a job at REDACTOR_REFRESH = 2 s.
+    #[test]
+    fn rev39_near_logins_of_a_job_unmask_the_real_login_before_it_expires() {
+        let d = tempdir("rev39-fast");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let expires = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let job = login.watch_job();
+        for n in 0..(4 - 1 + 1 + 8 + 2) {
+            let (a, r) = (token(&format!("n-a-{n}")), token(&format!("n-r-{n}")));
+            std::fs::write(&path, credentials(&a, &r, expires + 1 + n as Millis)).unwrap();
+            login.redactor(expires - 240_000 + n as Millis);
+        }
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(expires - 200_000);
+        assert!(masks(&hidden, access), "the real access token, valid for 3 more minutes, is unmasked");
+        assert!(masks(&hidden, refresh), "the real refresh token, never spent, is unmasked");
+        assert!(job.tampering().is_some(), "a job that wrote 14 logins is not withheld");
+    }
+
+    /// rev39-B: the job writes the real tokens back with an expiresAt in the past (the
+    /// memory does not take the new expiry: same tokens) and runs `claude -p` itself, which
+    /// refreshes "expired" tokens at once: a real rotation far outside NEAR_EXPIRY_MS, with
+    /// the memory full of the job's far logins, so the new real login is not kept, and is
+    /// unmasked once the job hides the file.
+    #[test]
+    fn rev39_a_refresh_forced_early_is_not_kept_with_the_memory_full() {
+        let d = tempdir("rev39-forced");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let now = 1_800_000_000_000;
+        let (expires, far) = (now + 8 * 3_600_000, 4_102_444_800_000);
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let job = login.watch_job();
+        for n in 0..3 {
+            let (a, r) = (token(&format!("f-a-{n}")), token(&format!("f-r-{n}")));
+            std::fs::write(&path, credentials(&a, &r, far)).unwrap();
+            login.redactor(now + 2_000 * (n as Millis + 1));
+        }
+        // The real tokens back, marked expired: Claude (run by the job) refreshes them.
+        std::fs::write(&path, credentials(access, refresh, now - 1_000)).unwrap();
+        login.redactor(now + 10_000);
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, now + 12_000 + 8 * 3_600_000)).unwrap();
+        assert!(masks(&login.redactor(now + 12_000), access2), "masked while the file holds it");
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(now + 14_000);
+        assert!(masks(&hidden, access2) && masks(&hidden, refresh2), "the live login of a refresh forced early is unmasked once the job hides the file");
+        assert!(job.tampering().is_some(), "a job that wrote 3 logins of its own and forced a refresh is not withheld");
+        drop(job);
+        let later = login.redactor(now + 9 * 3_600_000);
+        assert!(masks(&later, access2) && masks(&later, refresh2) && masks(&later, refresh), "a login of that job is unmasked in a later one");
+    }
+
+    /// rev39, by reading: the job runs as the real login nears expiry, fills the memory with
+    /// far logins of its own, then lets Claude refresh: the refreshed login is kept out of
+    /// the memory, masked only while the file holds it. It cannot be kept out unseen: the
+    /// job, and every later one, is withheld.
+    #[test]
+    fn rev39_a_refresh_kept_out_of_a_full_memory_withholds_every_job() {
+        let d = tempdir("rev39-read");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let (expires, far) = (1_800_000_000_000, 4_102_444_800_000);
+        let login = login_with(&d, &credentials(access, refresh, expires));
+        let path = login.credentials_path.clone();
+        login.redactor(expires - 3_600_000);
+        let job = login.watch_job();
+        for n in 0..REMEMBERED - 1 {
+            std::fs::write(&path, credentials(&token(&format!("r-a-{n}")), &token(&format!("r-r-{n}")), far)).unwrap();
+            login.redactor(expires - 600_000 + n as Millis);
+        }
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, expires + 8 * 3_600_000)).unwrap();
+        login.redactor(expires - 240_000);
+        std::fs::remove_file(&path).unwrap();
+        let hidden = login.redactor(expires - 200_000);
+        assert!(masks(&hidden, access) && masks(&hidden, refresh), "the real login was pushed out");
+        assert!(!masks(&hidden, access2), "the memory took a login past its bound");
+        assert!(job.tampering().is_some(), "the job that kept the refresh out is not withheld");
+        drop(job);
+        assert!(login.watch_job().tampering().is_some(), "a later job, which could print the refresh kept out, is not withheld");
     }
 
     /// A job wrote a "login" of ordinary words; kept for the agent's life, every later job's

@@ -183,6 +183,9 @@ async fn run(agent: Arc<Agent>, login_id: String, start_nonce: String, code_rx: 
     agent.relogin.ended(&login_id);
     match outcome {
         Ok(()) => {
+            // A new login does not spend the refresh token of the one before it, which a
+            // job may have kept a copy of: the logins read so far stay masked for good.
+            agent.login.keep_all_read();
             // The new credentials are on disk: tell the edge at once.
             agent.reporter.look();
             let report = agent.reporter.report();

@@ -7,7 +7,7 @@
 use crate::claude::{self, Ending, Session, Transcript};
 use crate::config::AgentConfig;
 use crate::link::{Carrying, GivenUp, Start};
-use crate::oauth::{Login, RefreshGate};
+use crate::oauth::{JobWatch, Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
 use crate::progress_clock::ProgressClock;
 use agent_core::progress::Batch;
@@ -141,11 +141,20 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let mut checkout_done = None;
     let mut cannot_start = None;
     let mut no_room = false;
-    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done, &mut cannot_start, &mut no_room).await;
+    // From before anything of the job runs to its end: see `oauth::JobWatch`. Dropped at
+    // this function's end, once the job's processes are gone.
+    let watch = ctx.login.watch_job();
+    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &watch, &mut checkout_done, &mut cannot_start, &mut no_room).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
     let keep = kept(&result, ctx.cfg.repos.keep_failed_workspaces, cannot_start.is_some(), no_room);
     let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done };
     Ended { result, session, leftover, cannot_start }
+}
+
+/// The result of a job found tampering with Claude's login (`oauth::JobWatch::tampering`
+/// says `why`): nothing of its own, and not to be run again as it is.
+fn withheld(why: String, duration_ms: u64) -> JobResult {
+    JobResult { retryable: Some(false), ..JobResult::failure(ErrorCode::ClaudeError, why, duration_ms) }
 }
 
 /// Whether a job's workspace is kept (`KEEP_FAILED_WORKSPACES`, `keep_failed`): a failed
@@ -223,6 +232,7 @@ async fn run_in(
     spec: JobSpec,
     mut stop: oneshot::Receiver<Stop>,
     workspace: &Path,
+    watch: &JobWatch,
     checkout_done: &mut Option<oneshot::Receiver<()>>,
     cannot_start: &mut Option<CannotStart>,
     no_room: &mut bool,
@@ -392,7 +402,7 @@ async fn run_in(
     let (mut result, session) = match admitted {
         Ok(refresher) => {
             let ran = loop {
-                match run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started, cannot_start).await {
+                match run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started, watch, cannot_start).await {
                     Some(ran) => break ran,
                     // Held at the check right before the prompt: Claude was killed unprompted
                     // and its started record cleared. The start waits as at the first check,
@@ -420,6 +430,13 @@ async fn run_in(
     };
     // Re-read: the tokens may have been rotated while Claude ran.
     let redactor = ctx.login.redactor(crate::now_ms());
+    // A job that wrote logins of its own into Claude's credentials file gives nothing
+    // back: not its output, its diff or its push (a commit can carry a token in a form
+    // the redactor does not read), nor a session to resume.
+    if let Some(why) = watch.tampering() {
+        warn!(job_id, agent_id = %ctx.cfg.agent_id, "the job's output, diff and push are withheld: Claude's credentials file changed into more logins than Claude's refresh makes while it ran");
+        return (withheld(why, started.elapsed().as_millis() as u64), None);
+    }
     result.output = redactor.redact(&result.output);
     if let Some(prepared) = repo {
         hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut stop, &mut result).await;
@@ -805,6 +822,7 @@ async fn run_claude(
     deadline: BootInstant,
     stop: &mut oneshot::Receiver<Stop>,
     started: BootInstant,
+    watch: &JobWatch,
     cannot_start: &mut Option<CannotStart>,
 ) -> Option<(JobResult, Option<String>)> {
     let cfg = &ctx.cfg;
@@ -817,6 +835,9 @@ async fn run_claude(
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
+    // Set once the job is found tampering with the login (`oauth::JobWatch`), at a look
+    // with the redactor's: no event is forwarded from then on.
+    let mut withholding = false;
     let mut transcript = Transcript::of(session);
     let mut carry = Carry::default();
     let mut seq = 0u64;
@@ -831,13 +852,17 @@ async fn run_claude(
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
             redactor_read = Instant::now();
+            if !withholding && watch.tampering().is_some() {
+                withholding = true;
+                warn!(job_id, agent_id = %ctx.cfg.agent_id, "Claude's credentials file changed into more logins than Claude's refresh makes while the job ran: its events are withheld from now");
+            }
         }
         // Redacted as decoded text: each JSON string unescaped, redacted, re-encoded.
         let event = match redactor.redact_line(&String::from_utf8_lossy(line), &mut carry) {
             Ok(value) => transcript.value(value),
             Err(text) => transcript.text(&text),
         };
-        if let Some(event) = event {
+        if let Some(event) = event.filter(|_| !withholding) {
             // A rejected window waits for the run's end (`Transcript::used_up`): a process
             // that can trace Claude (at `ptrace_scope` 0 a job's) can write this line. Other
             // states hold nothing back and go to the edge at once.

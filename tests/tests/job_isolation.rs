@@ -133,6 +133,58 @@ async fn the_login_stays_masked_when_a_job_hides_the_credentials_file() {
     assert!(said.iter().any(|text| text.starts_with("the file is") && text.contains("[REDACTED]")), "the file never came back: {said:?}");
 }
 
+/// A job that writes logins of its own into Claude's credentials file can push the real
+/// one out of the agent's memory, or keep a refreshed one out of it, and print it unmasked
+/// (hostile review rev39). A run that brings more logins than Claude's refresh makes is
+/// tampering: nothing of it comes back — not the tokens, not its output, not its events
+/// from then on — and its result says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_writing_logins_of_its_own_into_the_credentials_file_is_withheld() {
+    let s = setup(&[], Vec::new()).await;
+    let changed = || s.agent.log().matches("Claude's credentials changed").count();
+    let before = changed();
+    let (path, file, tokens) = credentials_login(&s);
+    // The agent reads the real login before the job starts, as it would have at its start.
+    assert!(eventually(Duration::from_secs(10), || changed() > before).await, "{}", s.agent.log());
+    let copy = s.agent.data.path().join("copy.json");
+    std::fs::write(&copy, &file).unwrap();
+    let go = s.agent.data.path().join("go");
+    let job = s.client.submit(json!({"prompt": format!("@await={} @base64={}", go.display(), copy.display()), "timeout_ms": 60000})).await;
+    let job_id = job.body["job_id"].as_str().expect("accepted").to_string();
+    assert!(eventually(Duration::from_secs(30), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    // Three logins of the job's own, each seen by the agent (it looks at the file every
+    // second and logs each change) before the next.
+    for n in 0..3 {
+        let changes = changed();
+        let own = json!({"claudeAiOauth": {"accessToken": format!("own-access-{n}-5e2c9a71d3b8"), "refreshToken": format!("own-refresh-{n}-4f1a8b2e6d0c"), "expiresAt": 4_102_444_800_000u64}});
+        std::fs::write(&path, own.to_string()).unwrap();
+        assert!(eventually(Duration::from_secs(10), || changed() > changes).await, "{}", s.agent.log());
+    }
+    std::fs::remove_file(&path).unwrap();
+    // The runner looks at the file with its redactor at a line 2 s after its last look.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    std::fs::write(&go, "").unwrap();
+    let (_, _, events) = s.client.follow(&job_id).await;
+    let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let result = if done["result"].is_object() { &done["result"] } else { &done };
+    assert_eq!(result["error_code"], "CLAUDE_ERROR", "{done}");
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(error.contains("withheld") && error.contains("3 logins"), "{done}");
+    let mut said = Vec::new();
+    for (_, data) in &events {
+        strings(&serde_json::from_str(data).unwrap_or(serde_json::Value::String(data.clone())), &mut said);
+    }
+    strings(&done, &mut said);
+    assert!(!said.iter().any(|text| text.starts_with("the file is")), "the job's output came back: {said:?}");
+    for text in &said {
+        for token in tokens {
+            assert!(!readable_in_base64(text, token) && !text.contains(token), "the token {token} reached the caller: {text}");
+        }
+    }
+    assert!(s.agent.log().contains("withheld"), "{}", s.agent.log());
+}
+
 /// A file printed as UTF-16 (`iconv -t UTF-16LE`) has a NUL beside each character: no
 /// form of a token matched through them, and the tokens came back whole (hostile review
 /// rev36b, 2).
