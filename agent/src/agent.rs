@@ -1281,6 +1281,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Review rev39, finding 3, before the prompt: a drain that ends a job held at its start
+    /// (here the start rule; the checkout and the refresh gate take the same path) says
+    /// Claude never ran and may be run again, not that it was stopped while running.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_drain_before_claude_starts_says_it_never_ran() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-drain-held-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        let two_s_ago = crate::boot_clock::BootInstant::now().checked_sub(std::time::Duration::from_secs(2)).unwrap();
+        agent.link.welcomed(Some(1_000), Vec::new(), two_s_ago);
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 300_000})).unwrap();
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let (drain, stop_rx) = oneshot::channel();
+        drain.send(Stop::AgentStopping).unwrap();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        ended.leftover.clean_up().await;
+        let result = ended.result;
+        assert!(!ran.exists(), "Claude was started by a job held at its start");
+        assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
+        let said = result.error.unwrap_or_default();
+        assert!(!said.contains("while Claude was running") && said.contains("never ran"), "{said}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A job's deadline counts a suspend, as the edge's timeout does. Spark slept with Claude
     /// running; the edge timed the job out `timeout_ms` (and its margin) of real time after
     /// it sent it and told its caller TIMEOUT; on resume the deadline, on the monotonic

@@ -227,6 +227,10 @@ pub enum Ending {
     Cancelled { reason: String },
     /// The agent itself is shutting down: the caller should fall back, not give up.
     AgentStopping,
+    /// The agent is shutting down before Claude got its prompt (the checkout, the refresh
+    /// gate, the start rule, a start stuck on its record or the launcher): Claude never
+    /// ran, and the task may be sent again as it is.
+    AgentStoppingUnstarted,
     SpawnFailed(String),
     /// The agent could not prepare the run (the durable "started" marker): Claude never
     /// got its prompt.
@@ -317,6 +321,10 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
         }
         Ending::AgentStopping => {
             r.error = Some("the agent on the runner machine stopped while Claude was running; run the task again or elsewhere".into());
+            r.error_code = Some(ErrorCode::RunnerLost);
+        }
+        Ending::AgentStoppingUnstarted => {
+            r.error = Some("not started: the agent on the runner machine stopped before Claude was started, so Claude never ran; run the task again as it is, here or elsewhere".into());
             r.error_code = Some(ErrorCode::RunnerLost);
         }
         Ending::SpawnFailed(e) => {
@@ -597,6 +605,7 @@ mod tests {
         assert_eq!(result(&unknown, Ending::Exited(Some(1)), "", 1).retryable, Some(false));
         assert_eq!(result(&Transcript::default(), Ending::TimedOut { after_ms: 5 }, "", 1).retryable, Some(true));
         assert_eq!(result(&Transcript::default(), Ending::TimedOutUnstarted { after_ms: 5 }, "", 1).retryable, Some(true));
+        assert_eq!(result(&Transcript::default(), Ending::AgentStoppingUnstarted, "", 1).retryable, Some(true));
         assert_eq!(result(&overloaded, Ending::Exited(Some(1)), "", 1).retry_at, None);
     }
 

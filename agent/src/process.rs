@@ -93,6 +93,15 @@ impl Stop {
             Ok(Stop::AgentStopping) | Err(_) => Ending::AgentStopping,
         }
     }
+
+    /// How a job ends when told to stop before Claude got its prompt: as [`Stop::ending`],
+    /// but a drain says Claude never ran (its words are not those of a run cut short).
+    pub fn ending_unstarted(stop: Result<Stop, oneshot::error::RecvError>) -> Ending {
+        match Stop::ending(stop) {
+            Ending::AgentStopping => Ending::AgentStoppingUnstarted,
+            ending => ending,
+        }
+    }
 }
 
 /// Closes the agent to the jobs it runs, as far as one user can: not dumpable (a process
@@ -558,7 +567,7 @@ pub async fn run(
         both = &mut starting => Ok(both),
         // Claude never ran: killed as it starts, whether or not its prompt was in.
         _ = &mut timed_out => Err(Ending::TimedOutUnstarted { after_ms: timeout_ms }),
-        s = &mut *stop => Err(Stop::ending(s)),
+        s = &mut *stop => Err(Stop::ending_unstarted(s)),
     };
     let (spawned, fed) = match ended {
         Ok(both) => both,
@@ -990,6 +999,38 @@ mod tests {
         let finished = tokio::time::timeout(Duration::from_secs(30), run).await.expect("a start stuck on its record was not ended by its cancel");
         assert_eq!(finished.ending, Ending::Cancelled { reason: "by the test".into() });
         // The record is made after all: it is cleared, and the prompt never goes in.
+        release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), was_cleared).await.expect("the record made after the job ended was not cleared").unwrap();
+        no_claude_left(&dir, true).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review rev39, finding 3: a drain that ended a start stuck on its record said "the
+    /// agent stopped while Claude was running", though Claude never ran. It says Claude
+    /// never started, and that the task may be run again (RUNNER_LOST, retryable).
+    #[tokio::test]
+    async fn a_drain_ending_a_stuck_start_says_claude_never_ran() {
+        let (dir, program) = stuck_start_claude("stuck-drain");
+        let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
+        let (drain, mut stop) = oneshot::channel();
+        let deadline = BootInstant::now() + Duration::from_secs(300);
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let ready = move || {
+            stuck.recv().map_err(|_| "the test ended".to_string())?;
+            Ok(())
+        };
+        let (cleared, was_cleared) = tokio::sync::oneshot::channel();
+        let unready = move || {
+            let _ = cleared.send(());
+        };
+        drain.send(Stop::AgentStopping).unwrap();
+        let run = run(launch, "j", deadline, 300_000, &mut stop, ready, unready, || panic!("a job that ended is not started"), |_: &[u8]| {});
+        let finished = tokio::time::timeout(Duration::from_secs(30), run).await.expect("a start stuck on its record was not ended by the drain");
+        let said = crate::claude::result(&crate::claude::Transcript::default(), finished.ending, "", 0);
+        let words = said.error.clone().unwrap_or_default();
+        assert_eq!((said.error_code, said.retryable), (Some(shared::contract::ErrorCode::RunnerLost), Some(true)), "{said:?}");
+        assert!(!words.contains("while Claude was running") && words.contains("never ran") && words.contains("run the task again"), "{words}");
         release.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(60), was_cleared).await.expect("the record made after the job ended was not cleared").unwrap();
         no_claude_left(&dir, true).await;

@@ -312,7 +312,7 @@ async fn run_in(
                 let prepared = tokio::select! {
                     biased;
                     _ = boot_clock::sleep_until(deadline) => Err(Err(timed_out(checking_out.load(Ordering::SeqCst), rounds, evicted))),
-                    s = &mut stop => Err(Ok(Stop::ending(s))),
+                    s = &mut stop => Err(Ok(Stop::ending_unstarted(s))),
                     prepared = attempt => prepared.map_err(Err),
                 };
                 // Out of room: idle mirrors of other repositories go first, as many as the
@@ -329,7 +329,7 @@ async fn run_in(
                         // end waited for the evictions (rev37-5), which end on their own.
                         let made = tokio::select! {
                             made = ctx.repos.make_room(url, step, &e, &ctx.workspaces, round) => made,
-                            s = &mut stop => break (Err(Ok(Stop::ending(s))), step),
+                            s = &mut stop => break (Err(Ok(Stop::ending_unstarted(s))), step),
                             _ = boot_clock::sleep_until(deadline) => break (Err(Err(timed_out(step, rounds, evicted))), step),
                         };
                         let needs = made.needs.map_or_else(|| "unknown".to_string(), |n| n.to_string());
@@ -388,7 +388,7 @@ async fn run_in(
     let admitted = tokio::select! {
         biased;
         _ = boot_clock::sleep_until(deadline) => Err(Ok(Ending::TimedOutUnstarted { after_ms: spec.timeout_ms })),
-        s = &mut stop => Err(Ok(Stop::ending(s))),
+        s = &mut stop => Err(Ok(Stop::ending_unstarted(s))),
         refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
     };
     // The start rule (a link cut, or kept up by a hop without the edge, during the checkout
@@ -650,7 +650,7 @@ async fn start_rule(
                 return Err(gave_up_result(ctx, job_id, started, &GivenUp::Away { away, lost_after_ms, carrying: ctx.link.carried() }));
             }
             s = &mut *stop => {
-                let ending = Stop::ending(s);
+                let ending = Stop::ending_unstarted(s);
                 info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while its start was held");
                 return Err(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64));
             }

@@ -590,6 +590,7 @@ pub fn claude_stream(data: &[u8]) {
         Ending::TimedOut { after_ms: 5 },
         Ending::Cancelled { reason: "fuzz".into() },
         Ending::AgentStopping,
+        Ending::AgentStoppingUnstarted,
         Ending::SpawnFailed("fuzz".into()),
     ];
     // The session recorded is the agent's or none, whatever the lines named.
