@@ -381,14 +381,20 @@ async fn run_in(
         }
     }
     // While the token is stale only one job starts; see oauth::RefreshGate.
-    // Err(Err(_)): another process held the refresh lock too long; the gate says who.
+    // Err(Ok(_)): the job's end, its deadline or a stop; Err(Err(_)): another process held
+    // the refresh lock too long; the gate says who.
     // The deadline first (`biased`): a select picks at random among the branches ready, and
     // a gate that opens as the deadline passes (on resume after a suspend past it) started
-    // Claude after the edge had told its caller TIMEOUT (rev37-1).
+    // Claude after the edge had told its caller TIMEOUT (rev37-1). It ends as the start
+    // rule ends a job too late, by the one `too_late`.
     let admitted = tokio::select! {
         biased;
-        _ = boot_clock::sleep_until(deadline) => Err(Ok(Ending::TimedOutUnstarted { after_ms: spec.timeout_ms })),
-        s = &mut stop => Err(Ok(Stop::ending_unstarted(s))),
+        _ = boot_clock::sleep_until(deadline) => Err(Ok(too_late(ctx, job_id, started, deadline))),
+        s = &mut stop => {
+            let ending = Stop::ending_unstarted(s);
+            info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
+            Err(Ok(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64)))
+        }
         refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
     };
     // The start rule (a link cut, or kept up by a hop without the edge, during the checkout
@@ -417,10 +423,7 @@ async fn run_in(
             drop(refresher);
             ran
         }
-        Err(Ok(ending)) => {
-            info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
-            (claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64), None)
-        }
+        Err(Ok(ended)) => (ended, None),
         // Not an OAuth error: the login is fine, a process keeps it from being refreshed
         // (the gate warned once, naming it).
         Err(Err(stalled)) => {
@@ -608,7 +611,7 @@ async fn disk_probed(ctx: &JobContext, workspace: &Path, cannot_start: &mut Opti
 /// cancelled, or when a welcome names it as given up; the result then says it never
 /// started. The deadline decides before a `Go`: a job whose deadline passed before the
 /// rule was looked at (on resume from a suspend past it) ends TIMEOUT, never started
-/// ([`Ending::TimedOutUnstarted`]), as at the refresh gate.
+/// ([`too_late`]), as at the refresh gate.
 async fn start_rule(
     ctx: &JobContext,
     job_id: &str,
@@ -659,8 +662,9 @@ async fn start_rule(
     }
 }
 
-/// The end of a job whose deadline passed before Claude got its prompt ([`start_rule`],
-/// the last look before the prompt in [`run_claude`]): TIMEOUT, saying Claude never ran.
+/// The end of a job whose deadline passed before Claude got its prompt (at the refresh
+/// gate, [`start_rule`], the last look before the prompt in [`run_claude`]): TIMEOUT,
+/// saying Claude never ran.
 /// Not `RUNNER_LOST`: that says the edge may have given the job up and its caller been
 /// told to fall back; here the edge held it, and ends it TIMEOUT at the same deadline.
 fn too_late(ctx: &JobContext, job_id: &str, started: BootInstant, deadline: BootInstant) -> JobResult {
