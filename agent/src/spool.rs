@@ -151,6 +151,10 @@ pub struct Spool {
     /// The slot record files, kept open for writing once opened (a job's three writes
     /// opened and closed the file each time).
     open: Mutex<Vec<Option<std::sync::Arc<std::fs::File>>>>,
+    /// Run by [`Spool::started`] right before it writes its record: tests hold the write
+    /// there to put the job's end before it.
+    #[cfg(test)]
+    before_record: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Results kept in memory, and what each slot's record file holds.
@@ -172,7 +176,15 @@ struct Kept {
 enum Slot {
     /// Its record holds nothing anyone needs.
     Free,
-    /// A job's durable started record (or the claim to write one), no result yet.
+    /// A job's started record being written ([`Spool::started`]), which alone moves the
+    /// slot on once the write is done: to [`Slot::Started`], or — the write failed, or
+    /// the job ended meanwhile (`ended`: its start stuck on the disk, its result came,
+    /// [`Spool::write_sent`]) — cleared and free. Nothing else writes the slot meanwhile:
+    /// a record that lands after its job's result was kept and acknowledged left a stale
+    /// started record (a restart reported the job lost, or sent its result again), and a
+    /// failed one freed a slot that held that result (review rev39-4).
+    Recording { claim: record::Started, ended: bool },
+    /// A job's durable started record, no result yet.
     Started(record::Started),
     /// A job's started record and its result, until the edge acknowledges it.
     Holding { job_id: String, result: StoredResult },
@@ -318,7 +330,16 @@ impl Spool {
                 Region::Empty | Region::Finished(_) => {}
             }
         }
-        let spool = Spool { dir, started, records, seal, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
+        let spool = Spool {
+            dir,
+            started,
+            records,
+            seal,
+            kept: Mutex::new(kept),
+            open: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            before_record: Mutex::new(None),
+        };
         // A result moved to a spool file whose slot was not reused before the agent
         // stopped is kept twice: the file's copy stays.
         let doubled: Vec<usize> = {
@@ -432,11 +453,12 @@ impl Spool {
     /// spawned: it goes back to the edge unstarted): its record is cleared, so a restart
     /// does not report it lost, and its slot is free. Or its start was recorded only after
     /// the job ended (`runner::run_claude`): a result of the job's already kept (being
-    /// written into the slot, or held) owns the slot, and is left to clear it.
+    /// written into the slot, or held) owns the slot, and is left to clear it; a record
+    /// still being written is cleared by its write ([`Slot::Recording`]).
     pub fn unstart(&self, job_id: &str) {
         let n = {
             let mut kept = self.lock();
-            if Self::in_memory(&kept, job_id).is_some() {
+            if Self::recording_ends(&mut kept, job_id) || Self::in_memory(&kept, job_id).is_some() {
                 return;
             }
             let Some(n) = Self::slot_of(&kept, job_id) else { return };
@@ -446,12 +468,23 @@ impl Spool {
         self.clear(n);
     }
 
+    /// Marks `job_id`'s started record, if it is still being written, as its ended job's:
+    /// [`Spool::started`] clears it once written. Whether it was being written.
+    fn recording_ends(kept: &mut Kept, job_id: &str) -> bool {
+        let recording = kept.slots.iter_mut().find_map(|s| match s {
+            Slot::Recording { claim, ended } if claim.job_id == job_id => Some(ended),
+            _ => None,
+        });
+        recording.map(|ended| *ended = true).is_some()
+    }
+
     fn slot_of(kept: &Kept, job_id: &str) -> Option<usize> {
         kept.slots.iter().position(|s| matches!(s, Slot::Started(r) if r.job_id == job_id))
     }
 
     /// Writes (and syncs) the record that says this job's Claude may be running, holding
-    /// its order's nonce, into a free slot. Nothing may start without it.
+    /// its order's nonce, into a free slot. Nothing may start without it. A job that ended
+    /// while it was written (its start stuck on the disk) has it cleared once written.
     pub fn started(&self, job_id: &str, order_nonce: &str) -> Result<(), NotRecorded> {
         if !safe_id(job_id) {
             return Err(NotRecorded::Order("unsafe job id"));
@@ -467,11 +500,11 @@ impl Spool {
             let holding = kept.slots.iter().position(|s| matches!(s, Slot::Holding { .. }));
             match (free, holding) {
                 (Some(n), _) => {
-                    kept.slots[n] = Slot::Started(claim);
+                    kept.slots[n] = Slot::Recording { claim, ended: false };
                     (n, None)
                 }
                 (None, Some(n)) => {
-                    let Slot::Holding { job_id: other, result } = std::mem::replace(&mut kept.slots[n], Slot::Started(claim)) else {
+                    let Slot::Holding { job_id: other, result } = std::mem::replace(&mut kept.slots[n], Slot::Recording { claim, ended: false }) else {
                         unreachable!("a holding slot")
                     };
                     // Still named and found while it moves; an acknowledgement takes it.
@@ -481,7 +514,7 @@ impl Spool {
                 (None, None) => {
                     // More jobs at once than slots (AGENT_SLOTS lowered under a running
                     // agent's records, or a slot still being cleared): one more record file.
-                    kept.slots.push(Slot::Started(claim));
+                    kept.slots.push(Slot::Recording { claim, ended: false });
                     (kept.slots.len() - 1, None)
                 }
             }
@@ -497,11 +530,34 @@ impl Spool {
                 return Err(e.into());
             }
         }
-        if let Err(e) = self.write_slot(n, record::STARTED_AT, &bytes, true) {
-            self.lock().slots[n] = Slot::Free;
-            return Err(e.into());
+        #[cfg(test)]
+        if let Some(hold) = self.before_record.lock().expect("test hook").take() {
+            hold();
         }
-        Ok(())
+        let written = self.write_slot(n, record::STARTED_AT, &bytes, true);
+        let mut kept = self.lock();
+        let recorded = match std::mem::replace(&mut kept.slots[n], Slot::Clearing) {
+            Slot::Recording { claim, ended: false } if written.is_ok() => {
+                kept.slots[n] = Slot::Started(claim);
+                return Ok(());
+            }
+            Slot::Recording { ended, .. } => {
+                if ended {
+                    tracing::info!(job_id, slot = n, "a started record written after its job ended is cleared");
+                }
+                written
+            }
+            // Only this start moves a recording slot on.
+            other => {
+                kept.slots[n] = other;
+                return written.map_err(Into::into);
+            }
+        };
+        drop(kept);
+        // A record made for a job that ended, or whose write failed part way (its bytes
+        // may be there all the same): cleared, so no restart reports the job lost.
+        self.clear(n);
+        recorded.map_err(Into::into)
     }
 
     /// The test write of the started records, which an agent held back for their want
@@ -584,7 +640,11 @@ impl Spool {
             return Err(std::io::Error::other("unsafe job id"));
         }
         let (result, slot) = {
-            let kept = self.lock();
+            let mut kept = self.lock();
+            // Its start still being recorded (stuck on the disk while the job ended): the
+            // record is cleared once written, and the result goes to a spool file, as a
+            // job's without a slot.
+            Self::recording_ends(&mut kept, job_id);
             let slot = Self::slot_of(&kept, job_id).map(|n| match &kept.slots[n] {
                 Slot::Started(r) => (n, r.order_nonce.clone()),
                 _ => unreachable!("slot_of finds started slots"),
@@ -1687,5 +1747,86 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 3);
         assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
         assert_eq!(ids(spool.all()), expected);
+    }
+
+    /// Review rev39, finding 4: a job ends while its started record is still being written
+    /// (its start stuck on the disk: `process::run` ends it at its deadline, a cancel or
+    /// the drain), and its result is acknowledged before that write is done, or after it
+    /// was kept. The record, written last, was left behind: a restart reported the job
+    /// lost (acknowledged before its result was written), or sent its result again. Both
+    /// orders, driven by holding the record's write.
+    #[test]
+    fn a_started_record_written_after_its_job_ended_and_was_acknowledged_leaves_nothing() {
+        for ack_first in [true, false] {
+            let dir = dir(if ack_first { "late-record-ack-first" } else { "late-record-kept-first" });
+            let spool = std::sync::Arc::new(open(&dir, 1).0);
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let (holding, is_holding) = std::sync::mpsc::channel::<()>();
+            *spool.before_record.lock().unwrap() = Some(Box::new(move || {
+                holding.send(()).unwrap();
+                held.recv().unwrap();
+            }));
+            let start = {
+                let spool = std::sync::Arc::clone(&spool);
+                std::thread::spawn(move || spool.started("late", "late:1").map_err(|e| e.to_string()))
+            };
+            is_holding.recv().unwrap();
+            // The job ended meanwhile: its result is sent, kept, and acknowledged.
+            spool.sending("late", &ok("late", "ended while its start was stuck"));
+            if ack_first {
+                spool.remove("late");
+                spool.write_sent("late").unwrap();
+            } else {
+                spool.write_sent("late").unwrap();
+                spool.remove("late");
+            }
+            release.send(()).unwrap();
+            let _ = start.join().unwrap();
+            // The record's thread then clears what it made (`unready`).
+            spool.unstart("late");
+            assert!(!spool.has("late"), "ack_first {ack_first}: an acknowledged result is kept");
+            drop(spool);
+            let (spool, interrupted_jobs) = open(&dir, 1);
+            assert!(interrupted_jobs.is_empty(), "ack_first {ack_first}: a job that ended is reported lost after a restart: {interrupted_jobs:?}");
+            assert!(spool.all().is_empty(), "ack_first {ack_first}: an acknowledged result is sent again after a restart");
+            assert_eq!(spool.lock().slots, vec![Slot::Free]);
+        }
+    }
+
+    /// Review rev39, finding 4: a started record whose write fails after its job ended and
+    /// its result was kept set the slot free whatever it held: the result, kept in that
+    /// slot, was forgotten (never named in a hello, never sent) and its slot given to the
+    /// next job.
+    #[test]
+    fn a_started_record_that_fails_after_its_jobs_result_was_kept_loses_no_result() {
+        let dir = dir("late-record-fails");
+        let spool = std::sync::Arc::new(open(&dir, 1).0);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (holding, is_holding) = std::sync::mpsc::channel::<()>();
+        *spool.before_record.lock().unwrap() = Some(Box::new(move || {
+            holding.send(()).unwrap();
+            held.recv().unwrap();
+        }));
+        let start = {
+            let spool = std::sync::Arc::clone(&spool);
+            std::thread::spawn(move || spool.started("late", "late:1").map_err(|e| e.to_string()))
+        };
+        is_holding.recv().unwrap();
+        let result = ok("late", "kept while its start was stuck");
+        spool.sending("late", &result);
+        let _ = spool.write_sent("late");
+        // Then the record's write fails: a folder where its file was.
+        let _ = std::fs::remove_file(dir.join("records/0"));
+        std::fs::create_dir(dir.join("records/0")).unwrap();
+        release.send(()).unwrap();
+        assert!(start.join().unwrap().is_err(), "the record's write did not fail");
+        spool.unstart("late");
+        assert_eq!(spool.get("late"), Some(result.clone()), "the result kept is forgotten");
+        assert_eq!(ids(spool.all()), vec!["late"]);
+        std::fs::remove_dir(dir.join("records/0")).unwrap();
+        drop(spool);
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
+        assert_eq!(spool.get("late"), Some(result), "the result is lost across a restart");
     }
 }
