@@ -362,7 +362,13 @@ async fn run_in(
                         Err(e) => {
                             *no_room = matches!(
                                 e,
-                                RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomTimedOut { .. }
+                                RepoError::DiskFull { .. }
+                                    | RepoError::TooBigForDisk { .. }
+                                    | RepoError::NoRoom { .. }
+                                    | RepoError::RoomHeld { .. }
+                                    | RepoError::FilledMeanwhile { .. }
+                                    | RepoError::FetchFilledMeanwhile { .. }
+                                    | RepoError::RoomTimedOut { .. }
                             );
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
@@ -504,23 +510,42 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// would fill it again here ([`full_disk_verdict`]), told to lower the cache only while
 /// idle mirrors of others are kept. A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
 /// `checkout::room`) is judged the same way: on a disk that takes no write it is the
-/// agent's want, else the repository's, and its error names the bytes needed and free.
+/// agent's want; one that fits beside nothing held — the mirrors of other repositories
+/// that jobs hold now gone, with the idle ones — ends retryable ([`RepoError::RoomHeld`]:
+/// those go for room once their jobs are done); else the repository's, and its error
+/// names the bytes needed and free. Mirrors count only on the disk the step needs room on.
 async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
-    let RepoError::DiskFull { detail, needed, fetch_needs } = error else { return error };
     if !takes_writes {
-        return RepoError::DiskFull { detail, needed, fetch_needs };
+        return error;
     }
-    let others = ctx.repos.others_bytes(url).await;
-    // What is known of the step's need: a checkout's measured, a fetch's estimated from
-    // how far it got (none: the disk was full before its pack began, and it wrote next to
-    // nothing). On the disk the step wrote to.
-    let (need, on) = match checking_out {
-        true => (needed.map(Need::Measured), ctx.workspaces.as_path()),
-        false => (Some(Need::Estimated(fetch_needs.unwrap_or(0))), ctx.repos.root()),
+    // What is known of the step's need: a checkout's measured (refused before it was
+    // written, or written and filling the disk), a fetch's estimated from how far it got
+    // (none: the disk was full before its pack began, and it wrote next to nothing).
+    let need = match (&error, checking_out) {
+        (RepoError::NoRoom { needed, .. }, _) => needed.map(Need::Refused),
+        (RepoError::DiskFull { needed, .. }, true) => needed.map(Need::Measured),
+        (RepoError::DiskFull { fetch_needs, .. }, false) => Some(Need::Estimated(fetch_needs.unwrap_or(0))),
+        _ => return error,
+    };
+    // On the disk the step wrote to.
+    let on = if checking_out { ctx.workspaces.as_path() } else { ctx.repos.root() };
+    let others = match crate::repo::mirror::same_disk(on, ctx.repos.root()) {
+        true => ctx.repos.others_bytes(url).await,
+        false => crate::repo::mirror::OthersBytes::default(),
     };
     let space = workspace::disk_space(on).ok();
-    match full_disk_verdict(need, space, others.in_use) {
+    let (detail, needed) = match error {
+        RepoError::DiskFull { detail, needed, .. } => (detail, needed),
+        RepoError::NoRoom { url, what, needed } => {
+            return match full_disk_verdict(need, space, others) {
+                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: others.in_use },
+                FullDisk::TooBig => RepoError::NoRoom { url, what, needed },
+            };
+        }
+        other => return other,
+    };
+    match full_disk_verdict(need, space, others) {
         FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail, others.idle > 0),
         FullDisk::Meanwhile { held } => {
             let free = space.map_or(0, |space| space.free);
@@ -545,6 +570,8 @@ enum Need {
     Measured(u64),
     /// A fetch's, estimated from how far it got (`repo::layout::fetch_needs`).
     Estimated(u64),
+    /// A checkout's, measured and refused before it was written (`RepoError::NoRoom`).
+    Refused(u64),
 }
 
 /// Whose want a full disk met by a job's fetch or checkout that takes writes again is,
@@ -555,23 +582,32 @@ enum FullDisk {
     /// The repository needs more than the disk has free: REPO_ERROR, not retryable.
     TooBig,
     /// Room enough for the step is free again (`held`: counting the mirrors of other
-    /// repositories that jobs hold now, a fetch's only): another writer filled the disk
-    /// meanwhile. The job ends retryable.
+    /// repositories that jobs hold now, a fetch's or a refused checkout's only): another
+    /// writer filled the disk meanwhile, or holds the room the step needs. The job ends
+    /// retryable.
     Meanwhile { held: bool },
 }
 
-/// The verdict on a full disk that takes writes again, from the step's `need` and the
-/// disk's `space` now, and the bytes of other repositories' mirrors that jobs hold
-/// (`held`). A checkout measured to need no more than is free met another writer. A fetch
-/// estimated to fit with the reserve in what is free, or in that and the held mirrors
-/// (which go for room once their jobs are done), did too: judged "too big" whatever its
-/// estimate, a repository fitting the disk alone failed for good beside another job's
-/// fetch (rev37-2). Anything else is too big for the disk.
-fn full_disk_verdict(need: Option<Need>, space: Option<workspace::DiskSpace>, held: u64) -> FullDisk {
+/// The verdict on a full disk that takes writes again, or a checkout refused for room,
+/// from the step's `need` and the disk's `space` now, and the bytes of other repositories'
+/// mirrors on that disk (`others`: idle, and held by jobs). A checkout measured to need no
+/// more than is free met another writer. A fetch estimated to fit with the reserve in what
+/// is free, or in that and the held mirrors (which go for room once their jobs are done),
+/// did too: judged "too big" whatever its estimate, a repository fitting the disk alone
+/// failed for good beside another job's fetch (rev37-2). A refused checkout that fits
+/// beside nothing held (every other mirror gone, idle and held: the idle ones made room
+/// already, or could not make enough alone) waits only for those jobs: judged "too big",
+/// it failed for good beside another job's mirror (evict2's leftover). Anything else is
+/// too big for the disk.
+fn full_disk_verdict(need: Option<Need>, space: Option<workspace::DiskSpace>, others: crate::repo::mirror::OthersBytes) -> FullDisk {
+    use crate::repo::layout::could_fit;
     match (need, space) {
         (Some(Need::Measured(needed)), Some(space)) if needed <= space.free => FullDisk::Meanwhile { held: false },
         (Some(Need::Estimated(needs)), Some(space)) if crate::repo::checkout::fits_with_reserve(needs, space) => FullDisk::Meanwhile { held: false },
-        (Some(Need::Estimated(needs)), Some(space)) if crate::repo::layout::could_fit(needs, space, held) => FullDisk::Meanwhile { held: true },
+        (Some(Need::Estimated(needs)), Some(space)) if could_fit(needs, space, others.in_use) => FullDisk::Meanwhile { held: true },
+        (Some(Need::Refused(needed)), Some(space)) if others.in_use > 0 && could_fit(needed, space, others.idle.saturating_add(others.in_use)) => {
+            FullDisk::Meanwhile { held: true }
+        }
         _ => FullDisk::TooBig,
     }
 }
@@ -1071,6 +1107,12 @@ async fn send_on_ticks(
 #[cfg(test)]
 mod tests {
     use super::{full_disk_verdict, the_disks, FullDisk, Need};
+    use crate::repo::mirror::OthersBytes;
+
+    /// Other repositories' mirrors on the disk, all held by jobs (`in_use` bytes).
+    fn held(in_use: u64) -> OthersBytes {
+        OthersBytes { idle: 0, in_use }
+    }
     use crate::workspace::DiskSpace;
 
     /// The disk's own failings are named by their kind (errno, or the kind a wrapped error
@@ -1134,11 +1176,11 @@ mod tests {
     fn a_full_disk_is_the_repositorys_or_another_writers() {
         let space = |free: u64| Some(DiskSpace { free, size: 16 << 20, free_inodes: None, block: 4096 });
         let meanwhile = FullDisk::Meanwhile { held: false };
-        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), space(1 << 20), 0), meanwhile);
-        assert_eq!(full_disk_verdict(Some(Need::Measured(2 << 20)), space(1 << 20), 0), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), space(1 << 20), held(0)), meanwhile);
+        assert_eq!(full_disk_verdict(Some(Need::Measured(2 << 20)), space(1 << 20), held(0)), FullDisk::TooBig);
         // The free space unknown, or the checkout's need: as before.
-        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), None, 0), FullDisk::TooBig);
-        assert_eq!(full_disk_verdict(None, space(1 << 20), 0), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Measured(10 << 10)), None, held(0)), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(None, space(1 << 20), held(0)), FullDisk::TooBig);
     }
 
     /// rev37-2: two jobs fetching different repositories at once on a disk of 16 MiB, each
@@ -1149,17 +1191,35 @@ mod tests {
     #[test]
     fn a_fetch_that_fits_beside_what_other_jobs_hold_filled_the_disk_meanwhile() {
         let space = |free: u64| Some(DiskSpace { free, size: 16 << 20, free_inodes: None, block: 4096 });
-        let (alone, held) = (FullDisk::Meanwhile { held: false }, FullDisk::Meanwhile { held: true });
+        let (alone, beside) = (FullDisk::Meanwhile { held: false }, FullDisk::Meanwhile { held: true });
         // The other's fetch failed too, or went elsewhere: 15 MiB free again.
-        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(15 << 20), 0), alone);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(15 << 20), held(0)), alone);
         // The other's mirror (9 MiB) held by its job: 6 free, and the two fit.
-        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), 9 << 20), held);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), held(9 << 20)), beside);
         // Past the free space and every held mirror, or the whole disk: too big.
-        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), 0), FullDisk::TooBig);
-        assert_eq!(full_disk_verdict(Some(Need::Estimated(20 << 20)), space(15 << 20), 1 << 20), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(9 << 20)), space(6 << 20), held(0)), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(20 << 20)), space(15 << 20), held(1 << 20)), FullDisk::TooBig);
         // Nothing of its pack had come (no estimate, next to nothing written): room again is
         // another writer's doing.
-        assert_eq!(full_disk_verdict(Some(Need::Estimated(0)), space(1 << 20), 0), alone);
+        assert_eq!(full_disk_verdict(Some(Need::Estimated(0)), space(1 << 20), held(0)), alone);
+    }
+
+    /// evict2's leftover: a checkout refused before it was written (`NoRoom`) beside the
+    /// mirror another job holds was judged too big for the disk, not retryable, though it
+    /// fits once that mirror goes: 5 MiB needed on a disk of 16 with 4 free, another job's
+    /// mirror of 6 held. Beside nothing held it fits: retryable; past that too, or with
+    /// nothing held to wait for (the idle mirrors made what room they could), too big.
+    #[test]
+    fn a_checkout_refused_beside_what_other_jobs_hold_waits_for_them() {
+        let space = |free: u64| Some(DiskSpace { free, size: 16 << 20, free_inodes: None, block: 4096 });
+        let refused = Some(Need::Refused(5 << 20));
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), held(6 << 20)), FullDisk::Meanwhile { held: true });
+        // Idle mirrors left (the step was judged before any went) count with the held.
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 1 << 20, in_use: 1 << 20 }), FullDisk::Meanwhile { held: true });
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 6 << 20, in_use: 0 }), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), held(1 << 20)), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(Some(Need::Refused(20 << 20)), space(4 << 20), held(12 << 20)), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(refused, None, held(6 << 20)), FullDisk::TooBig);
     }
 
     #[test]

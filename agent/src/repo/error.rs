@@ -107,6 +107,13 @@ pub enum RepoError {
     HandBackAbandoned { url: String },
     #[error("the agent's git process handing back the job's changes ({url}) ended before it answered (killed: by a job of the runner machine's user, or out of memory): a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackLost { url: String },
+    /// A checkout refused for want of room ([`RepoError::NoRoom`], `needed` bytes) that
+    /// fits the disk once the mirrors of other repositories that jobs hold now (`held`
+    /// bytes) go, as they may for room once those jobs are done (`runner::full_disk`).
+    /// Retryable: judged "too big" it failed for good a repository that fits the disk
+    /// beside nothing held (evict2's leftover, session 44).
+    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the mirrors of other repositories that jobs hold now take {held} bytes of it, and may go for room once those jobs are done, so nothing ran; retry")]
+    RoomHeld { url: String, what: String, held: u64 },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
@@ -153,7 +160,7 @@ impl RepoError {
     /// sentence asks for a change first (a setting, `repo_url`, the server's contents), or
     /// tells of a push that may have landed.
     pub fn retryable(&self) -> bool {
-        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. })
+        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomHeld { .. })
     }
 }
 

@@ -566,9 +566,7 @@ impl MirrorCache {
     /// of room on the disk holding `on` (`runner`), before that is judged. None when the
     /// mirrors are on another disk. Returns how many went.
     pub fn evict_for_room(&self, keep: &str, on: &Path, enough: &dyn Fn(usize) -> bool, now: shared::Millis) -> usize {
-        use std::os::unix::fs::MetadataExt;
-        let disk = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
-        if disk(on).is_none() || disk(on) != disk(&self.root) {
+        if !same_disk(on, &self.root) {
             return 0;
         }
         // After any pass under way: it may free the room by itself.
@@ -1004,6 +1002,14 @@ impl Failed {
         }
         self
     }
+}
+
+/// Whether the folders `a` and `b` are on one disk (one file system): only then does a
+/// mirror that goes free room for a step on the other. Unknown (either unreadable): no.
+pub fn same_disk(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let disk = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
+    disk(a).is_some() && disk(a) == disk(b)
 }
 
 /// What the mirrors of other repositories than a job's take ([`MirrorCache::others_bytes`]).
