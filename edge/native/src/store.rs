@@ -15,6 +15,8 @@ pub struct Store {
     /// A record's JSON is written here before it is bound: one buffer for the edge's life
     /// rather than a new string, grown several times over, for every save.
     record: Vec<u8>,
+    /// Transactions committed: what the driver's groups save (its tests count them).
+    pub(crate) commits: u64,
     /// `DATA_DIR/edge.lock`, held while the store is open: two edges on one database would
     /// each restore and dispatch the same queued jobs (twice run) and overwrite each
     /// other's records.
@@ -28,11 +30,14 @@ pub struct Store {
 /// kept in the agents' spools, not an edge that stops answering `/health`.
 pub const BUSY_TIMEOUT_MS: u64 = 250;
 
-/// WAL pages between checkpoints (each syncs the WAL, then the database). SQLite's
-/// default is 1,000; a job wrote about 11 WAL pages before saves became upserts and about
-/// 5 since, so 400 keeps the most a power cut can lose at about 80-90 jobs' events, as it
-/// was, rather than letting it grow to 200 with the smaller writes.
-pub const CHECKPOINT_PAGES: u32 = 400;
+/// WAL pages between checkpoints (each syncs the WAL, then the database): what bounds
+/// what a power cut can lose. SQLite's default is 1,000. A job writes about 6 WAL pages
+/// when its four events are committed one by one (a caller at a time: about 40 jobs' events
+/// in 256 pages), about 3 when the driver stores several callers' events in one commit
+/// (`driver.rs`, with 8 clients: about 85 jobs' events) — under 400, the bound before
+/// those groups, when it was about 65 jobs' events either way; 400 with the groups would
+/// have let it grow to about 130.
+pub const CHECKPOINT_PAGES: u32 = 256;
 
 /// The most the record buffer keeps between saves (a job's record with a short result is
 /// about 1 KiB; a long output's is let go after its save).
@@ -106,7 +111,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))
         .map_err(|e| unusable(&path, e))?;
-        Ok(Store { conn, path, record: Vec::new(), _lock: lock })
+        Ok(Store { conn, path, record: Vec::new(), commits: 0, _lock: lock })
     }
 
     /// Every stored job, an ended one as its header: the whole records of every retained
@@ -171,6 +176,9 @@ impl Store {
         }
         self.conn.prepare_cached("BEGIN")?.execute([])?;
         let applied = self.write(writes).and_then(|()| Ok(self.conn.prepare_cached("COMMIT")?.execute([]).map(drop)?));
+        if applied.is_ok() {
+            self.commits += 1;
+        }
         if applied.is_err() && !self.conn.is_autocommit() {
             // All or none: what was written before the failure goes too. (Its own failure
             // is not the event's problem: the failure that caused it is reported.)

@@ -25,7 +25,12 @@
 //!
 //! The undo is a journal of first touches: before an event changes a job, a session or a
 //! job's caller lists for the first time, the version before is kept. The journal is
-//! cleared when the next event begins. A job's record is shared, not copied, by the
+//! cleared when the next event begins — unless the host grouped events
+//! ([`Edge::group_events`]): a host may store several events' writes in one transaction
+//! (the native edge does with what is queued at once: one commit instead of one per event),
+//! announcing nothing of any of them before it. Then the journal spans the group (the
+//! first touch of each thing is its version before the group), and a failed store undoes
+//! every event of the group and answers each as it would have alone, in order. A job's record is shared, not copied, by the
 //! journal and by the event's `Save` (an `Arc`): an event copies a record only when it
 //! changes one that either still holds ([`Edge::job_mut`]), once, where it made two or
 //! three copies of it (issue 11: a fifth of the edge's allocations).
@@ -141,6 +146,9 @@ pub(super) struct Journal {
     held_back_due: Option<Option<Millis>>,
     /// [`Edge::abandoned`] before the event changed it.
     abandoned: Option<Vec<String>>,
+    /// While the host groups events ([`Edge::group_events`]): each event's origin, in
+    /// order; the journal then spans them all.
+    group: Option<Vec<Origin>>,
 }
 
 impl Edge {
@@ -148,10 +156,30 @@ impl Edge {
     /// it changes from now on can be undone until the next one, and the machine's pool
     /// counts in the process's pending bytes a while more (`pending.rs`).
     pub(super) fn begin(&mut self, origin: Origin, now: Option<Now>) {
-        self.journal = Journal { origin, ..Journal::default() };
+        match &mut self.journal.group {
+            // Grouped: the versions before the group stay, for the group's one undo.
+            Some(origins) => {
+                origins.push(origin.clone());
+                self.journal.origin = origin;
+            }
+            None => self.journal = Journal { origin, ..Journal::default() },
+        }
         if let Some(now) = now {
             self.pending.touch(now.at);
         }
+    }
+
+    /// The host stores the writes of the events from here until [`Edge::group_stored`] in
+    /// one transaction, and carries out nothing else of any of them before that: a failed
+    /// store ([`Edge::store_failed`]) then undoes them all.
+    pub fn group_events(&mut self) {
+        self.journal = Journal { group: Some(Vec::new()), ..Journal::default() };
+    }
+
+    /// The group's writes were stored: its events are done, and the next event starts a
+    /// journal of its own.
+    pub fn group_stored(&mut self) {
+        self.journal.group = None;
     }
 
     /// A job to change, its version before noted. The record is copied here if the
@@ -275,13 +303,45 @@ impl Edge {
         &mut self.stats
     }
 
-    /// The host could not store the writes of the event just handled and carried out none
-    /// of its other effects. Returns what to do instead; it holds no writes.
+    /// The host could not store the writes of the event just handled (or of the group of
+    /// events, [`Edge::group_events`]) and carried out none of its other effects. Returns
+    /// what to do instead; it holds no writes.
     pub fn store_failed(&mut self, now: impl Into<Now>, problem: &str) -> Vec<Effect> {
         let now = now.into();
-        let origin = self.journal.origin.clone();
-        error!(problem, event = ?origin, "the edge could not store an event's changes; undoing it");
+        let origins = match self.journal.group.take() {
+            Some(origins) => origins,
+            None => vec![self.journal.origin.clone()],
+        };
+        error!(problem, events = ?origins, "the edge could not store an event's changes; undoing it");
+        // Which agent proved itself on each connection (in the event or before), as it was
+        // before the undo.
+        let agents: Vec<Option<String>> = origins
+            .iter()
+            .map(|origin| match origin {
+                Origin::Session(session) => self.sessions.get(session).and_then(|s| s.agent_id()).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        // A wait bound passed, a lost connection and a restore keep what they did (below);
+        // every other event is undone — in a group, all of them at once: the journal holds
+        // each thing as it was before the group's first event.
+        if origins.iter().any(|o| !matches!(o, Origin::Quiet | Origin::Disconnect | Origin::Restore)) {
+            self.undo(now);
+        }
         let mut effects = Vec::new();
+        for (origin, agent_id) in origins.into_iter().zip(agents) {
+            self.failed(now, origin, agent_id, problem, &mut effects);
+            self.stats.store_failures += 1;
+        }
+        // What is decided here is not stored (the store just failed): a restore rebuilds
+        // the same from the records as they are.
+        effects.retain(|e| !e.is_write());
+        self.begin(Origin::Quiet, Some(now));
+        effects
+    }
+
+    /// What one event whose writes failed (and were undone) means, by what it was.
+    fn failed(&mut self, now: Now, origin: Origin, agent_id: Option<String>, problem: &str, effects: &mut Vec<Effect>) {
         match origin {
             Origin::Quiet | Origin::Disconnect => {}
             // The hosts store a restore's writes themselves and serve nothing when that
@@ -291,7 +351,6 @@ impl Edge {
                 debug_assert!(false, "hosts store a restore's writes before serving");
             }
             Origin::Request(caller) => {
-                self.undo(now);
                 let err = ApiError::new(
                     ErrorCode::InternalError,
                     format!(
@@ -303,28 +362,23 @@ impl Edge {
                 effects.push(Effect::Answer { caller, response: Response::error(err) });
             }
             Origin::Session(session) => {
-                // The agent proved itself on this connection (in this event or before).
-                let agent_id = self.sessions.get(&session).and_then(|s| s.agent_id()).map(str::to_string);
-                self.undo(now);
                 if self.sessions.contains_key(&session) {
                     let refused = Refused::new(
                         close::INTERNAL_ERROR,
                         "the edge could not store what this connection sent; reconnect and send it again",
                     );
-                    self.close(now, &session, refused, &mut effects);
+                    self.close(now, &session, refused, effects);
                 }
                 if let Some(agent_id) = agent_id {
                     self.agent_was_here(now, &agent_id);
                 }
             }
             Origin::Tick => {
-                self.undo(now);
                 self.retry_at = Some(now.at.saturating_add(STORE_RETRY_MS));
             }
             // The caller is gone all the same: its places are given back again, and the
             // queued `/execute` job it left ends unstarted at the next tick.
             Origin::Gone(caller) => {
-                self.undo(now);
                 if let Some(job_id) = self.let_caller_go(caller) {
                     if self.unwaited_in_queue(&job_id) && !self.abandoned.contains(&job_id) {
                         self.abandoned.push(job_id);
@@ -332,17 +386,8 @@ impl Edge {
                     }
                 }
             }
-            Origin::Shutdown => {
-                self.undo(now);
-                self.let_go(now, &mut effects);
-            }
+            Origin::Shutdown => self.let_go(now, effects),
         }
-        self.stats.store_failures += 1;
-        // What is decided here is not stored (the store just failed): a restore rebuilds
-        // the same from the records as they are.
-        effects.retain(|e| !e.is_write());
-        self.begin(Origin::Quiet, Some(now));
-        effects
     }
 
     /// The edge closed an agent's connection only because it could not store what the

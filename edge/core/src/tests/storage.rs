@@ -455,3 +455,68 @@ fn a_usage_hold_that_cannot_be_stored_is_not_kept() {
     assert!(memory.paused.contains("laptop"), "{memory:?}");
     assert_eq!(memory.usage_hold, None, "a hold from a heartbeat the edge undid was stored");
 }
+
+/// A host may store several events' writes in one transaction (the native edge groups what
+/// is queued at once): when that fails, every event of the group is undone — the result
+/// taken in its middle as much as the submissions around it — and each is answered as it
+/// would have been alone. Nothing of any of them had gone out.
+#[test]
+fn a_group_of_events_that_cannot_be_stored_is_undone_whole() {
+    let (mut host, sid) = ready_host();
+    let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "first", "timeout_ms": 60000}));
+    let first = order_of(&out, &sid, "spark", 0).header.job_id;
+    host.say(1, &sid, AgentMessage::Accepted { job_id: first.clone() });
+    let stored_before = host.stored.clone();
+
+    host.edge.group_events();
+    let second = call(&mut host.edge, 2, "POST", "/execute", json!({"prompt": "second", "timeout_ms": 60000}));
+    let done = result_msg(&host.edge, &first, ok_result());
+    let result = host.edge.message(3, &sid, &done.to_text());
+    assert!(result.iter().any(|e| matches!(e, Effect::Save(job) if job.id == first && job.state == JobState::Succeeded)));
+    let third = call(&mut host.edge, 4, "POST", "/jobs", json!({"prompt": "third"}));
+    assert!(second.effects.iter().chain(&third.effects).any(Effect::is_write));
+    let out = host.edge.store_failed(5, "disk I/O error");
+
+    // Each submission refused as alone, the result neither acknowledged nor answered,
+    // its connection closed for the agent to send it again.
+    assert_eq!(answer_to(&out, second.caller).expect("the second caller is answered").0, 500);
+    assert_eq!(answer_to(&out, third.caller).expect("the third caller is answered").0, 500);
+    assert!(answer_to(&out, waiter).is_none(), "{out:?}");
+    assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
+    assert_eq!(closed(&out).expect("the session is closed").0, close::INTERNAL_ERROR);
+    assert!(out.iter().all(|e| !e.is_write()));
+    // As before the group: the first job running, nothing else queued or kept.
+    assert_eq!(host.edge.job(&first).unwrap().state, JobState::Running);
+    assert_eq!(host.edge.queued(), 0);
+    assert_eq!(host.edge.active_jobs(), 1);
+    assert_eq!(host.edge.stats().submitted, 1);
+    assert_eq!(host.edge.stats().store_failures, 3, "one failure counted per event");
+    assert_eq!(host.stored, stored_before);
+}
+
+/// A group stored is done: an event after it whose writes fail undoes itself only, not the
+/// group's events (the journal starts again with it).
+#[test]
+fn an_event_after_a_stored_group_undoes_only_itself() {
+    let (mut host, sid) = ready_host();
+    let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "first", "timeout_ms": 60000}));
+    let first = order_of(&out, &sid, "spark", 0).header.job_id;
+    host.say(1, &sid, AgentMessage::Accepted { job_id: first.clone() });
+
+    host.edge.group_events();
+    let done = result_msg(&host.edge, &first, ok_result());
+    let mut effects = host.edge.message(2, &sid, &done.to_text());
+    let second = call(&mut host.edge, 3, "POST", "/jobs", json!({"prompt": "second"}));
+    effects.extend(second.effects);
+    let out = host.carry_out(3, effects);
+    host.edge.group_stored();
+    assert_eq!(answer_to(&out, waiter).expect("the result is answered").0, 200);
+
+    host.failing = true;
+    let (caller, out) = host.call(4, "POST", "/jobs", json!({"prompt": "third"}));
+    assert_eq!(answer_to(&out, caller).unwrap().0, 500);
+    assert!(closed(&out).is_none(), "the stored group's result is not undone: {out:?}");
+    assert_eq!(host.edge.job(&first).unwrap().state, JobState::Succeeded);
+    assert_eq!(host.edge.queued() + host.edge.active_jobs(), 1, "the second job stays; the third does not exist");
+    assert_eq!(host.edge.stats().store_failures, 1);
+}
