@@ -950,10 +950,14 @@ async fn a_full_disk_under_the_database_refuses_work_clearly_and_loses_nothing()
     client.wait_online().await;
     let first = client.execute(json!({"prompt": "before"})).await;
     assert_eq!(first.status, 200, "{}", first.text);
-    // Records large enough that the database must grow to store them.
+    // Records large enough that the database must grow to store them. The running job's,
+    // saved three times before the disk fills (queued, accepted, started: about 150 WAL
+    // pages), stays under a checkpoint's `CHECKPOINT_PAGES` (256): a checkpoint starts the
+    // WAL over in the room its file already has, where the refused job's record (about 100
+    // pages) would fit, full disk or not.
     let large = "y".repeat(400_000);
     let c = client.clone();
-    let during = format!("@sleep=2500 {large}");
+    let during = format!("@sleep=2500 {}", &large[..200_000]);
     let slow = tokio::spawn(async move { c.execute(json!({"prompt": during})).await });
     assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 2).await);
 
