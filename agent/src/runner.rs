@@ -138,6 +138,9 @@ pub struct CannotStart {
 /// Runs the job to its end.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
+    // Room this job holds until its workspace is removed: another job refused for room
+    // beside it is told so ([`full_disk`]).
+    let held = ctx.repos.hold_workspace(&workspace);
     let mut checkout_done = None;
     let mut cannot_start = None;
     let mut no_room = false;
@@ -147,7 +150,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &watch, &mut checkout_done, &mut cannot_start, &mut no_room).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
     let keep = kept(&result, ctx.cfg.repos.keep_failed_workspaces, cannot_start.is_some(), no_room);
-    let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done };
+    let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done, held: Some(held) };
     Ended { result, session, leftover, cannot_start }
 }
 
@@ -199,6 +202,9 @@ pub struct Leftover {
     /// Resolves once a checkout into the workspace has ended: one cut off by the job's
     /// timeout or a cancel goes on writing until then ([`crate::repo::Repos::prepare`]).
     checkout_done: Option<oneshot::Receiver<()>>,
+    /// The job's hold on the room its workspace takes, let go once it is removed (or
+    /// kept): dropped with this, after [`Leftover::clean_up_now`]'s removal.
+    held: Option<crate::repo::WorkspaceHold>,
 }
 
 impl Leftover {
@@ -221,6 +227,8 @@ impl Leftover {
                 warn!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), error = %e, "the job's workspace could not be removed: remove it by hand (the agent tries again at its next start)");
             }
         }
+        // Removed (or kept, a failed job's for good): no longer room a running job holds.
+        drop(self.held.take());
     }
 }
 
@@ -504,16 +512,19 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// one without room for its workspace does (its error is then not the job's). Room again:
 /// a checkout measured to need no more than is free now met another writer, and the job
 /// ends retryable ([`RepoError::FilledMeanwhile`]); so does a fetch estimated to fit with
-/// the reserve in what is free now, or in that and the mirrors of other repositories that
-/// jobs hold now ([`RepoError::FetchFilledMeanwhile`]: rev37-2, two fetches at once, each
-/// fitting alone); else the repository's — it needs more than the disk has free, and
-/// would fill it again here ([`full_disk_verdict`]), told to lower the cache only while
-/// idle mirrors of others are kept. A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
-/// `checkout::room`) is judged the same way: on a disk that takes no write it is the
-/// agent's want; one that fits beside nothing held — the mirrors of other repositories
-/// that jobs hold now gone, with the idle ones — ends retryable ([`RepoError::RoomHeld`]:
-/// those go for room once their jobs are done); else the repository's, and its error
-/// names the bytes needed and free. Mirrors count only on the disk the step needs room on.
+/// the reserve in what is free now, or in that and the room other jobs hold now — the
+/// mirrors of other repositories in use, the workspaces of other jobs
+/// ([`RepoError::FetchFilledMeanwhile`]: rev37-2, two fetches at once, each fitting
+/// alone); else the repository's — it needs more than the disk has free, and would fill
+/// it again here ([`full_disk_verdict`]), told to lower the cache only while idle mirrors
+/// of others are kept. A checkout refused before it was written for want of room
+/// ([`RepoError::NoRoom`], `checkout::room`) is judged the same way: on a disk that takes
+/// no write it is the agent's want; one that fits beside nothing held — that room gone,
+/// with the idle mirrors — ends retryable ([`RepoError::RoomHeld`]: it goes once those
+/// jobs are done; rev40b-1, beside another job of its own repository, whose workspace no
+/// mirror showed); else the repository's, and its error names the bytes needed and free
+/// (and the cache only while idle mirrors of others are kept). Mirrors and workspaces
+/// count only on the disk the step needs room on.
 async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
     if !takes_writes {
@@ -528,19 +539,24 @@ async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &
         (RepoError::DiskFull { fetch_needs, .. }, false) => Some(Need::Estimated(fetch_needs.unwrap_or(0))),
         _ => return error,
     };
-    // On the disk the step wrote to.
+    // On the disk the step wrote to. Room held there: the mirrors of other repositories
+    // in use (the job's own is not: its checkout borrows from it, so it never goes for
+    // the job), and the workspaces of the other jobs (rev40b-1: one of the same
+    // repository's held room no mirror showed).
     let on = if checking_out { ctx.workspaces.as_path() } else { ctx.repos.root() };
-    let others = match crate::repo::mirror::same_disk(on, ctx.repos.root()) {
+    let mirrors = match crate::repo::mirror::same_disk(on, ctx.repos.root()) {
         true => ctx.repos.others_bytes(url).await,
         false => crate::repo::mirror::OthersBytes::default(),
     };
+    let workspaces = ctx.repos.other_workspaces_bytes(workspace, on).await;
+    let others = crate::repo::mirror::OthersBytes { idle: mirrors.idle, in_use: mirrors.in_use.saturating_add(workspaces) };
     let space = workspace::disk_space(on).ok();
     let (detail, needed) = match error {
         RepoError::DiskFull { detail, needed, .. } => (detail, needed),
-        RepoError::NoRoom { url, what, needed } => {
+        RepoError::NoRoom { url, what, needed, .. } => {
             return match full_disk_verdict(need, space, others) {
-                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: others.in_use },
-                FullDisk::TooBig => RepoError::NoRoom { url, what, needed },
+                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: mirrors.in_use, workspaces },
+                FullDisk::TooBig => ctx.repos.no_room(url, what, needed, others.idle > 0),
             };
         }
         other => return other,
@@ -552,7 +568,10 @@ async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &
             match need {
                 Some(Need::Estimated(needs)) => {
                     let held = match held {
-                        true => format!(", beside {} bytes the mirrors of other repositories that jobs hold now take (they may go for room once those jobs are done)", others.in_use),
+                        true => format!(
+                            ", beside {workspaces} bytes the workspaces of other running jobs take and {} bytes the mirrors of other repositories in use now take (held by jobs, or being repacked; a workspace goes once its job is done, a mirror may go for room once nothing holds it)",
+                            mirrors.in_use
+                        ),
                         false => String::new(),
                     };
                     RepoError::FetchFilledMeanwhile { url: url.to_string(), detail, needs, free, held }
@@ -581,24 +600,25 @@ enum Need {
 enum FullDisk {
     /// The repository needs more than the disk has free: REPO_ERROR, not retryable.
     TooBig,
-    /// Room enough for the step is free again (`held`: counting the mirrors of other
-    /// repositories that jobs hold now, a fetch's or a refused checkout's only): another
-    /// writer filled the disk meanwhile, or holds the room the step needs. The job ends
-    /// retryable.
+    /// Room enough for the step is free again (`held`: counting the room other jobs hold
+    /// now — the mirrors of other repositories in use, the other jobs' workspaces — a
+    /// fetch's or a refused checkout's only): another writer filled the disk meanwhile, or
+    /// holds the room the step needs. The job ends retryable.
     Meanwhile { held: bool },
 }
 
 /// The verdict on a full disk that takes writes again, or a checkout refused for room,
 /// from the step's `need` and the disk's `space` now, and the bytes of other repositories'
-/// mirrors on that disk (`others`: idle, and held by jobs). A checkout measured to need no
-/// more than is free met another writer. A fetch estimated to fit with the reserve in what
-/// is free, or in that and the held mirrors (which go for room once their jobs are done),
+/// mirrors on that disk (`others`: idle, and in use, with the other jobs' workspaces there
+/// — all that other jobs hold). A checkout measured to need no more than is free met
+/// another writer. A fetch estimated to fit with the reserve in what is free, or in that
+/// and the held room (which goes once its jobs are done),
 /// did too: judged "too big" whatever its estimate, a repository fitting the disk alone
 /// failed for good beside another job's fetch (rev37-2). A refused checkout that fits
-/// beside nothing held (every other mirror gone, idle and held: the idle ones made room
-/// already, or could not make enough alone) waits only for those jobs: judged "too big",
-/// it failed for good beside another job's mirror (evict2's leftover). Anything else is
-/// too big for the disk.
+/// beside nothing held (every other mirror gone, idle and held, and the other jobs'
+/// workspaces: the idle mirrors made room already, or could not make enough alone) waits
+/// only for those jobs: judged "too big", it failed for good beside another job's mirror
+/// (evict2's leftover), or its workspace (rev40b-1). Anything else is too big for the disk.
 fn full_disk_verdict(need: Option<Need>, space: Option<workspace::DiskSpace>, others: crate::repo::mirror::OthersBytes) -> FullDisk {
     use crate::repo::layout::could_fit;
     match (need, space) {
@@ -1249,7 +1269,7 @@ mod tests {
                 drop(done_tx);
             })
         };
-        let leftover = Leftover { workspace: workspace.clone(), keep: false, job_id: "j".into(), agent_id: "a".into(), checkout_done: Some(done_rx) };
+        let leftover = Leftover { workspace: workspace.clone(), keep: false, job_id: "j".into(), agent_id: "a".into(), checkout_done: Some(done_rx), held: None };
         leftover.clean_up_now();
         writing.join().unwrap();
         assert!(!workspace.exists(), "the workspace outlived its checkout");

@@ -1205,6 +1205,8 @@ async fn a_checkout_larger_than_the_free_space_is_refused_before_it_is_written()
     let e = b.body["error"].as_str().unwrap();
     assert!(e.contains("needs more free space than the disk holding DATA_DIR has") && e.contains("needs about") && e.contains("bytes free"), "{e}");
     assert!(e.contains("refused before anything was written"), "{e}");
+    // The mirrors are on another disk (none on this one to lower): rev40b-1.
+    assert!(!e.contains("REPO_CACHE_MAX_BYTES"), "{e}");
     assert_eq!(b.body["retryable"], false, "{}", b.text);
     let workspaces = agent.data.path().join("data/workspaces");
     let left: Vec<_> = std::fs::read_dir(&workspaces).unwrap().flatten().map(|e| e.file_name()).collect();
@@ -1570,12 +1572,54 @@ async fn a_checkout_refused_beside_another_jobs_held_mirror_is_retryable_and_run
     let refused = client.execute(wide.clone()).await;
     assert_eq!((refused.status, refused.body["error_code"].as_str(), refused.body["retryable"].as_bool()), (200, Some("REPO_ERROR"), Some(true)), "{}\n{}", refused.text, agent.log());
     let said = refused.body["error"].as_str().unwrap_or_default();
-    assert!(said.contains("checkout") && said.contains("jobs hold now") && said.contains("retry") && !said.contains("REPO_CACHE_MAX_BYTES"), "{said}");
+    assert!(said.contains("checkout") && said.contains("mirrors of other repositories in use now") && said.contains("retry") && !said.contains("REPO_CACHE_MAX_BYTES"), "{said}");
     assert_eq!(agent.claude_runs().len(), 1, "the refused job ran");
     assert_eq!(client.send("DELETE", &format!("/jobs/{holder}"), Some(SECRET), None).await.status, 202);
     let ended = client.wait_job(&holder, Duration::from_secs(60)).await;
     assert_eq!(ended["state"], "cancelled", "{ended}");
     let again = client.execute(wide).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, agent.log());
+}
+
+/// rev40b-1: two jobs of one repository at once, on a disk the repository fits alone (16
+/// MiB; "held" takes 6 MiB that do not compress in its mirror, as many in a checkout): the
+/// second's checkout, refused beside the first's workspace (room a running job holds, as a
+/// mirror it holds is), was judged too big for the disk, not retryable, and told to lower
+/// REPO_CACHE_MAX_BYTES with no other mirror on the disk — though it ran once the first
+/// had ended. It ends retryable, naming the workspaces other jobs hold, and runs once the
+/// first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_refused_beside_another_job_of_its_repository_is_retryable_and_runs_once_that_job_ends() {
+    if !mounts_allowed() {
+        eprintln!("skipped: no mounts");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("held", &[("README.md", b"# held\n"), ("blob.bin", &incompressible(11, 6 << 20))]);
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("MAX_CONCURRENT_JOBS", "2")
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR", "16m");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let holder = client.submit(json!({"prompt": "@sleep=600000 hold the workspace", "repo_url": git.url("held"), "timeout_ms": 900000})).await;
+    let holder = holder.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "the holding job did not start\n{}", agent.log());
+    let second = json!({"prompt": "@exists=README.md", "repo_url": git.url("held"), "timeout_ms": 60000});
+    let refused = client.execute(second.clone()).await;
+    assert_eq!((refused.status, refused.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}\n{}", refused.text, agent.log());
+    assert_eq!(refused.body["retryable"].as_bool(), Some(true), "a repository that fits the disk alone, refused beside another job of it, was judged for good: {}", refused.text);
+    let said = refused.body["error"].as_str().unwrap_or_default();
+    assert!(said.contains("beside nothing held") && said.contains("workspaces of other running jobs") && said.contains("retry"), "{said}");
+    assert!(!said.contains("REPO_CACHE_MAX_BYTES"), "no other repository's mirror is on the disk: {said}");
+    assert_eq!(agent.claude_runs().len(), 1, "the refused job ran");
+    assert_eq!(client.send("DELETE", &format!("/jobs/{holder}"), Some(SECRET), None).await.status, 202);
+    let _ = client.wait_job(&holder, Duration::from_secs(60)).await;
+    let again = client.execute(second).await;
     assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, agent.log());
 }
 

@@ -92,14 +92,19 @@ pub enum RepoError {
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
     CheckoutTooBig { url: String, commit: String, what: String },
-    #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one (or lower REPO_CACHE_MAX_BYTES), or use a smaller repository (or a branch or commit with fewer files)")]
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
     /// `needed`: the bytes the checkout was measured to need (`checkout::Measured::needed`),
-    /// when it is the bytes that are short (not the files and folders).
+    /// when it is the bytes that are short (not the files and folders). `lower`: what
+    /// `REPO_CACHE_MAX_BYTES` can free, set by the runner's verdict (`Repos::no_room`) only
+    /// while idle mirrors of other repositories share the disk: named with none, it sent
+    /// the operator to a cache that held nothing there (rev40b-1).
     NoRoom {
         url: String,
         what: String,
         #[serde(default)]
         needed: Option<u64>,
+        #[serde(default)]
+        lower: String,
     },
     #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
     OddGitEntry { path: String },
@@ -108,12 +113,21 @@ pub enum RepoError {
     #[error("the agent's git process handing back the job's changes ({url}) ended before it answered (killed: by a job of the runner machine's user, or out of memory): a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackLost { url: String },
     /// A checkout refused for want of room ([`RepoError::NoRoom`], `needed` bytes) that
-    /// fits the disk once the mirrors of other repositories that jobs hold now (`held`
-    /// bytes) go, as they may for room once those jobs are done (`runner::full_disk`).
-    /// Retryable: judged "too big" it failed for good a repository that fits the disk
-    /// beside nothing held (evict2's leftover, session 44).
-    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the mirrors of other repositories that jobs hold now take {held} bytes of it, and may go for room once those jobs are done, so nothing ran; retry")]
-    RoomHeld { url: String, what: String, held: u64 },
+    /// fits the disk once the room held now goes (`runner::full_disk`): the workspaces of
+    /// other running jobs (`workspaces` bytes: removed once those jobs are done), and the
+    /// mirrors of other repositories in use (`held` bytes: held by jobs, or read by a
+    /// repack, which may go for room once none holds it: never while jobs of its
+    /// repository overlap, rev40b-2, which a retry cannot help). Retryable: judged "too big" it
+    /// failed for good a repository that fits the disk beside nothing held (evict2's
+    /// leftover, session 44; beside another job of its own repository, rev40b-1).
+    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {workspaces} bytes of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room only once nothing holds it (not while jobs of its repository overlap), so nothing ran; retry")]
+    RoomHeld {
+        url: String,
+        what: String,
+        held: u64,
+        #[serde(default)]
+        workspaces: u64,
+    },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]

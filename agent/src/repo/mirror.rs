@@ -887,7 +887,7 @@ pub fn set_timeouts() {
 }
 
 /// Bytes a folder takes on disk.
-fn disk_bytes(dir: &Path) -> u64 {
+pub(crate) fn disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];

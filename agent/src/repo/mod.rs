@@ -43,6 +43,29 @@ use std::sync::Arc;
 pub struct Repos {
     pub settings: RepoSettings,
     cache: Arc<MirrorCache>,
+    /// The workspaces of the jobs running now (and of those ended whose workspace is not
+    /// yet removed), each with how many jobs hold it: room they hold on their disk, which
+    /// goes once they are done ([`Repos::hold_workspace`], [`Repos::other_workspaces_bytes`]).
+    workspaces: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
+}
+
+/// A job's hold on its workspace, from before it is made until it is removed (or kept):
+/// counted meanwhile as room that job holds ([`Repos::other_workspaces_bytes`]).
+pub struct WorkspaceHold {
+    workspaces: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
+    dir: PathBuf,
+}
+
+impl Drop for WorkspaceHold {
+    fn drop(&mut self) {
+        let mut held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.dir) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.dir);
+            }
+        }
+    }
 }
 
 /// What the runner learns of a job's checkout ([`Repos::prepare`]): `started` once it
@@ -86,7 +109,50 @@ pub struct Prepared {
 impl Repos {
     pub fn open(data_dir: &Path, settings: RepoSettings) -> std::io::Result<Repos> {
         let cache = MirrorCache::open(data_dir.join("repos"), settings.cache_max_bytes)?;
-        Ok(Repos { settings, cache })
+        Ok(Repos { settings, cache, workspaces: Arc::default() })
+    }
+
+    /// Counts the job workspace `dir` as room a running job holds until the hold drops
+    /// (once the workspace is removed, or kept for a post-mortem).
+    pub fn hold_workspace(&self, dir: &Path) -> WorkspaceHold {
+        let mut held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held.entry(dir.to_path_buf()).or_default() += 1;
+        WorkspaceHold { workspaces: Arc::clone(&self.workspaces), dir: dir.to_path_buf() }
+    }
+
+    /// The bytes the workspaces of jobs other than the one in `own` take on the disk
+    /// holding `on` ([`Repos::hold_workspace`]): room that goes once those jobs are done,
+    /// as a mirror a job holds may then go for room (`runner::full_disk`: a checkout
+    /// refused beside another job of its own repository was judged too big for the disk,
+    /// rev40b-1). Walks each: on the blocking pool.
+    pub async fn other_workspaces_bytes(&self, own: &Path, on: &Path) -> u64 {
+        let dirs: Vec<PathBuf> = {
+            let held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.keys().filter(|dir| dir.as_path() != own).cloned().collect()
+        };
+        if dirs.is_empty() {
+            return 0;
+        }
+        let on = on.to_path_buf();
+        let walk = move || dirs.iter().filter(|dir| mirror::same_disk(dir, &on)).fold(0u64, |sum, dir| sum.saturating_add(mirror::disk_bytes(dir)));
+        tokio::task::spawn_blocking(walk).await.unwrap_or_default()
+    }
+
+    /// What a job is told of `REPO_CACHE_MAX_BYTES` when its repository does not fit the
+    /// disk: named only while idle mirrors of other repositories stay on that disk
+    /// (`idle_others`): lowered, fewer of them take it. One a job holds or fetches now is
+    /// that job's, and goes for room once it is done (rev37-2); with none at all, lowering
+    /// the cache frees nothing (rev40b-1).
+    fn lower_cache(&self, idle_others: bool) -> String {
+        match idle_others {
+            true => format!(", lower REPO_CACHE_MAX_BYTES ({} bytes: the mirrors of other repositories kept on that disk)", self.settings.cache_max_bytes),
+            false => String::new(),
+        }
+    }
+
+    /// [`RepoError::NoRoom`] with its words on the cache ([`Repos::lower_cache`]) set.
+    pub fn no_room(&self, url: String, what: String, needed: Option<u64>, idle_others: bool) -> RepoError {
+        RepoError::NoRoom { url, what, needed, lower: self.lower_cache(idle_others) }
     }
 
     /// Clears what an agent killed mid-fetch left in the mirrors (see
@@ -126,13 +192,7 @@ impl Repos {
     /// needs more than the disk has free. `REPO_CACHE_MAX_BYTES` is named when the cache
     /// keeps mirrors of other repositories (lowered, fewer of them take that disk).
     pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String, idle_others: bool) -> RepoError {
-        // Only idle mirrors are the cache's to lower: one a job holds or fetches now is
-        // that job's, and goes for room once it is done (rev37-2: a fetch beside another
-        // repository's was told to lower the cache for the other's fetch under way).
-        let lower = match idle_others {
-            true => format!(", lower REPO_CACHE_MAX_BYTES ({} bytes: the mirrors of other repositories kept on that disk)", self.settings.cache_max_bytes),
-            false => String::new(),
-        };
+        let lower = self.lower_cache(idle_others);
         let step = if checking_out { "checkout" } else { "fetch" };
         RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower, step: step.into() }
     }

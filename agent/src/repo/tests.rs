@@ -3251,3 +3251,30 @@ async fn a_full_disk_while_staging_a_large_push_is_told_as_a_full_disk() {
     assert!(matches!(e, RepoError::DiskFull { .. }), "{said}");
     assert!(!said.contains("no error") && said.contains("without saying why") && said.contains("bytes free"), "{said}");
 }
+
+/// rev40b-1: the room other running jobs hold counts their workspaces (a job of the same
+/// repository held room no mirror showed): every other job's workspace held now, not the
+/// asking job's own, nor one whose hold went (removed, or kept for good), nor one on
+/// another disk.
+#[tokio::test]
+async fn the_room_other_jobs_hold_counts_their_workspaces_while_they_hold_them() {
+    let tmp = TempDir::new("held-workspaces");
+    let repos = super::Repos::open(tmp.path(), super::settings::RepoSettings::default()).unwrap();
+    let workspaces = tmp.path().join("workspaces");
+    let (own, other, done) = (workspaces.join("own"), workspaces.join("other"), workspaces.join("done"));
+    for (dir, bytes) in [(&own, 1 << 20), (&other, 300 << 10), (&done, 500 << 10)] {
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/file"), vec![7u8; bytes]).unwrap();
+    }
+    let _own = repos.hold_workspace(&own);
+    assert_eq!(repos.other_workspaces_bytes(&own, &workspaces).await, 0, "the job's own workspace is not another's");
+    let _other = repos.hold_workspace(&other);
+    let gone = repos.hold_workspace(&done);
+    let both = repos.other_workspaces_bytes(&own, &workspaces).await;
+    assert!(both >= 800 << 10 && both < 1 << 20, "{both}");
+    drop(gone);
+    let one = repos.other_workspaces_bytes(&own, &workspaces).await;
+    assert!(one >= 300 << 10 && one < 500 << 10, "{one}");
+    // Room on another disk frees none on this one.
+    assert_eq!(repos.other_workspaces_bytes(&own, Path::new("/proc")).await, 0);
+}
