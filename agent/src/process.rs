@@ -455,8 +455,8 @@ impl Claude {
 enum Gate {
     /// Neither has decided yet.
     Open,
-    /// The record's trip is past its record (made or refused): the rest of its way — the
-    /// prompt, which never waits — is its own.
+    /// The record's trip made its record: the rest of its way — the prompt, which never
+    /// waits — is its own. (A record refused leaves the gate `Open`: no prompt goes.)
     Passed,
     /// The job ended first (its deadline, a cancel, the agent's drain): the record's trip
     /// gives no prompt and undoes its record.
@@ -485,6 +485,8 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 /// record still being made then has no prompt given after it; `unready` is called on its
 /// thread once it is done instead (to clear a record made for a job that ended), and a
 /// Claude the launcher starts after finds its control pipe closed: its warden kills it.
+/// Such a job ends as one Claude never ran, unless the launcher had started Claude and its
+/// prompt was given: it ends as a run cut short.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     launch: Launch<'_>,
@@ -544,7 +546,11 @@ pub async fn run(
                     unready();
                     return Err(("the job ended before its start was recorded".to_string(), None));
                 }
-                *gate = Gate::Passed;
+                // Only a record made lets the prompt go: one refused leaves the gate as it
+                // was, so that the job's end then says Claude never ran.
+                if matches!(made, Ok(Ok(()))) {
+                    *gate = Gate::Passed;
+                }
             }
             match made {
                 Ok(Ok(())) => Ok(stdin.and_then(|stdin| feed_prompt(stdin, prompt))),
@@ -561,18 +567,37 @@ pub async fn run(
     // nothing (a oneshot wakes only a task that has polled it). Both raced against the
     // deadline and the stop: the launcher's exchange is bounded only by its own wait, a
     // record's write (a hung DATA_DIR) not at all.
-    let starting = async { (start.await, feed.await) };
+    // (An atomic only for the future to stay `Send`: one task reads and writes it.)
+    let launched = std::sync::atomic::AtomicBool::new(false);
+    let starting = async {
+        let spawned = start.await;
+        launched.store(matches!(spawned, Ok(Ok(_))), std::sync::atomic::Ordering::Relaxed);
+        (spawned, feed.await)
+    };
     tokio::pin!(starting);
+    // `biased`, the start first: a start done is a run, even when the stop or the deadline
+    // is ready at the same poll (a runtime thread busy while Claude started and read its
+    // prompt); a fair pick ended such a run "Claude never ran". Polled first, the start
+    // has also heard the launcher's answer, if sent, when `launched` is read below.
     let ended = tokio::select! {
+        biased;
         both = &mut starting => Ok(both),
-        // Claude never ran: killed as it starts, whether or not its prompt was in.
-        _ = &mut timed_out => Err(Ending::TimedOutUnstarted { after_ms: timeout_ms }),
-        s = &mut *stop => Err(Stop::ending_unstarted(s)),
+        _ = &mut timed_out => Err(None),
+        s = &mut *stop => Err(Some(s)),
     };
     let (spawned, fed) = match ended {
         Ok(both) => both,
-        Err(ending) => {
+        Err(cut) => {
             let recorded = std::mem::replace(&mut *gate.lock().unwrap_or_else(|e| e.into_inner()), Gate::Shut) == Gate::Passed;
+            // Started by the launcher and its prompt given (its trip just not answered yet):
+            // Claude may have read it and begun, so the words are those of a run cut short.
+            // Else Claude never ran: killed as it starts, whether or not its prompt was in.
+            let ending = match (cut, recorded && launched.load(std::sync::atomic::Ordering::Relaxed)) {
+                (None, true) => Ending::TimedOut { after_ms: timeout_ms },
+                (None, false) => Ending::TimedOutUnstarted { after_ms: timeout_ms },
+                (Some(s), true) => Stop::ending(s),
+                (Some(s), false) => Stop::ending_unstarted(s),
+            };
             // Returning drops `child`, and with it the control pipe: a Claude the launcher
             // starts after this finds it closed, and its warden kills it at once. Its
             // trips run to their end on their threads.
@@ -1065,6 +1090,80 @@ mod tests {
         no_claude_left(&dir, false).await;
         assert!(!cleared.load(std::sync::atomic::Ordering::SeqCst), "a record made before the job ended is the result's to clear");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job cut (`drain`, else its deadline `deadline_ms` after its start) only once the
+    /// launcher answered that Claude started and Claude has read its whole prompt: the
+    /// runtime's only thread is held meanwhile (a large line being redacted, say), so at
+    /// the run's next poll its start and its end are both ready. How it ended, each of
+    /// `tries` times.
+    async fn cut_once_claude_read_its_prompt(name: &str, drain: bool, deadline_ms: u64, tries: usize) -> Vec<Ending> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut endings = Vec::new();
+        for i in 0..tries {
+            let dir = std::env::temp_dir().join(format!("cr-process-{name}-{}-{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let got = dir.join("got");
+            let claude = dir.join("claude.sh");
+            std::fs::write(&claude, format!("#!/bin/sh\ncat > '{0}.part' && mv '{0}.part' '{0}'\nsleep 300\n", got.display())).unwrap();
+            std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let program = claude.to_string_lossy().into_owned();
+            let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+            let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
+            let (stopping, mut stop) = oneshot::channel();
+            let deadline = BootInstant::now() + Duration::from_millis(deadline_ms);
+            // A task of its own, run once the run's first poll handed its start to the
+            // launcher and the record's thread. Once it is done the runtime turns its
+            // driver (a deadline passed fires) before it polls the run again.
+            let hold = tokio::spawn(async move {
+                // Queued behind this job's start on the launcher's lane: runs once the
+                // launcher's answer is sent.
+                let (answered, answer) = std::sync::mpsc::channel();
+                drop(LAUNCHES.run(move || answered.send(())));
+                answer.recv_timeout(Duration::from_secs(60)).expect("the launcher did not answer");
+                // Bounded only so that a failure ends the test.
+                let until = std::time::Instant::now() + Duration::from_secs(60);
+                while !got.exists() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                while BootInstant::now() < deadline && !drain {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Kept, not dropped, when not sent: a dropped one is a drain too.
+                let stopping = match drain {
+                    true => stopping.send(Stop::AgentStopping).map(|_| None).unwrap(),
+                    false => Some(stopping),
+                };
+                (got.exists(), stopping)
+            });
+            let finished = run(launch, "j", deadline, deadline_ms, &mut stop, || Ok(()), || {}, || {}, |_: &[u8]| {}).await;
+            assert!(hold.await.unwrap().0, "Claude did not read its prompt");
+            endings.push(finished.ending);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        endings
+    }
+
+    /// Review rev40b-3: a drain heard together with the start of a Claude that had read its
+    /// whole prompt ended the job "Claude never ran; run the task again as it is" (a fair
+    /// pick between the two, 2 in 3). It says the agent stopped while Claude was running.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_drain_heard_with_the_start_of_a_claude_that_read_its_prompt_says_it_ran() {
+        for ending in cut_once_claude_read_its_prompt("drain-read", true, 300_000, 12).await {
+            let said = crate::claude::result(&crate::claude::Transcript::default(), ending.clone(), "", 0);
+            let words = said.error.unwrap_or_default();
+            assert!(ending == Ending::AgentStopping && words.contains("while Claude was running") && !words.contains("never ran"), "{ending:?}: {words}");
+        }
+    }
+
+    /// Review rev40b-3: so did a deadline ("not started: ... Claude never ran", 1 in 3). It
+    /// ends as a run that did not finish in time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deadline_passed_with_the_start_of_a_claude_that_read_its_prompt_says_it_ran() {
+        for ending in cut_once_claude_read_its_prompt("deadline-read", false, 200, 12).await {
+            assert_eq!(ending, Ending::TimedOut { after_ms: 200 });
+        }
     }
 
     /// A prompt larger than the socket's buffer: what the record's thread could not write
