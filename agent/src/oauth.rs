@@ -16,7 +16,7 @@ use crate::redact::Redactor;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::Millis;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -47,6 +47,11 @@ pub struct Login {
     /// to [`REMEMBERED`]: [`Logins`]): the redactor masks them all, whatever the file holds
     /// now.
     pub remembered: Remembered,
+    /// How many logins not known before any reading of the file has met (kept or not): a
+    /// reader that holds a redactor looks at it with each line ([`Login::changed`]), an
+    /// atomic load, so a login another reader (the agent's look every second, another
+    /// job) met is masked from the next line on.
+    pub learnt: Learnt,
 }
 
 /// Shared by the clones of a [`Login`] (every job's context holds one).
@@ -57,6 +62,9 @@ pub type ReadingCache = Arc<std::sync::Mutex<Option<(FileStamp, Reading)>>>;
 
 /// The logins read from the credentials file, shared by clones; held in memory only.
 pub type Remembered = Arc<std::sync::Mutex<Logins>>;
+
+/// [`Login::learnt`], shared by clones.
+pub type Learnt = Arc<AtomicU64>;
 
 /// How many logins (an access token and its refresh token) the agent keeps in mind. The
 /// file holds one at a time, and a job can change what it holds: move it away, blank it,
@@ -151,23 +159,25 @@ impl Logins {
     /// Keeps the tokens of `tokens` (a login's access and refresh token) of a real token's
     /// shape in mind, if there is room; read with none of the jobs that ran when it was
     /// first read running, the logins read before it are replaced, their refresh tokens
-    /// spent.
-    fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) {
+    /// spent. Whether it was a login not known before (kept or not).
+    fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) -> bool {
         self.forget_dead(now);
         let tokens: Vec<String> = tokens.iter().filter(|token| plausible(token)).cloned().collect();
         if tokens.is_empty() {
-            return;
+            return false;
         }
+        let mut new = false;
         let at = match self.logins.iter().position(|known| known.tokens == tokens) {
             Some(at) => at,
             None => {
                 self.first_reads += 1;
+                new = true;
                 if self.logins.len() >= REMEMBERED {
                     if !self.overflowed {
                         warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file held more logins than the agent keeps in mind, none of them known dead: a job is writing logins into it; every job's output is withheld from now until the agent restarts");
                     }
                     self.overflowed = true;
-                    return;
+                    return true;
                 }
                 self.logins.push(Known { tokens, expires_at, jobs_before: self.next_job, spent: false, doubted: false });
                 self.logins.len() - 1
@@ -181,6 +191,7 @@ impl Logins {
                 known.spent = true;
             }
         }
+        new
     }
 
     /// Lets go of the logins whose refresh token is spent and whose access token has
@@ -313,6 +324,13 @@ impl FileStamp {
         }
     }
 
+    /// Whether `meta` is of the file this stamp is of, unchanged (no copy of the path made:
+    /// asked with each line of a job's output, [`Login::changed`]).
+    fn is(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        (self.dev, self.ino, self.len, self.mtime, self.ctime) == (meta.dev(), meta.ino(), meta.len(), (meta.mtime(), meta.mtime_nsec()), (meta.ctime(), meta.ctime_nsec()))
+    }
+
     /// Whether the file last changed more than [`SETTLED`] before `looked` (the wall clock
     /// just before the `stat`).
     fn settled(&self, looked: std::time::SystemTime) -> bool {
@@ -321,6 +339,14 @@ impl FileStamp {
         let settled = looked.saturating_sub(SETTLED);
         (changed.0, changed.1) < (settled.as_secs() as i64, settled.subsec_nanos() as i64)
     }
+}
+
+/// What a redactor was built after ([`Login::redactor_looked`]): the count of logins met
+/// ([`Login::learnt`]) and the credentials file as `stat` saw it (`None`: not there).
+pub struct Looked {
+    learnt: u64,
+    file: Option<FileStamp>,
+    settled: bool,
 }
 
 /// What was read, with the tokens (kept on this machine, for redaction only).
@@ -359,6 +385,7 @@ impl Login {
             redactors: RedactorCache::default(),
             readings: ReadingCache::default(),
             remembered: Remembered::default(),
+            learnt: Learnt::default(),
         }
     }
 
@@ -429,7 +456,12 @@ impl Login {
         // could have written it running replaces the logins read before it
         // ([`Logins::learn`]).
         if let Some((tokens, expires_at)) = &reading.login {
-            self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, now);
+            let new = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, now);
+            if new {
+                // After the memory took it: a reader that sees the count move builds a
+                // redactor that masks it.
+                self.learnt.fetch_add(1, Ordering::SeqCst);
+            }
         }
         reading
     }
@@ -497,6 +529,35 @@ impl Login {
         let read = self.read(now);
         self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).forget_dead(now);
         self.redactor_of(self.secrets(&read.tokens))
+    }
+
+    /// [`Login::redactor`], and what it was built after: for [`Login::changed`].
+    pub fn redactor_looked(&self, now: Millis) -> (Arc<Redactor>, Looked) {
+        // Taken before the reading: a login met or a change made after it shows at the next
+        // look, never one before it missed.
+        let learnt = self.learnt.load(Ordering::SeqCst);
+        let looked = std::time::SystemTime::now();
+        let file = std::fs::metadata(&self.credentials_path).ok().map(|meta| FileStamp::of(&self.credentials_path, &meta));
+        let settled = file.as_ref().is_none_or(|file| file.settled(looked));
+        (self.redactor(now), Looked { learnt, file, settled })
+    }
+
+    /// Whether a redactor built after `looked` may miss a login: one not known before was
+    /// met since (by any reader: the agent's look every second, another job), or the
+    /// credentials file changed (or had changed within [`SETTLED`] of that look, when a
+    /// change need not show in its times). An atomic load and a `stat`, cheap enough for
+    /// every line of a job's output (BENCHMARKS.md, "Redaction throughput"): a job that
+    /// makes a new login appear (a refresh it forces) and prints the file at once finds it
+    /// masked in its next line, not up to seconds later (hostile review rev40a, 1).
+    pub fn changed(&self, looked: &Looked) -> bool {
+        if self.learnt.load(Ordering::SeqCst) != looked.learnt || !looked.settled {
+            return true;
+        }
+        match (std::fs::metadata(&self.credentials_path), &looked.file) {
+            (Ok(meta), Some(file)) => !file.is(&meta),
+            (Err(_), None) => false,
+            _ => true,
+        }
     }
 
     /// The secrets to mask, once each, in an order that changes only when one is learnt or
@@ -756,7 +817,7 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default() }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default(), learnt: Learnt::default() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -814,6 +875,42 @@ mod tests {
         // Gone: no token from the file any more.
         std::fs::remove_file(&path).unwrap();
         assert!(token(&login).is_empty());
+    }
+
+    /// A reader holding a redactor (a job's run, for each line of its output) is told the
+    /// login may have changed at its next look, not seconds later (hostile review rev40a,
+    /// 1): when another reader met a login not known before (the agent's look every second,
+    /// another job), when the file changed, and while it changed too lately for its times
+    /// to show a change; not while it stands settled and nothing was met.
+    #[test]
+    fn a_reader_holding_a_redactor_is_told_at_once_that_the_login_may_have_changed() {
+        let d = tempdir("changed");
+        let far = 4_102_444_800_000;
+        let login = login_with(&d, &credentials(&token("access"), &token("refresh"), far));
+        let path = login.credentials_path.clone();
+        login.redactor(0); // the agent's first reading
+        std::thread::sleep(SETTLED + Duration::from_millis(100));
+        let (held, looked) = login.redactor_looked(1);
+        assert!(!login.changed(&looked), "nothing changed");
+        // Another reader (here a clone, as the agent's look is) meets a new login.
+        let (access2, refresh2) = (token("access2"), token("refresh2"));
+        std::fs::write(&path, credentials(&access2, &refresh2, far)).unwrap();
+        login.clone().redactor(2);
+        std::fs::write(&path, credentials(&token("access"), &token("refresh"), far)).unwrap();
+        assert!(login.changed(&looked), "a login met by another reader is not news");
+        let (again, looked) = login.redactor_looked(3);
+        assert!(masks(&again, &access2) && !masks(&held, &access2));
+        // Changed within the tick: looked at again until it has settled.
+        assert!(login.changed(&looked), "a file changed within SETTLED is taken as standing");
+        std::thread::sleep(SETTLED + Duration::from_millis(100));
+        let (_, looked) = login.redactor_looked(4);
+        assert!(!login.changed(&looked));
+        // The file changes (nobody has read it): a `stat` says so.
+        std::fs::write(&path, credentials(&token("access3"), &token("refresh3"), far)).unwrap();
+        assert!(login.changed(&looked), "a changed file is not news");
+        let (_, looked) = login.redactor_looked(5);
+        std::fs::remove_file(&path).unwrap();
+        assert!(login.changed(&looked), "a file gone is not news");
     }
 
     fn credentials(access: &str, refresh: &str, expires_at: Millis) -> String {
@@ -1065,7 +1162,7 @@ mod tests {
         login.redactor(expires - 3_600_000); // the agent reads the real login
         let job = login.watch_job();
         // The job (which can read the file: same user) writes 4 far-expiring logins of its
-        // own, one per redactor re-read (REDACTOR_REFRESH is 2 s).
+        // own, one per look of the agent (every second).
         for n in 0..4 {
             let (a, r) = (token(&format!("f-a-{n}")), token(&format!("f-r-{n}")));
             std::fs::write(&path, credentials(&a, &r, far)).unwrap();
@@ -1083,7 +1180,7 @@ mod tests {
     /// rev39-A, fast: logins of the job's own just after the real one's expiry push it out of
     /// the memory, then out of `retired` (the one nearest its end goes first), minutes before
     /// its expiry, its refresh token never spent (no Claude refreshed: the job's own Claude
-    /// sits in a tool call). 12 re-reads, about 25 s of a job at REDACTOR_REFRESH = 2 s.
+    /// sits in a tool call). 12 looks, about 12 s of a job at the agent's look every second.
     #[test]
     fn rev39_near_logins_of_a_job_unmask_the_real_login_before_it_expires() {
         let d = tempdir("rev39-fast");
@@ -1242,7 +1339,7 @@ mod tests {
             assert!(r.report.problem.as_deref().is_some_and(|p| p.contains("claude auth login")), "{body}");
         }
         assert!(login_with(&d, &" ".repeat(credentials::MAX_BYTES + 10)).read(0).report.problem.unwrap().contains("over 1 MiB"));
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default() };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default(), remembered: Remembered::default(), learnt: Learnt::default() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
         assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
     }

@@ -302,7 +302,7 @@ mod tests {
     fn reporter(name: &str) -> (Reporter, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("cr-report-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let login = Login { config_dir: dir.clone(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: Default::default(), readings: Default::default(), remembered: Default::default() };
+        let login = Login { config_dir: dir.clone(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: Default::default(), readings: Default::default(), remembered: Default::default(), learnt: Default::default() };
         let _ = std::fs::remove_file(&login.credentials_path);
         (Reporter::new(login), dir)
     }

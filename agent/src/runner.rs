@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
-/// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
-const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
 /// Largest progress event forwarded; bigger ones are summarised. As large as a whole
 /// batch may be, so one event always fits one.
 const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
@@ -893,10 +891,13 @@ async fn run_claude(
     let env = process::claude_environment(&ctx.inherited_env, ctx.login.claude_env(crate::now_ms()), job_env);
     let session = Session::of(spec, runtime::entropy);
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
-    let mut redactor = ctx.login.redactor(crate::now_ms());
-    let mut redactor_read = Instant::now();
-    // Set once the job is found tampering with the login (`oauth::JobWatch`), at a look
-    // with the redactor's: no event is forwarded from then on.
+    // Built again before any line once the login may have changed (`oauth::Login::changed`:
+    // a login met since, or the credentials file changed): Claude may rotate the tokens
+    // mid-job, and a job can make a new login appear and print the file at once.
+    let (mut redactor, mut looked) = ctx.login.redactor_looked(crate::now_ms());
+    // Set once the job is found tampering with the login (`oauth::JobWatch`), asked with
+    // each new redactor (tampering is a login met, which builds one): no event is
+    // forwarded from then on.
     let mut withholding = false;
     let mut transcript = Transcript::of(session);
     let mut carry = Carry::default();
@@ -909,9 +910,8 @@ async fn run_claude(
     let opened = Notify::new();
     let send = |events| ctx.progress.forward(&ctx.link, job_id, &ctx.order_nonce, events);
     let on_line = |line: &[u8]| {
-        if redactor_read.elapsed() > REDACTOR_REFRESH {
-            redactor = ctx.login.redactor(crate::now_ms());
-            redactor_read = Instant::now();
+        if ctx.login.changed(&looked) {
+            (redactor, looked) = ctx.login.redactor_looked(crate::now_ms());
             if !withholding && watch.tampering().is_some() {
                 withholding = true;
                 warn!(job_id, agent_id = %ctx.cfg.agent_id, "Claude's credentials file changed into more logins than Claude's refresh makes while the job ran: its events are withheld from now");

@@ -672,3 +672,36 @@ async fn the_version_probe_gets_none_of_the_agents_secrets() {
         assert!(!env.contains(&secret), "`claude --version` was given {secret:?}:\n{env}");
     }
 }
+
+/// Hostile review rev40a, 1: the runner redacted events with the redactor it built at
+/// Claude's start and re-read the login only at a line 2 s after its last look. A job that
+/// makes a new login appear (Claude's refresh forced early: the real tokens written back
+/// with a past expiry and `claude -p` run; here the harness writes it) and prints the file
+/// within those 2 s sent the new, live login out in its events, and, one new login, was
+/// not withheld. The runner now looks with each line whether the login may have changed
+/// (`oauth::Login::changed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_refreshed_and_printed_at_once_is_masked_in_the_events() {
+    let s = setup(&[], Vec::new()).await;
+    let changed = || s.agent.log().matches("Claude's credentials changed").count();
+    let before = changed();
+    let (path, _file, _tokens) = credentials_login(&s);
+    assert!(eventually(Duration::from_secs(10), || changed() > before).await, "{}", s.agent.log());
+    let go = s.agent.data.path().join("go");
+    let job = s.client.submit(json!({"prompt": format!("@await={} @base64={}", go.display(), path.display()), "timeout_ms": 60000})).await;
+    let job_id = job.body["job_id"].as_str().expect("accepted").to_string();
+    assert!(eventually(Duration::from_secs(30), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    let fresh = ["refreshed-access-6b1f0e2d9c8a7354-d2c1", "refreshed-refresh-0a9b8c7d6e5f4321-77e3"];
+    let file = json!({"claudeAiOauth": {"accessToken": fresh[0], "refreshToken": fresh[1], "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}});
+    std::fs::write(&path, file.to_string()).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let (_, _, events) = s.client.follow(&job_id).await;
+    let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    let mut in_events = Vec::new();
+    for (_, data) in &events {
+        strings(&serde_json::from_str(data).unwrap_or(serde_json::Value::String(data.clone())), &mut in_events);
+    }
+    let leaked: Vec<&str> = fresh.iter().copied().filter(|token| in_events.iter().any(|text| readable_in_base64(text, token) || text.contains(token))).collect();
+    eprintln!("state {} error {:?}", done["state"], done["result"]["error"]);
+    assert!(leaked.is_empty(), "the live refreshed login reached the caller in the events: {leaked:?}; job {}", done["state"]);
+}
