@@ -109,30 +109,44 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 
 /// Logins once read, in the order first read. A job runs as the agent's user: it can read
 /// the file, keep a copy of the tokens in its `$HOME`, and print them in a later job. So a
-/// login is forgotten only once it is dead: its refresh token known spent and its access
-/// token expired (its `expiresAt` and [`SPENT_GRACE_MS`]). A refresh token is known spent
-/// when the agent read a newer login with none of the jobs that ran when that one was
-/// first read still running (the file as Claude's refresh, or the person logging in, left
-/// it; those jobs' processes are gone). Logins read while a job runs never push one out:
-/// nothing is forgotten for a
-/// newer login, a failed, absent or changed reading, or want of room. A Claude run that
-/// failed to authenticate ([`Logins::doubt`]) takes back "known spent" for good: a job
-/// that left a login of its own in the file at its end made the real one look replaced.
-/// So does a new login made through the relay ([`Logins::keep_all`]): it spends no refresh
-/// token of the one before.
+/// login is forgotten only once it is dead: its refresh token known spent (or, pinned,
+/// past its end) and its access token expired ([`Known::dead`]). A refresh token is known
+/// spent when the agent read a newer login with none of the jobs that ran when that one
+/// was first read still running (the file as Claude's refresh, or the person logging in,
+/// left it; those jobs' processes are gone). Logins read while a job runs never push one
+/// out: nothing is forgotten for a newer login, a failed, absent or changed reading, or
+/// want of room.
+///
+/// What a job writes cannot make a live login look dead (hostile review rev40a): no
+/// reading shortens a login's expiry (the latest read counts, and never less than
+/// [`ACCESS_LIFETIME_MS`] after its first reading, whatever that said); a login the file
+/// holds again is not spent; a login sharing a token with one read before (the real
+/// access token beside a refresh token of the job's) is no newer login, spends none, and
+/// is tampering ([`JobWatch::tampering`]). Two things keep a login's refresh token in mind
+/// though a newer login was read ([`Known::pinned`]): a Claude run that failed to
+/// authenticate ([`Logins::doubt`]: a job that left a login of its own in the file at its
+/// end made the real one look replaced), and a new login made through the relay
+/// ([`Logins::pin`]: it spends no refresh token of the one before). A pinned login is
+/// kept until its refresh token is past its end too: the file's `refreshTokenExpiresAt`
+/// (the latest read), or [`REFRESH_LIFETIME_MS`] after its first reading when the file
+/// never said.
 ///
 /// The memory is bounded ([`REMEMBERED`]): a login read with it full is not kept (masked
 /// while the file holds it, as the file's), and from then on the memory has
 /// [`Logins::overflowed`]: every job running then or started after has its output
 /// withheld ([`JobWatch::tampering`]) until the agent restarts. So no login read is
 /// unmasked while it may be live, whatever a job writes into the file (hostile review
-/// rev39). Only tokens of a real token's shape are kept ([`plausible`]).
+/// rev39). Only tokens of a real token's shape are kept ([`plausible`]). In use it holds
+/// the login, the one a refresh replaced until its access token has expired, and one
+/// login for each relayed login or failed run within a refresh token's life.
 #[derive(Default)]
 pub struct Logins {
     logins: Vec<Known>,
     /// Logins read so far that were not known at their reading (kept or not): a job's run
     /// brought `first_reads` at its end less than at its start ([`JobWatch`]).
     first_reads: u64,
+    /// Logins read so far that shared a token with one read before without being it.
+    mixed: u64,
     /// Set once a login could not be kept for want of room: for the agent's life.
     overflowed: bool,
     /// The jobs running now, by their serial ([`JobWatch`]), and the next job's.
@@ -140,27 +154,63 @@ pub struct Logins {
     next_job: u64,
 }
 
+/// The most an access token Anthropic issues is taken to live. Claude Code's logins carry
+/// an `expiresAt` about 8 hours after they were made (Anthropic documents no lifetime;
+/// people's reports of the file say 8 hours, one 12): a login is kept at least this long
+/// after the agent first read it, whatever expiry the file showed then, since a job can
+/// write a login first with an expiry of its choosing (`expiresAt: 1`) and so have it
+/// forgotten at once, its refresh token live (hostile review rev40a, 3).
+pub const ACCESS_LIFETIME_MS: Millis = 12 * 3_600_000;
+
+/// How long a pinned login's refresh token is taken to live when the file never gave its
+/// `refreshTokenExpiresAt` (newer Claude Code writes one; older does not). Anthropic
+/// documents no lifetime; refresh tokens are single-use (rotated at each refresh) and a
+/// login was seen refreshing for weeks without a new sign-in. So a month: past it a
+/// refresh token never used is taken as dead. It bounds what the memory holds in use: one
+/// login per relayed login or failed run in the month before.
+pub const REFRESH_LIFETIME_MS: Millis = 30 * 24 * 3_600_000;
+
 /// One remembered login.
 struct Known {
     tokens: Vec<String>,
-    expires_at: Option<Millis>,
+    /// [`Logins::first_reads`] once it was first read: its place among the logins read.
+    serial: u64,
+    /// Its access token's end: the latest `expiresAt` read, and at least
+    /// [`ACCESS_LIFETIME_MS`] after its first reading.
+    expires_at: Millis,
+    /// Its refresh token's end, for a pinned login: the latest `refreshTokenExpiresAt`
+    /// read, or [`REFRESH_LIFETIME_MS`] after its first reading when none was.
+    refresh_ends: Millis,
     /// The next job's serial when it was first read: only jobs of a lower one ran then,
     /// and could have written it.
     jobs_before: u64,
     /// A newer login was read with none of the jobs that could have written it running:
     /// its refresh token is spent.
     spent: bool,
-    /// Kept for good: a Claude run failed to authenticate while it was taken as spent
-    /// ([`Logins::doubt`]), or a new login was made ([`Logins::keep_all`]).
-    doubted: bool,
+    /// It shares a token with a login read before it: a splice, never a newer login.
+    mixed: bool,
+    /// Its refresh token may be live though a newer login was read (a failed run,
+    /// [`Logins::doubt`], or a relayed login, [`Logins::pin`]): kept until `refresh_ends`.
+    pinned: bool,
+}
+
+impl Known {
+    /// Whether both its tokens are dead: the access token past its end (and the grace),
+    /// the refresh token spent, or for a pinned login past its end.
+    fn dead(&self, now: Millis) -> bool {
+        let refresh_dead = if self.pinned { self.refresh_ends <= now } else { self.spent };
+        refresh_dead && self.expires_at.saturating_add(SPENT_GRACE_MS) <= now
+    }
 }
 
 impl Logins {
     /// Keeps the tokens of `tokens` (a login's access and refresh token) of a real token's
     /// shape in mind, if there is room; read with none of the jobs that ran when it was
     /// first read running, the logins read before it are replaced, their refresh tokens
-    /// spent. Whether it was a login not known before (kept or not).
-    fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, now: Millis) -> bool {
+    /// spent (not by a login that shares a token with one of them: [`Known::mixed`]).
+    /// `expires_at` and `refresh_expires_at` are what the file says; none shortens what
+    /// was read before. Whether it was a login not known before (kept or not).
+    fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, refresh_expires_at: Option<Millis>, now: Millis) -> bool {
         self.forget_dead(now);
         let tokens: Vec<String> = tokens.iter().filter(|token| plausible(token)).cloned().collect();
         if tokens.is_empty() {
@@ -168,53 +218,72 @@ impl Logins {
         }
         let mut new = false;
         let at = match self.logins.iter().position(|known| known.tokens == tokens) {
-            Some(at) => at,
+            Some(at) => {
+                let known = &mut self.logins[at];
+                known.expires_at = known.expires_at.max(expires_at.unwrap_or(0));
+                known.refresh_ends = known.refresh_ends.max(refresh_expires_at.unwrap_or(0));
+                // The file holds it again: no newer login replaced it.
+                known.spent = false;
+                at
+            }
             None => {
                 self.first_reads += 1;
                 new = true;
+                let mixed = self.logins.iter().any(|known| known.tokens.iter().any(|token| tokens.contains(token)));
+                if mixed {
+                    self.mixed += 1;
+                    warn!(running = self.running.len(), "Claude's credentials file holds a login sharing a token with one read before (Claude's refresh replaces both): something wrote it; the jobs running now are withheld");
+                }
                 if self.logins.len() >= REMEMBERED {
                     if !self.overflowed {
-                        warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file held more logins than the agent keeps in mind, none of them known dead: a job is writing logins into it; every job's output is withheld from now until the agent restarts");
+                        warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file has held more logins than the agent keeps in mind, none of them known dead (relayed logins, failed runs, or a job writing logins into it): every job's output is withheld from now until the agent restarts");
                     }
                     self.overflowed = true;
                     return true;
                 }
-                self.logins.push(Known { tokens, expires_at, jobs_before: self.next_job, spent: false, doubted: false });
+                let serial = self.first_reads;
+                let expires_at = expires_at.unwrap_or(0).max(now.saturating_add(ACCESS_LIFETIME_MS));
+                let refresh_ends = refresh_expires_at.filter(|end| *end > now).unwrap_or(now.saturating_add(REFRESH_LIFETIME_MS));
+                self.logins.push(Known { tokens, serial, expires_at, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned: false });
                 self.logins.len() - 1
             }
         };
         // None of the jobs that ran when it was first read runs now: the file holds it as
         // Claude's refresh or the person logging in left it.
-        let jobs_before = self.logins[at].jobs_before;
-        if self.running.iter().all(|job| *job >= jobs_before) {
-            for known in self.logins[..at].iter_mut().filter(|known| !known.doubted) {
+        let known = &self.logins[at];
+        if !known.mixed && self.running.iter().all(|job| *job >= known.jobs_before) {
+            for known in &mut self.logins[..at] {
                 known.spent = true;
             }
         }
         new
     }
 
-    /// Lets go of the logins whose refresh token is spent and whose access token has
-    /// expired (and the grace).
+    /// Lets go of the logins that are dead ([`Known::dead`]).
     fn forget_dead(&mut self, now: Millis) {
-        self.logins.retain(|known| !(known.spent && known.expires_at.unwrap_or(0).saturating_add(SPENT_GRACE_MS) <= now));
+        self.logins.retain(|known| !known.dead(now));
     }
 
     /// A Claude run failed to authenticate: the login the file held may be a job's, so the
-    /// logins it was taken to replace are not known spent, and are kept for good.
+    /// logins it was taken to replace are not known spent: pinned.
     fn doubt(&mut self) {
         for known in self.logins.iter_mut().filter(|known| known.spent) {
-            known.spent = false;
-            known.doubted = true;
+            known.pinned = true;
         }
     }
 
-    /// Keeps every login read so far for good: a new login does not spend the refresh
-    /// token of the one before it.
-    fn keep_all(&mut self) {
-        for known in &mut self.logins {
-            known.spent = false;
-            known.doubted = true;
+    /// The logins a relay that begins now may need pinned once it made a new login
+    /// ([`Logins::pin`]): those read so far and not spent.
+    fn unspent(&self) -> RelayBegan {
+        RelayBegan { unspent: self.logins.iter().filter(|known| !known.spent).map(|known| known.serial).collect() }
+    }
+
+    /// A new login was made: it spends no refresh token of the logins read before the
+    /// relay began that were not spent then, so they are pinned. Logins read since (the
+    /// new one, read by the agent's look before this) are not.
+    fn pin(&mut self, began: &RelayBegan) {
+        for known in self.logins.iter_mut().filter(|known| began.unspent.contains(&known.serial)) {
+            known.pinned = true;
         }
     }
 
@@ -222,6 +291,11 @@ impl Logins {
     fn tokens(&self) -> impl Iterator<Item = &String> {
         self.logins.iter().flat_map(|known| &known.tokens)
     }
+}
+
+/// The logins read before a relayed login began and not spent then ([`Login::relay_begins`]).
+pub struct RelayBegan {
+    unspent: Vec<u64>,
 }
 
 /// Never the tokens, even in a debug print.
@@ -234,12 +308,14 @@ impl std::fmt::Debug for Logins {
 /// A job's watch on the login memory, from before its checkout to its end: while one is
 /// held a login first read does not replace the logins read before ([`Logins::learn`]),
 /// and the job's run is tampering when it brought more than [`NEW_PER_JOB`] logins the
-/// agent had not read, or the memory overflowed ([`JobWatch::tampering`]). Dropped, the
-/// file is read again, so what the job's Claude refreshed is taken as the login.
+/// agent had not read, a login sharing a token with one read before, or the memory
+/// overflowed ([`JobWatch::tampering`]). Dropped, the file is read again, so what the
+/// job's Claude refreshed is taken as the login.
 pub struct JobWatch {
     login: Login,
     serial: u64,
     first_reads: u64,
+    mixed: u64,
 }
 
 impl Login {
@@ -249,7 +325,7 @@ impl Login {
         let serial = logins.next_job;
         logins.next_job += 1;
         logins.running.push(serial);
-        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads }
+        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed }
     }
 
     /// A Claude run failed to authenticate ([`Logins::doubt`]).
@@ -257,10 +333,17 @@ impl Login {
         self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).doubt();
     }
 
-    /// A new login was made (the relayed `claude auth login`): it spends no refresh token,
-    /// so every login read so far is kept for good ([`Logins::keep_all`]).
-    pub fn keep_all_read(&self) {
-        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keep_all();
+    /// A relayed login (`claude auth login`) begins: the file is read (the login it holds
+    /// is known), and the logins not spent now are named for [`Login::pin_read_before`].
+    pub fn relay_begins(&self, now: Millis) -> RelayBegan {
+        self.read_cached(now);
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).unspent()
+    }
+
+    /// The relayed login that began at `began` made a new login: it spends no refresh
+    /// token, so the logins read before it began are kept until dead ([`Logins::pin`]).
+    pub fn pin_read_before(&self, began: &RelayBegan) {
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pin(began);
     }
 }
 
@@ -269,16 +352,25 @@ impl JobWatch {
     pub fn tampering(&self) -> Option<String> {
         let logins = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let new = logins.first_reads - self.first_reads;
-        if logins.overflowed {
+        let mixed = logins.mixed > self.mixed;
+        if logins.overflowed && new <= NEW_PER_JOB && !mixed {
+            // Nothing says this job wrote a login: the memory may have filled with relayed
+            // logins and failed runs as well as with a job's.
             return Some(format!(
-                "withheld: Claude's credentials file has held more logins since the agent started than it keeps in mind ({REMEMBERED}), a job writing logins of its own into it, so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: check what the jobs run, log in again if the login no longer works, then restart the agent"
+                "withheld: the agent's memory of Claude's logins is full ({REMEMBERED} read since it started and none known dead: relayed logins, failed runs, or a job writing logins into ~/.claude), so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: restart the agent, then send the job again (check the login still works)"
             ));
         }
-        (new > NEW_PER_JOB).then(|| {
-            format!(
-                "withheld: while this job ran Claude's credentials file held {new} logins the agent had not read before (a refresh by Claude makes one): something the job ran wrote logins of its own into it, which is how a job gets a live login out past the redactor; its output, its events from then on, its diff and its push are withheld; run it again without writing to ~/.claude, and check the login still works"
-            )
-        })
+        let why = if mixed {
+            "a login sharing a token with one read before (Claude's refresh replaces both)".to_string()
+        } else if new > NEW_PER_JOB || logins.overflowed {
+            format!("{new} logins the agent had not read before (a refresh by Claude makes one)")
+        } else {
+            return None;
+        };
+        let overflow = if logins.overflowed { " The agent's memory of logins is full: every job is withheld until the agent restarts; restart it." } else { "" };
+        Some(format!(
+            "withheld: while this job ran Claude's credentials file held {why}: something the job ran wrote logins of its own into it, which is how a job gets a live login out past the redactor; its output, its events from then on, its diff and its push are withheld; run it again without writing to ~/.claude, and check the login still works.{overflow}"
+        ))
     }
 }
 
@@ -355,7 +447,7 @@ pub struct Reading {
     pub report: OAuthReport,
     pub tokens: Vec<String>,
     /// The file's login as read (its tokens whole, and its `expiresAt`), for the memory.
-    login: Option<(Vec<String>, Option<Millis>)>,
+    login: Option<(Vec<String>, Option<Millis>, Option<Millis>)>,
 }
 
 /// Never the tokens, even in a debug print.
@@ -455,8 +547,8 @@ impl Login {
         // Learnt at every reading, the file unchanged too: one with none of the jobs that
         // could have written it running replaces the logins read before it
         // ([`Logins::learn`]).
-        if let Some((tokens, expires_at)) = &reading.login {
-            let new = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, now);
+        if let Some((tokens, expires_at, refresh_expires_at)) = &reading.login {
+            let new = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, *refresh_expires_at, now);
             if new {
                 // After the memory took it: a reader that sees the count move builds a
                 // redactor that masks it.
@@ -485,7 +577,7 @@ impl Login {
                     tokens.extend(read.iter().map(|token| shared::text::truncate(token, CURRENT_TOKEN_BYTES).to_string()));
                     // Only tokens of a real one's shape are kept: no copy of a huge one.
                     let read = read.into_iter().filter(|token| plausible(token)).collect();
-                    return Reading { report, tokens, login: Some((read, login.expires_at)) };
+                    return Reading { report, tokens, login: Some((read, login.expires_at, login.refresh_expires_at)) };
                 }
                 Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
             },
@@ -1015,7 +1107,8 @@ mod tests {
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
-        login.redactor(expires - 3_600_000);
+        // Read as it was made: kept at least until its `expiresAt`.
+        login.redactor(expires - ACCESS_LIFETIME_MS);
         let job = login.watch_job();
         let (access2, refresh2) = (&token("access2"), &token("refresh2"));
         std::fs::write(&path, credentials(access2, refresh2, expires + 8 * 3_600_000)).unwrap();
@@ -1040,7 +1133,7 @@ mod tests {
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
-        login.redactor(expires - 3_600_000);
+        login.redactor(expires - ACCESS_LIFETIME_MS);
         let first = login.watch_job();
         std::fs::write(&path, credentials(&token("access2"), &token("refresh2"), expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 240_000);
@@ -1095,7 +1188,8 @@ mod tests {
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
-        login.redactor(expires - 3_600_000);
+        // Read as it was made: kept at least until its `expiresAt`.
+        login.redactor(expires - ACCESS_LIFETIME_MS);
         let job = login.watch_job();
         std::fs::write(&path, credentials(&token("left-a"), &token("left-r"), expires + 3_600_000)).unwrap();
         login.redactor(expires - 3_000_000);
@@ -1104,6 +1198,9 @@ mod tests {
         login.doubt_spent();
         let later = login.redactor(expires + 3_600_000);
         assert!(masks(&later, refresh), "the real refresh token, never spent, is unmasked");
+        // Pinned until its refresh token is dead: a month after it was first read.
+        let gone = login.redactor(expires - ACCESS_LIFETIME_MS + REFRESH_LIFETIME_MS + 1);
+        assert!(!masks(&gone, refresh), "a login whose refresh token is dead is kept for the agent's life");
     }
 
     /// A new login made through the relay (`claude auth login`) does not spend the refresh
@@ -1116,10 +1213,11 @@ mod tests {
         let (access, refresh) = (&token("access"), &token("refresh"));
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
-        login.redactor(expires - 3_600_000);
+        login.redactor(expires - ACCESS_LIFETIME_MS);
+        let began = login.relay_begins(expires - 120_000);
         std::fs::write(&login.credentials_path, credentials(&token("new-a"), &token("new-r"), expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 60_000);
-        login.keep_all_read();
+        login.pin_read_before(&began);
         let later = login.redactor(expires + 3_600_000);
         assert!(masks(&later, refresh), "the refresh token of the login before the new one is unmasked");
     }
@@ -1510,5 +1608,194 @@ mod tests {
         std::fs::write(&login.credentials_path, fresh).unwrap();
         assert!(!second.await.unwrap(), "released without becoming a refresher");
         drop(first);
+    }
+    /// rev40a-1 (hostile review): the memory took a login's expiry from its first reading,
+    /// and a job writes the file. A job refreshes a copy of the login (or rewrites Claude's
+    /// own refresh before the agent's look) and writes the new login R2 into the file with
+    /// `expiresAt: 1`; once read, it writes R2's access token beside a refresh token of its
+    /// own with the real expiry (Claude works on it) and ends: two new logins, not
+    /// withheld. Read after, that login made R2 spent, and R2, its expiry past, was
+    /// forgotten at once: its refresh token, live, unmasked in the next job. Now no reading
+    /// shortens an expiry (R2 is kept at least [`ACCESS_LIFETIME_MS`] after its first
+    /// reading), and a login sharing a token with one read before spends none and
+    /// withholds the job.
+    #[test]
+    fn a_first_reading_with_a_forged_expiry_does_not_unmask_a_live_refresh_token() {
+        let d = tempdir("rev40a-forged");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let now = 1_800_000_000_000;
+        let hour = 3_600_000;
+        let login = login_with(&d, &credentials(access, refresh, now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let j1 = login.watch_job();
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, 1)).unwrap();
+        login.redactor(now + 1_000);
+        let fake_refresh = token("made-up-refresh");
+        std::fs::write(&path, credentials(access2, &fake_refresh, now + 9 * hour)).unwrap();
+        login.redactor(now + 2_000);
+        assert!(j1.tampering().is_some_and(|why| why.contains("sharing a token")), "a job splicing a login of its own is not withheld");
+        drop(j1);
+        let j3 = login.watch_job();
+        let later = login.redactor(now + 10 * 60_000);
+        assert_eq!(j3.tampering(), None, "J3 brought nothing: not withheld");
+        assert!(masks(&later, access2), "R2's access token is in the file: masked");
+        assert!(masks(&later, refresh2), "R2's refresh token, read by the agent and live, is unmasked");
+        let much_later = login.redactor(now + 11 * hour);
+        assert!(masks(&much_later, refresh2), "R2 forgotten before an access token it could have carried has expired");
+    }
+
+    /// rev40a-1c: the same, one new login per job: J1 writes R2 with a past expiry, J2 R2's
+    /// access token beside a refresh token of its own; J3 prints.
+    #[test]
+    fn one_login_per_job_does_not_unmask_a_live_refresh_token() {
+        let d = tempdir("rev40a-one-per-job");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let now = 1_800_000_000_000;
+        let hour = 3_600_000;
+        let login = login_with(&d, &credentials(access, refresh, now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        let j1 = login.watch_job();
+        std::fs::write(&path, credentials(access2, refresh2, 1)).unwrap();
+        login.redactor(now + 1_000);
+        assert_eq!(j1.tampering(), None);
+        drop(j1);
+        let j2 = login.watch_job();
+        std::fs::write(&path, credentials(access2, &token("made-up"), now + 9 * hour)).unwrap();
+        login.redactor(now + 60_000);
+        assert!(j2.tampering().is_some(), "a job splicing a login of its own is not withheld");
+        drop(j2);
+        let j3 = login.watch_job();
+        let later = login.redactor(now + 120_000);
+        assert_eq!(j3.tampering(), None);
+        assert!(masks(&later, refresh2), "R2's live refresh token is unmasked");
+    }
+
+    /// rev40a-1b: while no job runs, a leftover process writes a login of its own and then
+    /// the real one back: the real one, in the file again and never refreshed, is not spent.
+    #[test]
+    fn a_login_back_in_the_file_is_not_spent() {
+        let d = tempdir("rev40a-idle");
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let now = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(access, refresh, now + 3_600_000));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        std::fs::write(&path, credentials(&token("f-a"), &token("f-r"), now + 3_600_000)).unwrap();
+        login.redactor(now + 1_000);
+        std::fs::write(&path, credentials(access, refresh, now + 3_600_000)).unwrap();
+        login.redactor(now + 2_000);
+        let spent = login.remembered.lock().unwrap().logins.iter().any(|k| k.tokens.contains(refresh) && k.spent);
+        assert!(!spent, "the real login, in the file again and never refreshed, is taken as spent");
+        std::fs::remove_file(&path).unwrap();
+        assert!(masks(&login.redactor(now + 2 * ACCESS_LIFETIME_MS), refresh), "its refresh token, live, is unmasked once the file is hidden");
+    }
+
+    /// A credentials file as newer Claude Code writes it: with `refreshTokenExpiresAt`.
+    fn credentials_ending(access: &str, refresh: &str, expires_at: Millis, refresh_ends: Millis) -> String {
+        format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":{expires_at},"refreshTokenExpiresAt":{refresh_ends},"scopes":["user:inference"]}}}}"#)
+    }
+
+    /// Relayed logins on a benign agent, `every` apart, each followed by two of Claude's
+    /// refreshes in jobs (rev40a-2): the file as `file(access, refresh, expires, now)`
+    /// writes it; the new login is read by the agent's look before the relay ends when
+    /// `read_first`. Returns the most logins held, and why a job was withheld if one was.
+    fn relayed_logins(name: &str, every: Millis, read_first: bool, file: impl Fn(&str, &str, Millis, Millis) -> String) -> (usize, Option<String>) {
+        let d = tempdir(name);
+        let hour = 3_600_000;
+        let mut now = 1_800_000_000_000;
+        let login = login_with(&d, &file(&token("a-0"), &token("r-0"), now + 8 * hour, now));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let (mut n, mut most) = (1, 0);
+        for _ in 0..20 {
+            now += every - 16 * hour;
+            let began = login.relay_begins(now);
+            std::fs::write(&path, file(&token(&format!("a-{n}")), &token(&format!("r-{n}")), now + 8 * hour, now)).unwrap();
+            n += 1;
+            if read_first {
+                login.redactor(now);
+            }
+            login.pin_read_before(&began);
+            login.redactor(now);
+            for _ in 0..2 {
+                now += 8 * hour;
+                let job = login.watch_job();
+                std::fs::write(&path, file(&token(&format!("a-{n}")), &token(&format!("r-{n}")), now + 8 * hour, now)).unwrap();
+                n += 1;
+                login.redactor(now);
+                drop(job);
+                login.redactor(now + 20 * 60_000);
+                most = most.max(login.remembered.lock().unwrap().logins.len());
+            }
+            if let Some(why) = login.watch_job().tampering() {
+                return (most, Some(why));
+            }
+        }
+        (most, None)
+    }
+
+    /// rev40a-2: each relayed login kept every login read so far for the agent's life (the
+    /// new one too when the agent's look read it first, and what its refreshes replaced),
+    /// so a benign agent withheld every job after a few, blaming a job. Now a relay pins
+    /// only the logins read before it began and not spent, until their refresh tokens'
+    /// end: the file's `refreshTokenExpiresAt`, else a month after their first reading.
+    #[test]
+    fn relayed_logins_do_not_fill_the_memory_of_a_benign_agent() {
+        let hour = 3_600_000;
+        let ending = |a: &str, r: &str, expires: Millis, now: Millis| credentials_ending(a, r, expires, now + 7 * 24 * hour);
+        for read_first in [true, false] {
+            // A relay a day, refresh tokens living a week (the file says so).
+            let (most, why) = relayed_logins("rev40a-relogins-ending", 24 * hour, read_first, ending);
+            assert_eq!(why, None, "a benign agent's jobs are withheld (read first: {read_first})");
+            assert!(most <= 10, "{most} logins held");
+            // A relay every three days, the file silent on the refresh token's end.
+            let plain = |a: &str, r: &str, expires: Millis, _: Millis| credentials(a, r, expires);
+            let (most, why) = relayed_logins("rev40a-relogins-plain", 72 * hour, read_first, plain);
+            assert_eq!(why, None, "a benign agent's jobs are withheld (read first: {read_first})");
+            assert!(most < REMEMBERED, "{most} logins held");
+        }
+    }
+
+    /// rev40a-2: a memory filled with no job writing logins (relayed logins every 17
+    /// hours, the file silent on their refresh tokens' end, kept a month) withholds every
+    /// job, and says so without blaming a job, with what to do: restart the agent.
+    #[test]
+    fn a_memory_filled_without_a_job_writing_logins_says_so() {
+        let hour = 3_600_000;
+        let plain = |a: &str, r: &str, expires: Millis, _: Millis| credentials(a, r, expires);
+        let (_, why) = relayed_logins("rev40a-relogins-full", 17 * hour, true, plain);
+        let why = why.expect("the memory is bounded");
+        assert!(why.starts_with("withheld:") && why.contains("restart the agent") && !why.contains("something the job ran wrote"), "{why}");
+    }
+
+    /// rev40a-3, the expiry alone: a job writes a refreshed login R2 with `expiresAt: 1`,
+    /// then one of its own (two new logins: not withheld) and ends; read after it, that one
+    /// makes R2 spent, and R2, its expiry past, was forgotten at once, its refresh token
+    /// live. A login is kept at least as long as an access token lives after its first
+    /// reading.
+    #[test]
+    fn a_login_first_read_with_a_past_expiry_is_kept_while_it_may_live() {
+        let d = tempdir("rev40a-floor");
+        let now = 1_800_000_000_000;
+        let hour = 3_600_000;
+        let login = login_with(&d, &credentials(&token("access"), &token("refresh"), now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let job = login.watch_job();
+        let (access2, refresh2) = (&token("access2"), &token("refresh2"));
+        std::fs::write(&path, credentials(access2, refresh2, 1)).unwrap();
+        login.redactor(now + 1_000);
+        std::fs::write(&path, credentials(&token("own-a"), &token("own-r"), now + 9 * hour)).unwrap();
+        login.redactor(now + 2_000);
+        assert_eq!(job.tampering(), None, "two new logins");
+        drop(job);
+        std::fs::remove_file(&path).unwrap();
+        let later = login.redactor(now + 10 * 60_000);
+        assert!(masks(&later, access2) && masks(&later, refresh2), "a login first read with a past expiry is forgotten at once");
+        assert!(masks(&login.redactor(now + 7 * hour), refresh2), "a login first read with a past expiry is forgotten before an access token made then expires");
     }
 }
