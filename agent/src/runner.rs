@@ -454,7 +454,7 @@ async fn run_in(
     }
     result.output = redactor.redact(&result.output);
     if let Some(prepared) = repo {
-        hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut stop, &mut result).await;
+        hand_back(ctx, job_id, &spec, prepared, deadline, &mut stop, &mut result).await;
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
@@ -785,7 +785,6 @@ async fn hand_back(
     job_id: &str,
     spec: &JobSpec,
     prepared: crate::repo::Prepared,
-    redactor: std::sync::Arc<crate::redact::Redactor>,
     deadline: BootInstant,
     stop: &mut oneshot::Receiver<Stop>,
     result: &mut JobResult,
@@ -804,6 +803,10 @@ async fn hand_back(
         let heard = &mut heard;
         Box::pin(async move { *heard = Some(Stop::ending(stop.await)) }) as crate::repo::worker::Cancel<'_>
     });
+    // Built now, right before the git worker stages the changes, not at Claude's end: the
+    // output's redaction and the checks since took time in which a process the job left
+    // could make a new login appear (hostile review rev40a, 4).
+    let redactor = ctx.login.redactor(crate::now_ms());
     let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at, cancel).await;
     // A push's failure comes with the diff made before it.
     let (outcome, failed) = match finished {
