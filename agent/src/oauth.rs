@@ -72,7 +72,9 @@ pub type Learnt = Arc<AtomicU64>;
 /// token it replaces stays valid for hours). The redactor was built from the file as it
 /// stood, so a job that hid it printed the tokens unmasked (hostile review rev36b, 1). In
 /// use the memory holds one to three (the login, and those a refresh replaced until their
-/// access token expires: [`Logins`]); the bound is for a job writing logins of its own,
+/// access token expires: [`Logins`]), and one more for each relayed login or failed run
+/// within [`REFRESH_LIFETIME_MS`] (a dozen of those fill it: the words then blame no
+/// job); the bound is for a job writing logins of its own,
 /// and a login it keeps out is a reason to withhold output ([`Logins::overflowed`]), never
 /// a reason to forget one kept. Each login's forms slow the redactor (BENCHMARKS.md,
 /// "Redaction throughput"), so only a hostile job ever makes it mask this many.
