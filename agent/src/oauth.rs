@@ -151,6 +151,9 @@ pub struct Logins {
     mixed: u64,
     /// Set once a login could not be kept for want of room: for the agent's life.
     overflowed: bool,
+    /// The last login not kept for want of room: read again (the file holds it at every
+    /// reading until it changes) it is no new login, and no job's doing.
+    unkept: Option<Vec<String>>,
     /// The jobs running now, by their serial ([`JobWatch`]), and the next job's.
     running: Vec<u64>,
     next_job: u64,
@@ -228,6 +231,7 @@ impl Logins {
                 known.spent = false;
                 at
             }
+            None if self.unkept.as_ref() == Some(&tokens) => return false,
             None => {
                 self.first_reads += 1;
                 new = true;
@@ -241,6 +245,7 @@ impl Logins {
                         warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file has held more logins than the agent keeps in mind, none of them known dead (relayed logins, failed runs, or a job writing logins into it): every job's output is withheld from now until the agent restarts");
                     }
                     self.overflowed = true;
+                    self.unkept = Some(tokens);
                     return true;
                 }
                 let serial = self.first_reads;

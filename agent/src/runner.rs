@@ -898,10 +898,11 @@ async fn run_claude(
     // a login met since, or the credentials file changed): Claude may rotate the tokens
     // mid-job, and a job can make a new login appear and print the file at once.
     let (mut redactor, mut looked) = ctx.login.redactor_looked(crate::now_ms());
-    // Set once the job is found tampering with the login (`oauth::JobWatch`), asked with
-    // each new redactor (tampering is a login met, which builds one): no event is
-    // forwarded from then on.
-    let mut withholding = false;
+    // Set once the job is found tampering with the login (`oauth::JobWatch`), asked now
+    // (a memory of logins full before the job began withholds every job) and with each
+    // new redactor (tampering is a login met, which builds one): no event is forwarded
+    // from then on.
+    let mut withholding = watch.tampering().is_some();
     let mut transcript = Transcript::of(session);
     let mut carry = Carry::default();
     let mut seq = 0u64;

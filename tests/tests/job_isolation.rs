@@ -161,8 +161,7 @@ async fn a_job_writing_logins_of_its_own_into_the_credentials_file_is_withheld()
         assert!(eventually(Duration::from_secs(10), || changed() > changes).await, "{}", s.agent.log());
     }
     std::fs::remove_file(&path).unwrap();
-    // The runner looks at the file with its redactor at a line 2 s after its last look.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The runner looks before each line whether a login was met (`oauth::Login::changed`).
     std::fs::write(&go, "").unwrap();
     let (_, _, events) = s.client.follow(&job_id).await;
     let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
@@ -183,6 +182,40 @@ async fn a_job_writing_logins_of_its_own_into_the_credentials_file_is_withheld()
         }
     }
     assert!(s.agent.log().contains("withheld"), "{}", s.agent.log());
+}
+
+/// The memory of logins filled before a job began (here by logins written while no job
+/// ran): every job is withheld until a restart, its events from its first line too. The
+/// runner asked whether the job was withheld only when it built its redactor again, which
+/// it now does only once the login changed: a job started on a full memory sent all its
+/// events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_on_a_full_login_memory_sends_no_events() {
+    let s = setup(&[], Vec::new()).await;
+    let changed = || s.agent.log().matches("Claude's credentials changed").count();
+    let (path, file, _tokens) = credentials_login(&s);
+    for n in 0..17 {
+        let changes = changed();
+        let own = json!({"claudeAiOauth": {"accessToken": format!("full-access-{n:02}-5e2c9a71d3b8"), "refreshToken": format!("full-refresh-{n:02}-4f1a8b2e6d0c"), "expiresAt": 4_102_444_800_000u64}});
+        std::fs::write(&path, own.to_string()).unwrap();
+        assert!(eventually(Duration::from_secs(10), || changed() > changes).await, "{}", s.agent.log());
+    }
+    let changes = changed();
+    std::fs::write(&path, &file).unwrap();
+    assert!(eventually(Duration::from_secs(10), || changed() > changes).await, "{}", s.agent.log());
+    // Settled (`oauth::SETTLED`): nothing the job's runner looks at changes while it runs.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let job = s.client.submit(json!({"prompt": "printed-while-the-memory-is-full", "timeout_ms": 60000})).await;
+    let job_id = job.body["job_id"].as_str().expect("accepted").to_string();
+    let (_, _, events) = s.client.follow(&job_id).await;
+    let done = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    let result = if done["result"].is_object() { &done["result"] } else { &done };
+    assert!(result["error"].as_str().unwrap_or_default().contains("restart the agent"), "{done}");
+    let mut said = Vec::new();
+    for (_, data) in &events {
+        strings(&serde_json::from_str(data).unwrap_or(serde_json::Value::String(data.clone())), &mut said);
+    }
+    assert!(!said.iter().any(|text| text.contains("printed-while-the-memory-is-full")), "the events of a job on a full memory came back: {said:?}");
 }
 
 /// A file printed as UTF-16 (`iconv -t UTF-16LE`) has a NUL beside each character: no
