@@ -20,7 +20,7 @@ use shared::Millis;
 use subtle::ConstantTimeEq;
 
 /// The parts of an HTTP request the edge looks at.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Request {
     pub method: String,
     /// The path without the query string.

@@ -155,10 +155,20 @@ pub const MAX_GROUP: usize = 64;
 struct Group {
     writes: Vec<Effect>,
     rest: Vec<Effect>,
+    /// The group's commands, in order, as they came: if its commit fails, each is handled
+    /// again alone (`store_group`).
+    events: Vec<Grouped>,
     /// An effect that reads the store or asks the machine again (a record to deliver or
     /// recall) came: the group is stored now, and that effect carried out before the next
     /// event.
     ends: bool,
+}
+
+/// A command handled in a group, kept until its commit: a request's caller is sent its
+/// channel only once the group is stored, or handed to the request handled again alone.
+enum Grouped {
+    Http { req: http::Request, reply: oneshot::Sender<Opened>, caller: CallerId, opened: Opened },
+    Frame { session: String, text: String },
 }
 
 /// Whether a command may join a group: a request or an agent's frame, the two that every
@@ -300,8 +310,8 @@ impl Driver {
     /// writes in one transaction: under load each event cost a commit of its own — SQLite's
     /// file locks, a WAL frame per page and its checkpoint share, a third of the edge's CPU
     /// with 8 clients. Nothing of any of them is sent or answered before that commit, as
-    /// for one event alone; a failed one undoes them all and each is answered as it would
-    /// have been alone (`Edge::store_failed`). One command queued alone is one event, one
+    /// for one event alone; a failed one undoes them all and each is handled again alone
+    /// (`store_group`), as if never grouped. One command queued alone is one event, one
     /// transaction, as before: a sequential caller waits for nothing more.
     fn handle_grouped(&mut self, command: Command, commands: &mut mpsc::Receiver<Command>) {
         if !joins_group(&command) {
@@ -333,23 +343,86 @@ impl Driver {
     }
 
     /// Stores the group's writes in one transaction, then carries out the rest of its
-    /// events' effects in order — or, if the store failed, what the machine decides
-    /// instead for all of them.
+    /// events' effects in order and sends its callers their channels — or, if the store
+    /// failed, has the machine undo the group and handles each of its events again.
     fn store_group(&mut self) {
         let Some(group) = self.group.take() else { return };
         let (writes, none) = split_writes(group.writes);
         debug_assert!(none.is_empty());
-        let rest = match self.store.apply(&writes) {
+        match self.store.apply(&writes) {
             Ok(()) => {
                 self.edge.group_stored();
-                group.rest
+                self.carry_out_rest(group.rest);
+                for event in group.events {
+                    if let Grouped::Http { reply, caller, opened, .. } = event {
+                        self.open(reply, caller, opened);
+                    }
+                }
             }
             Err(e) => {
-                error!(error = %e, "could not write job records to SQLite; check DATA_DIR's disk space, permissions and that no other process holds the database");
-                self.edge.store_failed(self.clock.now(), &e.to_string())
+                // Undone whole, then each event handled again alone, in its own
+                // transaction, as if never grouped: only one whose own writes fail is told
+                // so; a read, a repeated key, a heartbeat are served as ever. Nothing of the
+                // group had gone out: its effects are dropped, its callers' channels unsent.
+                error!(error = %e, events = group.events.len(), "could not write a group of events' job records to SQLite; handling each again alone");
+                self.edge.group_failed(self.clock.now(), &e.to_string());
+                for event in group.events {
+                    match event {
+                        Grouped::Http { req, reply, caller, opened } => {
+                            self.callers.remove(&caller);
+                            drop(opened);
+                            self.request(req, reply);
+                        }
+                        Grouped::Frame { session, text } => self.frame(&session, &text),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a request's caller its channel; one that hung up while its request waited
+    /// here (its handler, dropped, holds no `HangUp` yet to say so) gives its place — a
+    /// waiter's, a follower's — back now, not at the job's end.
+    fn open(&mut self, reply: oneshot::Sender<Opened>, caller: CallerId, opened: Opened) {
+        if reply.send(opened).is_err() {
+            self.callers.remove(&caller);
+            let effects = self.edge.caller_gone(self.clock.now(), caller);
+            self.carry_out(effects);
+        }
+    }
+
+    /// Handles one request: its caller's channel made before its effects run (they may
+    /// answer it), and sent to the caller once they are stored — at once alone, after the
+    /// group's commit in a group.
+    fn request(&mut self, req: http::Request, reply: oneshot::Sender<Opened>) {
+        let kept = self.group.is_some().then(|| req.clone());
+        let handled = http::handle(&mut self.edge, self.clock.now(), entropy(), req);
+        let opened = match handled.reply {
+            Reply::Once { max_wait_ms, may_keep_alive } => {
+                let (tx, rx) = oneshot::channel();
+                self.callers.insert(handled.caller, Channel::Once(tx));
+                Opened::Once { caller: handled.caller, max_wait_ms, may_keep_alive, answer: rx }
+            }
+            Reply::Stream => {
+                let (feed, out) = edge_core::progress::follower();
+                self.callers.insert(handled.caller, Channel::Stream(feed));
+                Opened::Stream(out)
             }
         };
-        self.carry_out_rest(rest);
+        self.carry_out(handled.effects);
+        match (kept, &mut self.group) {
+            (Some(req), Some(group)) => group.events.push(Grouped::Http { req, reply, caller: handled.caller, opened }),
+            _ => self.open(reply, handled.caller, opened),
+        }
+    }
+
+    /// Handles one of an agent's frames (counted as handled by the caller, once).
+    fn frame(&mut self, session: &str, text: &str) {
+        if let Some(group) = &mut self.group {
+            group.events.push(Grouped::Frame { session: session.to_string(), text: text.to_string() });
+        }
+        let effects = self.edge.message(self.clock.now(), session, text);
+        self.carry_out(effects);
     }
 
     /// Tells the machine, before it judges which connections are silent, which have frames
@@ -370,31 +443,7 @@ impl Driver {
     fn handle(&mut self, command: Command) {
         let now = self.clock.now();
         match command {
-            Command::Http { req, reply } => {
-                let handled = http::handle(&mut self.edge, now, entropy(), req);
-                // The caller's channel exists before the effects run: they may answer it.
-                let opened = match handled.reply {
-                    Reply::Once { max_wait_ms, may_keep_alive } => {
-                        let (tx, rx) = oneshot::channel();
-                        self.callers.insert(handled.caller, Channel::Once(tx));
-                        Opened::Once { caller: handled.caller, max_wait_ms, may_keep_alive, answer: rx }
-                    }
-                    Reply::Stream => {
-                        let (feed, out) = edge_core::progress::follower();
-                        self.callers.insert(handled.caller, Channel::Stream(feed));
-                        Opened::Stream(out)
-                    }
-                };
-                self.carry_out(handled.effects);
-                // The caller hung up while its request waited here (its handler, dropped,
-                // holds no `HangUp` yet to say so): its place — a waiter's, a follower's —
-                // is given back now, not at the job's end.
-                if reply.send(opened).is_err() {
-                    self.callers.remove(&handled.caller);
-                    let effects = self.edge.caller_gone(self.clock.now(), handled.caller);
-                    self.carry_out(effects);
-                }
-            }
+            Command::Http { req, reply } => self.request(req, reply),
             Command::WaitExpired { caller } => {
                 let effects = self.edge.wait_expired(now, caller);
                 self.carry_out(effects);
@@ -418,8 +467,7 @@ impl Driver {
             Command::UpgradeRefused { peer, refused } => self.edge.upgrade_refused(now, &peer, &refused),
             Command::Frame { session, text } => {
                 self.handled_frame(&session);
-                let effects = self.edge.message(now, &session, &text);
-                self.carry_out(effects);
+                self.frame(&session, &text);
             }
             Command::Arriving { session, read } => self.edge.arriving(now, &session, read),
             Command::BinaryFrame { session } => {
@@ -694,6 +742,98 @@ mod tests {
         assert_eq!(driver.edge.stats().store_failures, 3);
         holder.execute_batch("ROLLBACK").unwrap();
         assert!(driver.store.load().unwrap().is_empty());
+        drop(driver);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+
+    fn request(method: &str, path: &str, body: &str) -> http::Request {
+        http::Request {
+            method: method.into(),
+            path: path.into(),
+            secret_header: Some("0123456789abcdef0123".into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: None,
+            body: edge_core::body::Body::Bytes(body.as_bytes().to_vec()),
+        }
+    }
+
+    /// Reads that share a group with another caller's write whose commit fails are served
+    /// as they are alone (hostile review rev41): a stored job's GET is answered 200 and
+    /// `/health` with the edge's health, not "nothing was done … run the task elsewhere" (a
+    /// job run twice), and a follower's stream stays open for the job's events; only the
+    /// write is refused.
+    #[tokio::test]
+    async fn reads_grouped_with_a_failed_write_are_served_as_alone() {
+        let (mut driver, dir) = grouped_driver("group-reads");
+        let (reply, opened) = oneshot::channel();
+        driver.handle_grouped(Command::Http { req: request("POST", "/jobs", r#"{"prompt":"stored"}"#), reply }, &mut mpsc::channel(1).1);
+        let (status, body) = answer(opened).await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["job_id"].as_str().unwrap().to_string();
+        let holder = rusqlite::Connection::open(dir.join("edge.sqlite3")).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let (r1, get) = oneshot::channel();
+        tx.try_send(Command::Http { req: request("GET", &format!("/jobs/{id}"), ""), reply: r1 }).unwrap();
+        let (r2, health) = oneshot::channel();
+        tx.try_send(Command::Http { req: request("GET", "/health", ""), reply: r2 }).unwrap();
+        let (r3, follow) = oneshot::channel();
+        tx.try_send(Command::Http { req: request("GET", &format!("/jobs/{id}/events"), ""), reply: r3 }).unwrap();
+        let (r4, post) = oneshot::channel();
+        tx.try_send(Command::Http { req: request("POST", "/jobs", r#"{"prompt":"new"}"#), reply: r4 }).unwrap();
+        let first = rx.recv().await.unwrap();
+        driver.handle_grouped(first, &mut rx);
+        assert!(rx.try_recv().is_err(), "the four were handled together");
+        let (status, body) = answer(get).await;
+        assert_eq!(status, 200, "a stored job's read: {body}");
+        assert_eq!(body["job_id"], id.as_str(), "{body}");
+        let (status, body) = answer(health).await;
+        // No agent here: the health answer (503, offline), not the store's failure.
+        assert_eq!((status, body["status"].as_str()), (503, Some("offline")), "/health: {body}");
+        let (status, body) = answer(post).await;
+        assert_eq!(status, 500, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("nothing was done"), "{body}");
+        let Opened::Stream(out) = follow.await.unwrap() else { panic!("the follower is refused") };
+        // The job is queued and has no event yet: the stream stays open for them (it was
+        // ended, empty and with no error, its headers already sent).
+        let next = futures_util::FutureExt::now_or_never(out.next());
+        assert!(next.is_none(), "the follower's stream is over: {:?}", next.map(|f| matches!(f, edge_core::progress::Follow::End)));
+        assert_eq!(driver.edge.stats().store_failures, 1, "only the write failed");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(driver.store.load().unwrap().len(), 1, "the first job only");
+        drop(driver);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A repeat of a stored job's Idempotency-Key (it makes nothing) grouped with another
+    /// caller's write whose commit fails is answered with that job, as alone (hostile
+    /// review rev41), not told that no job was queued.
+    #[tokio::test]
+    async fn a_repeated_key_grouped_with_a_failed_write_is_answered_its_job() {
+        let (mut driver, dir) = grouped_driver("group-key");
+        let keyed = || http::Request { idempotency_key: Some("k-1".into()), ..request("POST", "/jobs", r#"{"prompt":"keyed"}"#) };
+        let (reply, opened) = oneshot::channel();
+        driver.handle_grouped(Command::Http { req: keyed(), reply }, &mut mpsc::channel(1).1);
+        let (status, body) = answer(opened).await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["job_id"].as_str().unwrap().to_string();
+        let holder = rusqlite::Connection::open(dir.join("edge.sqlite3")).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let (r1, repeat) = oneshot::channel();
+        tx.try_send(Command::Http { req: keyed(), reply: r1 }).unwrap();
+        let (r2, other) = oneshot::channel();
+        tx.try_send(Command::Http { req: request("POST", "/jobs", r#"{"prompt":"other"}"#), reply: r2 }).unwrap();
+        let first = rx.recv().await.unwrap();
+        driver.handle_grouped(first, &mut rx);
+        let (status, body) = answer(repeat).await;
+        assert!(status < 300, "{status} {body}");
+        assert_eq!(body["job_id"], id.as_str(), "{body}");
+        assert_eq!(answer(other).await.0, 500);
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(driver.store.load().unwrap().len(), 1);
         drop(driver);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -30,7 +30,8 @@
 //! (the native edge does with what is queued at once: one commit instead of one per event),
 //! announcing nothing of any of them before it. Then the journal spans the group (the
 //! first touch of each thing is its version before the group), and a failed store undoes
-//! every event of the group and answers each as it would have alone, in order. A job's record is shared, not copied, by the
+//! every event of the group at once, answering none ([`Edge::group_failed`]): the host then
+//! handles each again alone, as if never grouped. A job's record is shared, not copied, by the
 //! journal and by the event's `Save` (an `Arc`): an event copies a record only when it
 //! changes one that either still holds ([`Edge::job_mut`]), once, where it made two or
 //! three copies of it (issue 11: a fifth of the edge's allocations).
@@ -182,6 +183,25 @@ impl Edge {
         self.journal.group = None;
     }
 
+    /// The group's writes could not be stored: every event of it is undone at once (the
+    /// journal holds each thing as it was before the group's first event), and nothing of
+    /// any of them is answered or closed here. The host then handles each event again,
+    /// alone, each in a transaction of its own, exactly as if it had never been grouped:
+    /// a read, a repeated key's answer, a heartbeat write nothing and are served as ever,
+    /// and only an event whose own writes fail again is told so ([`Edge::store_failed`],
+    /// the one place that words a failure). Otherwise a read grouped with another caller's
+    /// failed write was told "nothing was done, run the task elsewhere" (a job run twice),
+    /// and an agent that sent only a heartbeat was disconnected.
+    pub fn group_failed(&mut self, now: impl Into<Now>, problem: &str) {
+        let now = now.into();
+        let origins = self.journal.group.take().unwrap_or_default();
+        warn!(problem, events = origins.len(), "could not store a group of events; undoing it and handling each event again alone");
+        if origins.iter().any(|o| !matches!(o, Origin::Quiet | Origin::Disconnect | Origin::Restore)) {
+            self.undo(now);
+        }
+        self.begin(Origin::Quiet, Some(now));
+    }
+
     /// A job to change, its version before noted. The record is copied here if the
     /// journal or a `Save` of this event still holds it (copy on write), else changed in
     /// place: the version before, and the version saved, stay as they were.
@@ -305,7 +325,9 @@ impl Edge {
 
     /// The host could not store the writes of the event just handled (or of the group of
     /// events, [`Edge::group_events`]) and carried out none of its other effects. Returns
-    /// what to do instead; it holds no writes.
+    /// what to do instead; it holds no writes. For a group this fails every event of it,
+    /// even one that wrote nothing: a host that can handle them again alone calls
+    /// [`Edge::group_failed`] instead, as the native edge does.
     pub fn store_failed(&mut self, now: impl Into<Now>, problem: &str) -> Vec<Effect> {
         let now = now.into();
         let origins = match self.journal.group.take() {

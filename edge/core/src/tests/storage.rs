@@ -520,3 +520,30 @@ fn an_event_after_a_stored_group_undoes_only_itself() {
     assert_eq!(host.edge.queued() + host.edge.active_jobs(), 1, "the second job stays; the third does not exist");
     assert_eq!(host.edge.stats().store_failures, 1);
 }
+
+/// An agent's heartbeat (it writes nothing) grouped with another caller's submission
+/// whose commit fails is not closed (hostile review rev41: it was, 1011, its agent shown
+/// offline): the group is undone whole and each event handled again alone, as the host
+/// does (`Edge::group_failed`), and only the submission is refused.
+#[test]
+fn a_heartbeat_grouped_with_a_failed_write_keeps_its_agent() {
+    let (mut host, sid) = ready_host();
+    host.edge.group_events();
+    let hb = signed(&host.edge, &sid, beat(&[], 1, 0));
+    let hb_effects = host.edge.message(2, &sid, &hb.to_text());
+    assert!(!hb_effects.iter().any(Effect::is_write), "a heartbeat writes nothing");
+    let post = call(&mut host.edge, 3, "POST", "/jobs", json!({"prompt": "x"}));
+    assert!(post.effects.iter().any(Effect::is_write));
+    host.edge.group_failed(4, "database is locked");
+    assert_eq!(host.edge.queued(), 0, "the group is undone whole");
+
+    // Each again alone, the store still failing: as if never grouped.
+    host.failing = true;
+    let out = host.say(4, &sid, hb);
+    assert!(closed(&out).is_none(), "the heartbeat's agent was disconnected for another caller's write: {out:?}");
+    let (caller, out) = host.call(4, "POST", "/jobs", json!({"prompt": "x"}));
+    assert_eq!(answer_to(&out, caller).expect("the submission is answered").0, 500);
+    assert!(host.edge.is_online());
+    assert_eq!(host.edge.queued(), 0);
+    assert_eq!(host.edge.stats().store_failures, 1, "only the submission failed");
+}
