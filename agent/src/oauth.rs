@@ -82,7 +82,11 @@ pub const REMEMBERED: usize = 16;
 
 /// How many logins a job's run may bring into the credentials file that the agent had not
 /// read before ([`JobWatch`]): its Claude's refresh makes one, a concurrent job's Claude's
-/// another. More is a job writing logins of its own: tampering, and its output is withheld.
+/// another; and one more for each [`ACCESS_LIFETIME_MS`] the job has run (a job may run
+/// for a week, `MAX_TIMEOUT_MS`, and Claude refreshes each time the access token expires:
+/// a 24 h job saw three refreshes and was withheld, review rev42). Logins made through the
+/// relay never count. More is a job writing logins of its own: tampering, and its output
+/// is withheld.
 pub const NEW_PER_JOB: u64 = 2;
 
 /// How long after its `expiresAt` a login whose refresh token is spent stays masked: the
@@ -151,6 +155,11 @@ pub struct Logins {
     mixed: u64,
     /// Set once a login could not be kept for want of room: for the agent's life.
     overflowed: bool,
+    /// The latest time a reading was learnt at: a job's run so far is measured on it
+    /// ([`JobWatch::tampering`]), the same clock the logins' ends are on.
+    clock: Millis,
+    /// New logins made through the relay ([`Logins::pin`]): none counts against a job.
+    relayed: u64,
     /// The last login not kept for want of room: read again (the file holds it at every
     /// reading until it changes) it is no new login, and no job's doing.
     unkept: Option<Vec<String>>,
@@ -217,6 +226,7 @@ impl Logins {
     /// was read before. Whether it was a login not known before (kept or not).
     fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, refresh_expires_at: Option<Millis>, now: Millis) -> bool {
         self.forget_dead(now);
+        self.clock = self.clock.max(now);
         let tokens: Vec<String> = tokens.iter().filter(|token| plausible(token)).cloned().collect();
         if tokens.is_empty() {
             return false;
@@ -289,6 +299,8 @@ impl Logins {
     /// relay began that were not spent then, so they are pinned. Logins read since (the
     /// new one, read by the agent's look before this) are not.
     fn pin(&mut self, began: &RelayBegan) {
+        // The person's login, read as a new one: no job's doing.
+        self.relayed += 1;
         for known in self.logins.iter_mut().filter(|known| began.unspent.contains(&known.serial)) {
             known.pinned = true;
         }
@@ -323,6 +335,9 @@ pub struct JobWatch {
     serial: u64,
     first_reads: u64,
     mixed: u64,
+    /// [`Logins::clock`] and [`Logins::relayed`] when the watch began.
+    started: Millis,
+    relayed: u64,
 }
 
 impl Login {
@@ -332,7 +347,7 @@ impl Login {
         let serial = logins.next_job;
         logins.next_job += 1;
         logins.running.push(serial);
-        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed }
+        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed }
     }
 
     /// A Claude run failed to authenticate ([`Logins::doubt`]).
@@ -358,9 +373,12 @@ impl JobWatch {
     /// Why the job's output must be withheld, if it must: the words its result carries.
     pub fn tampering(&self) -> Option<String> {
         let logins = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let new = logins.first_reads - self.first_reads;
+        let relayed = logins.relayed - self.relayed;
+        let new = (logins.first_reads - self.first_reads).saturating_sub(relayed);
         let mixed = logins.mixed > self.mixed;
-        if logins.overflowed && new <= NEW_PER_JOB && !mixed {
+        // Claude refreshes once per access token's life: a long job brings more.
+        let allowed = NEW_PER_JOB + logins.clock.saturating_sub(self.started) / ACCESS_LIFETIME_MS;
+        if logins.overflowed && new <= allowed && !mixed {
             // Nothing says this job wrote a login: the memory may have filled with relayed
             // logins and failed runs as well as with a job's.
             return Some(format!(
@@ -369,7 +387,7 @@ impl JobWatch {
         }
         let why = if mixed {
             "a login sharing a token with one read before (Claude's refresh replaces both)".to_string()
-        } else if new > NEW_PER_JOB || logins.overflowed {
+        } else if new > allowed || logins.overflowed {
             format!("{new} logins the agent had not read before (a refresh by Claude makes one)")
         } else {
             return None;
@@ -1804,5 +1822,25 @@ mod tests {
         let later = login.redactor(now + 10 * 60_000);
         assert!(masks(&later, access2) && masks(&later, refresh2), "a login first read with a past expiry is forgotten at once");
         assert!(masks(&login.redactor(now + 7 * hour), refresh2), "a login first read with a past expiry is forgotten before an access token made then expires");
+    }
+
+    /// rev42-4 (benign): a job allowed a long deadline (MAX_TIMEOUT_MS takes up to a
+    /// week) runs while Claude refreshes the login every 8 h: its third refresh makes the
+    /// job "tampering", withheld with words blaming it for writing logins of its own.
+    #[test]
+    fn rev42_a_long_job_across_three_refreshes_is_not_tampering() {
+        let d = tempdir("rev42-long-job");
+        let hour = 3_600_000;
+        let mut now = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(&token("a0"), &token("r0"), now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let job = login.watch_job();
+        for n in 1..=3 {
+            now += 8 * hour;
+            std::fs::write(&path, credentials(&token(&format!("a{n}")), &token(&format!("r{n}")), now + 8 * hour)).unwrap();
+            login.redactor(now);
+        }
+        assert_eq!(job.tampering(), None, "a 24 h job with Claude's own refreshes only");
     }
 }
