@@ -128,7 +128,9 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 /// [`ACCESS_LIFETIME_MS`] after its first reading, whatever that said); a login the file
 /// holds again is not spent; a login sharing a token with one read before (the real
 /// access token beside a refresh token of the job's) is no newer login, spends none, and
-/// is tampering ([`JobWatch::tampering`]). Two things keep a login's refresh token in mind
+/// is tampering ([`JobWatch::tampering`]) — but for a new access token beside a login's
+/// own refresh token with a later `expiresAt`: a refresh that kept its refresh token, which
+/// moves to the new login while the old access token stays masked, alone, until its end. Two things keep a login's refresh token in mind
 /// though a newer login was read ([`Known::pinned`]): a Claude run that failed to
 /// authenticate ([`Logins::doubt`]: a job that left a login of its own in the file at its
 /// end made the real one look replaced), and a new login made through the relay
@@ -192,6 +194,9 @@ struct Known {
     /// Its access token's end: the latest `expiresAt` read, and at least
     /// [`ACCESS_LIFETIME_MS`] after its first reading.
     expires_at: Millis,
+    /// The latest `expiresAt` the file gave it (0: none): a login with its refresh token
+    /// and a later one is its refresh ([`Logins::learn`]).
+    said_expires: Millis,
     /// Its refresh token's end, for a pinned login: the latest `refreshTokenExpiresAt`
     /// read, or [`REFRESH_LIFETIME_MS`] after its first reading when none was.
     refresh_ends: Millis,
@@ -236,6 +241,7 @@ impl Logins {
             Some(at) => {
                 let known = &mut self.logins[at];
                 known.expires_at = known.expires_at.max(expires_at.unwrap_or(0));
+                known.said_expires = known.said_expires.max(expires_at.unwrap_or(0));
                 known.refresh_ends = known.refresh_ends.max(refresh_expires_at.unwrap_or(0));
                 // The file holds it again: no newer login replaced it.
                 known.spent = false;
@@ -245,7 +251,20 @@ impl Logins {
             None => {
                 self.first_reads += 1;
                 new = true;
-                let mixed = self.logins.iter().any(|known| known.tokens.iter().any(|token| tokens.contains(token)));
+                // A new access token beside a login's refresh token, with a later expiry:
+                // a refresh that kept its refresh token (RFC 6749 6 lets the server keep
+                // it, and Claude then keeps the old one), not a splice (review rev42, 1).
+                let refreshed = match tokens.as_slice() {
+                    [access, refresh] => self.logins.iter().position(|known| {
+                        matches!(known.tokens.as_slice(), [old, kept] if kept == refresh && old != access)
+                            && !known.mixed
+                            && expires_at.is_some_and(|end| end > known.said_expires)
+                    }),
+                    _ => None,
+                };
+                let mixed = self.logins.iter().enumerate().any(|(at, known)| {
+                    known.tokens.iter().any(|token| tokens.contains(token) && !(Some(at) == refreshed && *token == tokens[1]))
+                });
                 if mixed {
                     self.mixed += 1;
                     warn!(running = self.running.len(), "Claude's credentials file holds a login sharing a token with one read before (Claude's refresh replaces both): something wrote it; the jobs running now are withheld");
@@ -259,9 +278,20 @@ impl Logins {
                     return true;
                 }
                 let serial = self.first_reads;
-                let expires_at = expires_at.unwrap_or(0).max(now.saturating_add(ACCESS_LIFETIME_MS));
-                let refresh_ends = refresh_expires_at.filter(|end| *end > now).unwrap_or(now.saturating_add(REFRESH_LIFETIME_MS));
-                self.logins.push(Known { tokens, serial, expires_at, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned: false });
+                let said_expires = expires_at.unwrap_or(0);
+                let expires_at = said_expires.max(now.saturating_add(ACCESS_LIFETIME_MS));
+                let mut refresh_ends = refresh_expires_at.filter(|end| *end > now).unwrap_or(now.saturating_add(REFRESH_LIFETIME_MS));
+                let mut pinned = false;
+                if let Some(at) = refreshed.filter(|_| !mixed) {
+                    // The refresh token moves to the new login, with what was known of its
+                    // end; the old access token stays, alone, until its own end.
+                    let old = &mut self.logins[at];
+                    old.tokens.truncate(1);
+                    refresh_ends = refresh_ends.max(old.refresh_ends);
+                    pinned = std::mem::replace(&mut old.pinned, false);
+                    old.spent = true;
+                }
+                self.logins.push(Known { tokens, serial, expires_at, said_expires, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned });
                 self.logins.len() - 1
             }
         };
@@ -1843,4 +1873,35 @@ mod tests {
         }
         assert_eq!(job.tampering(), None, "a 24 h job with Claude's own refreshes only");
     }
+
+    /// rev42-1 (benign): Claude keeps the refresh token when the token endpoint returns
+    /// none (non-rotating refresh: `refresh_token` defaults to the old one). The new
+    /// login [a1, r0] shares r0 with [a0, r0]: counted `mixed`, the job withheld as
+    /// tampering, and the memory grows by one login per refresh, none ever forgotten.
+    #[test]
+    fn rev42_a_refresh_keeping_its_refresh_token_is_not_tampering() {
+        let d = tempdir("rev42-nonrotating");
+        let hour = 3_600_000;
+        let mut now = 1_800_000_000_000;
+        let refresh = &token("r0");
+        let login = login_with(&d, &credentials(&token("a0"), refresh, now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let mut withheld = 0;
+        for n in 1..=20 {
+            now += 8 * hour;
+            let job = login.watch_job();
+            std::fs::write(&path, credentials(&token(&format!("a{n}")), refresh, now + 8 * hour)).unwrap();
+            login.redactor(now);
+            if job.tampering().is_some() {
+                withheld += 1;
+            }
+            drop(job);
+            login.redactor(now + 20 * 60_000);
+        }
+        let held = login.remembered.lock().unwrap().logins.len();
+        let later = login.watch_job().tampering();
+        assert!(withheld == 0 && held <= 3 && later.is_none(), "20 benign refreshes over ~7 days: {withheld} jobs withheld, {held} logins held, a later job: {later:?}");
+    }
+
 }
