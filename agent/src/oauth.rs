@@ -162,6 +162,8 @@ pub struct Logins {
     clock: Millis,
     /// New logins made through the relay ([`Logins::pin`]): none counts against a job.
     relayed: u64,
+    /// The serial of the login the file held at the last reading that held one kept.
+    current: Option<u64>,
     /// The last login not kept for want of room: read again (the file holds it at every
     /// reading until it changes) it is no new login, and no job's doing.
     unkept: Option<Vec<String>>,
@@ -211,13 +213,22 @@ struct Known {
     /// Its refresh token may be live though a newer login was read (a failed run,
     /// [`Logins::doubt`], or a relayed login, [`Logins::pin`]): kept until `refresh_ends`.
     pinned: bool,
+    /// A newer login was read with none of the jobs that could have written it running,
+    /// but no Claude run has authenticated with that one yet: it may be a login a job left
+    /// in the file (its copy of this one kept), so this one is kept until `refresh_ends`,
+    /// and spent only once a run authenticates with a login read after it
+    /// ([`Logins::confirm`], review rev42, 3).
+    replaced: bool,
+    /// A Claude run that began with it authenticated: it is a real login, and the logins
+    /// it replaced are spent.
+    authenticated: bool,
 }
 
 impl Known {
     /// Whether both its tokens are dead: the access token past its end (and the grace),
     /// the refresh token spent, or for a pinned login past its end.
     fn dead(&self, now: Millis) -> bool {
-        let refresh_dead = if self.pinned { self.refresh_ends <= now } else { self.spent };
+        let refresh_dead = if self.pinned || self.replaced { self.refresh_ends <= now } else { self.spent };
         refresh_dead && self.expires_at.saturating_add(SPENT_GRACE_MS) <= now
     }
 }
@@ -245,6 +256,7 @@ impl Logins {
                 known.refresh_ends = known.refresh_ends.max(refresh_expires_at.unwrap_or(0));
                 // The file holds it again: no newer login replaced it.
                 known.spent = false;
+                known.replaced = false;
                 at
             }
             None if self.unkept.as_ref() == Some(&tokens) => return false,
@@ -291,16 +303,21 @@ impl Logins {
                     pinned = std::mem::replace(&mut old.pinned, false);
                     old.spent = true;
                 }
-                self.logins.push(Known { tokens, serial, expires_at, said_expires, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned });
+                self.logins.push(Known { tokens, serial, expires_at, said_expires, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned, replaced: false, authenticated: false });
                 self.logins.len() - 1
             }
         };
         // None of the jobs that ran when it was first read runs now: the file holds it as
         // Claude's refresh or the person logging in left it.
         let known = &self.logins[at];
+        self.current = Some(known.serial);
         if !known.mixed && self.running.iter().all(|job| *job >= known.jobs_before) {
-            for known in &mut self.logins[..at] {
-                known.spent = true;
+            // Spent only once a run authenticated with the newer login: till then it may be
+            // a job's, the one before kept in its copy (review rev42, 3).
+            let authenticated = known.authenticated;
+            for known in self.logins[..at].iter_mut().filter(|known| !known.spent) {
+                known.spent = authenticated;
+                known.replaced = !authenticated;
             }
         }
         new
@@ -309,6 +326,17 @@ impl Logins {
     /// Lets go of the logins that are dead ([`Known::dead`]).
     fn forget_dead(&mut self, now: Millis) {
         self.logins.retain(|known| !known.dead(now));
+    }
+
+    /// A Claude run that began with the login of serial `serial` authenticated: it is a
+    /// real one, so the logins it replaced ([`Known::replaced`]) are spent.
+    fn confirm(&mut self, serial: u64) {
+        let Some(at) = self.logins.iter().position(|known| known.serial == serial) else { return };
+        self.logins[at].authenticated = true;
+        for known in self.logins[..at].iter_mut().filter(|known| known.replaced) {
+            known.replaced = false;
+            known.spent = true;
+        }
     }
 
     /// A Claude run failed to authenticate: the login the file held may be a job's, so the
@@ -368,6 +396,9 @@ pub struct JobWatch {
     /// [`Logins::clock`] and [`Logins::relayed`] when the watch began.
     started: Millis,
     relayed: u64,
+    /// The serial of the login the job's Claude began with ([`JobWatch::claude_starts`]),
+    /// `u64::MAX` for none.
+    began_with: AtomicU64,
 }
 
 impl Login {
@@ -377,7 +408,7 @@ impl Login {
         let serial = logins.next_job;
         logins.next_job += 1;
         logins.running.push(serial);
-        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed }
+        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed, began_with: AtomicU64::new(u64::MAX) }
     }
 
     /// A Claude run failed to authenticate ([`Logins::doubt`]).
@@ -400,6 +431,22 @@ impl Login {
 }
 
 impl JobWatch {
+    /// The job's Claude starts now, with the login the file held at the last reading (the
+    /// one that built its environment, just before).
+    pub fn claude_starts(&self) {
+        let current = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).current;
+        self.began_with.store(current.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// The job's Claude run authenticated (it succeeded): the login it began with is real,
+    /// and the logins it replaced are spent ([`Logins::confirm`]).
+    pub fn authenticated(&self) {
+        let serial = self.began_with.load(Ordering::SeqCst);
+        if serial != u64::MAX {
+            self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).confirm(serial);
+        }
+    }
+
     /// Why the job's output must be withheld, if it must: the words its result carries.
     pub fn tampering(&self) -> Option<String> {
         let logins = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -1170,6 +1217,12 @@ mod tests {
         login.redactor(expires - 240_000);
         assert_eq!(job.tampering(), None, "Claude's refresh is not tampering");
         drop(job);
+        assert!(masks(&login.redactor(expires + SPENT_GRACE_MS + 1), refresh), "replaced before a run authenticated with the new login");
+        // The next job's Claude authenticates with the new login: the old one is spent.
+        let next = login.watch_job();
+        next.claude_starts();
+        next.authenticated();
+        drop(next);
         let during = login.redactor(expires + SPENT_GRACE_MS - 1);
         assert!(masks(&during, access), "the replaced access token is unmasked while valid");
         let later = login.redactor(expires + SPENT_GRACE_MS + 1);
@@ -1193,9 +1246,12 @@ mod tests {
         std::fs::write(&path, credentials(&token("access2"), &token("refresh2"), expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 240_000);
         let second = login.watch_job();
+        second.claude_starts();
         login.redactor(expires - 200_000);
         assert!(masks(&login.redactor(expires + SPENT_GRACE_MS + 1), access), "replaced while the job that could have written the new login runs");
         drop(first);
+        // The second job's Claude authenticated with the new login.
+        second.authenticated();
         let later = login.redactor(expires + SPENT_GRACE_MS + 1);
         assert!(!masks(&later, access) && !masks(&later, refresh), "a dead login is kept while another job runs");
         drop(second);
@@ -1779,14 +1835,20 @@ mod tests {
             for _ in 0..2 {
                 now += 8 * hour;
                 let job = login.watch_job();
+                job.claude_starts();
                 std::fs::write(&path, file(&token(&format!("a-{n}")), &token(&format!("r-{n}")), now + 8 * hour, now)).unwrap();
                 n += 1;
                 login.redactor(now);
+                job.authenticated();
                 drop(job);
                 login.redactor(now + 20 * 60_000);
                 most = most.max(login.remembered.lock().unwrap().logins.len());
             }
-            if let Some(why) = login.watch_job().tampering() {
+            // A job's run with the login the last refresh left: it authenticates.
+            let job = login.watch_job();
+            job.claude_starts();
+            job.authenticated();
+            if let Some(why) = job.tampering() {
                 return (most, Some(why));
             }
         }
@@ -1904,4 +1966,61 @@ mod tests {
         assert!(withheld == 0 && held <= 3 && later.is_none(), "20 benign refreshes over ~7 days: {withheld} jobs withheld, {held} logins held, a later job: {later:?}");
     }
 
+    /// rev42-2 (hostile): a job leaves a login of its own in the file at its end (its
+    /// copy of the real login kept in $HOME). With no job running, the agent takes the real
+    /// login as replaced (spent); the agent is idle overnight, so 12 h later it is forgotten
+    /// before any Claude run could fail and pin it (`doubt_spent` finds nothing). The person
+    /// logs in again (relay): the old refresh token, never used, was never spent, and a
+    /// later job prints it unmasked.
+    #[test]
+    fn rev42_a_login_left_by_a_job_before_an_idle_night_unmasks_the_real_refresh_token() {
+        let d = tempdir("rev42-idle-night");
+        let hour = 3_600_000;
+        let now = 1_800_000_000_000;
+        let (access, refresh) = (&token("real-a"), &token("real-r"));
+        let login = login_with(&d, &credentials(access, refresh, now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let job = login.watch_job();
+        std::fs::write(&path, credentials(&token("fake-a"), &token("fake-r"), now + 8 * hour)).unwrap();
+        login.redactor(now + 1_000);
+        assert_eq!(job.tampering(), None);
+        drop(job);
+        // The night: the agent's looks go on, no job runs.
+        let morning = now + 13 * hour;
+        login.redactor(morning);
+        // The first job of the morning fails to authenticate; the person logs in again.
+        login.doubt_spent();
+        let began = login.relay_begins(morning + 60_000);
+        std::fs::write(&path, credentials(&token("new-a"), &token("new-r"), morning + 9 * hour)).unwrap();
+        login.redactor(morning + 120_000);
+        login.pin_read_before(&began);
+        let later = login.redactor(morning + 180_000);
+        assert!(masks(&later, refresh), "the real login's refresh token, never used (live), is unmasked in a later job");
+    }
+
+    /// rev42-2b: no idle night: the person logs in again through the relay an hour after
+    /// the job left its login in the file (before any run failed). The relay pins only
+    /// logins not spent when it began, so the real one, taken as spent, is let go 12 h
+    /// after its first reading, its refresh token never used.
+    #[test]
+    fn rev42_a_relay_after_a_job_left_a_login_does_not_keep_the_real_one() {
+        let d = tempdir("rev42-relay-after");
+        let hour = 3_600_000;
+        let now = 1_800_000_000_000;
+        let (access, refresh) = (&token("real-a2"), &token("real-r2"));
+        let login = login_with(&d, &credentials(access, refresh, now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let job = login.watch_job();
+        std::fs::write(&path, credentials(&token("fake-a2"), &token("fake-r2"), now - 1)).unwrap();
+        login.redactor(now + 1_000);
+        drop(job);
+        let began = login.relay_begins(now + hour);
+        std::fs::write(&path, credentials(&token("new-a2"), &token("new-r2"), now + 9 * hour)).unwrap();
+        login.redactor(now + hour + 60_000);
+        login.pin_read_before(&began);
+        let later = login.redactor(now + 13 * hour);
+        assert!(masks(&later, refresh), "the real login's refresh token, never used, is unmasked 13 h on");
+    }
 }

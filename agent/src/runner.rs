@@ -147,6 +147,11 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let watch = ctx.login.watch_job();
     let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &watch, &mut checkout_done, &mut cannot_start, &mut no_room).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
+    if result.success {
+        // Its Claude authenticated with the login it began with: what that one replaced is
+        // spent (`oauth::Logins::confirm`).
+        watch.authenticated();
+    }
     let keep = kept(&result, ctx.cfg.repos.keep_failed_workspaces, cannot_start.is_some(), no_room);
     let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done, held: Some(held) };
     Ended { result, session, leftover, cannot_start }
@@ -892,6 +897,7 @@ async fn run_claude(
         job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
     let env = process::claude_environment(&ctx.inherited_env, ctx.login.claude_env(crate::now_ms()), job_env);
+    watch.claude_starts();
     let session = Session::of(spec, runtime::entropy);
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
     // Built again before any line once the login may have changed (`oauth::Login::changed`:
