@@ -119,7 +119,10 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 /// past its end) and its access token expired ([`Known::dead`]). A refresh token is known
 /// spent when the agent read a newer login with none of the jobs that ran when that one
 /// was first read still running (the file as Claude's refresh, or the person logging in,
-/// left it; those jobs' processes are gone). Logins read while a job runs never push one
+/// left it; those jobs' processes are gone), and a Claude run has since authenticated with
+/// that newer login ([`Logins::confirm`]): a job can leave a login of its own in the file
+/// at its end, its copy of the real one kept. Till then the one before is replaced, not
+/// spent: kept until its refresh token's end ([`Known::replaced`]), and pinned by a relay. Logins read while a job runs never push one
 /// out: nothing is forgotten for a newer login, a failed, absent or changed reading, or
 /// want of room.
 ///
