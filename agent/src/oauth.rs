@@ -2026,4 +2026,38 @@ mod tests {
         let later = login.redactor(now + 13 * hour);
         assert!(masks(&later, refresh), "the real login's refresh token, never used, is unmasked 13 h on");
     }
+
+    /// rev42-3 (benign): Claude refreshes every 8 h in jobs (rotating), and one run a
+    /// day fails to authenticate (a flaky 401): README says a dozen failed runs within
+    /// 30 days fill the memory; each failed run pins every spent login still held.
+    #[test]
+    fn rev42_failed_runs_fill_the_memory_no_faster_than_said() {
+        let d = tempdir("rev42-failed-runs");
+        let hour = 3_600_000;
+        let mut now = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(&token("a0"), &token("r0"), now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let mut failed = 0;
+        for n in 1..=90 {
+            now += 8 * hour;
+            let job = login.watch_job();
+            job.claude_starts();
+            std::fs::write(&path, credentials(&token(&format!("a{n}")), &token(&format!("r{n}")), now + 8 * hour)).unwrap();
+            login.redactor(now);
+            job.authenticated();
+            drop(job);
+            login.redactor(now + 20 * 60_000);
+            if n % 3 == 0 {
+                // A later job of the day fails to authenticate.
+                login.redactor(now + 4 * hour);
+                login.doubt_spent();
+                failed += 1;
+            }
+            if let Some(why) = login.watch_job().tampering() {
+                let held = login.remembered.lock().unwrap().logins.len();
+                panic!("full after {failed} failed runs ({} days), {held} held: {why}", n / 3);
+            }
+        }
+    }
 }
