@@ -609,21 +609,7 @@ mod tests {
     /// the job until it ended, and the next follower was refused 429.
     #[tokio::test]
     async fn a_caller_gone_before_its_answer_gives_its_place_back() {
-        let get = |name: &str| {
-            let value = match name {
-                "RUNNER_SECRET" => "0123456789abcdef0123",
-                "EDGE_SIGNING_KEY" => "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=",
-                "AGENT_PUBLIC_KEYS" => "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
-                _ => return None,
-            };
-            Some(value.to_string())
-        };
-        let dir = std::env::temp_dir().join(format!("cr-driver-gone-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let clock = Clock::start();
-        let edge = Edge::new(edge_core::Config::from_lookup(get).unwrap(), clock.now());
-        let (commands, _rx) = mpsc::channel(1);
-        let mut driver = Driver::new(edge, Store::open(&dir).unwrap(), clock, commands.downgrade());
+        let (mut driver, dir) = grouped_driver("gone");
         let request = |method: &str, path: &str, body: &str| http::Request {
             method: method.into(),
             path: path.into(),
