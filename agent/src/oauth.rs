@@ -11,7 +11,10 @@
 //! ([`REFRESH_LOCK`]); the others wait until the credentials file shows a fresh token or
 //! that one ends — a lock another process holds, for at most [`LOCK_WAIT`].
 
+use crate::claude::Transcript;
 use crate::credentials;
+use shared::contract::ErrorCode;
+use shared::job::JobResult;
 use crate::redact::Redactor;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::Millis;
@@ -402,6 +405,8 @@ pub struct JobWatch {
     /// The serial of the login the job's Claude began with ([`JobWatch::claude_starts`]),
     /// `u64::MAX` for none.
     began_with: AtomicU64,
+    /// Whether the job's Claude got past authentication ([`JobWatch::claude_ended`]).
+    answered: AtomicBool,
 }
 
 impl Login {
@@ -411,7 +416,7 @@ impl Login {
         let serial = logins.next_job;
         logins.next_job += 1;
         logins.running.push(serial);
-        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed, began_with: AtomicU64::new(u64::MAX) }
+        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed, began_with: AtomicU64::new(u64::MAX), answered: AtomicBool::new(false) }
     }
 
     /// A Claude run failed to authenticate ([`Logins::doubt`]).
@@ -441,8 +446,29 @@ impl JobWatch {
         self.began_with.store(current.unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
-    /// The job's Claude run authenticated (it succeeded): the login it began with is real,
-    /// and the logins it replaced are spent ([`Logins::confirm`]).
+    /// The job's Claude run ended with `result`: it got past authentication when Claude's
+    /// API answered it ([`Transcript::answered`]) and it did not end on a login failure
+    /// (`RUNNER_OAUTH_ERROR`: the answer came before a token went bad). A run that ends in
+    /// a timeout, a cancel, the usage limit, max turns or a Claude error authenticated as
+    /// well as a success: not counting it, an agent whose runs never succeed kept every
+    /// login it read, and its memory filled in 16 refreshes (review rev43, 2).
+    pub fn claude_ended(&self, transcript: &Transcript, result: &JobResult) {
+        if transcript.answered && result.error_code != Some(ErrorCode::RunnerOauthError) {
+            self.answered.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The job ends: if its Claude got past authentication ([`JobWatch::claude_ended`])
+    /// and the job is not withheld ([`JobWatch::tampering`]: the login it began with may
+    /// be one the job wrote), that login is real ([`JobWatch::authenticated`]).
+    pub fn job_ended(&self) {
+        if self.answered.load(Ordering::SeqCst) && self.tampering().is_none() {
+            self.authenticated();
+        }
+    }
+
+    /// The job's Claude run authenticated: the login it began with is real, and the
+    /// logins it replaced are spent ([`Logins::confirm`]).
     pub fn authenticated(&self) {
         let serial = self.began_with.load(Ordering::SeqCst);
         if serial != u64::MAX {
@@ -2059,5 +2085,79 @@ mod tests {
                 panic!("full after {failed} failed runs ({} days), {held} held: {why}", n / 3);
             }
         }
+    }
+
+    /// A Claude run as the runner reads it: an `assistant` line from the API (`answered`)
+    /// or the CLI's own for a login failure, then the result the run ended with.
+    fn claude_run(answered: bool, code: ErrorCode) -> (Transcript, JobResult) {
+        let mut transcript = Transcript::default();
+        transcript.value(serde_json::json!({"type":"system","subtype":"init","session_id":"s"}));
+        transcript.value(match answered {
+            true => serde_json::json!({"type":"assistant","message":{"model":"claude-sonnet-4-5","role":"assistant","content":[{"type":"text","text":"working"}]}}),
+            false => serde_json::json!({"type":"assistant","message":{"model":"<synthetic>","role":"assistant","content":[{"type":"text","text":"Invalid API key"}]},"error":"authentication_failed"}),
+        });
+        (transcript, JobResult::failure(code, "failed", 1))
+    }
+
+    /// Review rev43, 2: an agent whose runs authenticate but never succeed (a timeout, a
+    /// cancel, the usage limit, max turns, a Claude error) confirms the login each began
+    /// with, so the logins Claude's refresh replaced are let go, and the memory stays small
+    /// for as long as it runs (90 refreshes, 30 days).
+    #[test]
+    fn runs_that_authenticate_but_fail_keep_the_memory_small() {
+        let d = tempdir("rev43-authenticate-fail");
+        let hour = 3_600_000;
+        let mut now = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(&token("b0"), &token("s0"), now + 8 * hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        let failures = [ErrorCode::Timeout, ErrorCode::Cancelled, ErrorCode::UsageLimit, ErrorCode::MaxTurns, ErrorCode::ClaudeError];
+        for n in 1..=90 {
+            now += 8 * hour;
+            let job = login.watch_job();
+            login.claude_env(now);
+            job.claude_starts();
+            std::fs::write(&path, credentials(&token(&format!("b{n}")), &token(&format!("s{n}")), now + 8 * hour)).unwrap();
+            login.redactor(now);
+            let (transcript, result) = claude_run(true, failures[n % failures.len()]);
+            job.claude_ended(&transcript, &result);
+            job.job_ended();
+            drop(job);
+            login.redactor(now + 20 * 60_000);
+            if let Some(why) = login.watch_job().tampering() {
+                let held = login.remembered.lock().unwrap().logins.len();
+                panic!("full after {n} refreshes ({} h), {held} held: {why}", n * 8);
+            }
+        }
+        assert!(login.remembered.lock().unwrap().logins.len() <= 3, "the memory stays small");
+    }
+
+    /// A run that failed to authenticate (`RUNNER_OAUTH_ERROR`), after an API answer or
+    /// without one, confirms nothing: the login it began with may be a job's.
+    #[test]
+    fn a_run_failing_authentication_confirms_nothing() {
+        for answered in [false, true] {
+            let d = tempdir(&format!("rev43-oauth-fail-{answered}"));
+            let now = 1_800_000_000_000;
+            let login = login_with(&d, &credentials(&token("a0"), &token("r0"), now + 3_600_000));
+            login.redactor(now);
+            let job = login.watch_job();
+            job.claude_starts();
+            let (transcript, result) = claude_run(answered, ErrorCode::RunnerOauthError);
+            job.claude_ended(&transcript, &result);
+            job.job_ended();
+            drop(job);
+            assert!(login.remembered.lock().unwrap().logins.iter().all(|known| !known.authenticated), "answered: {answered}");
+        }
+        // The same run ending otherwise confirms the login (the test can fail).
+        let d = tempdir("rev43-oauth-ok");
+        let login = login_with(&d, &credentials(&token("a0"), &token("r0"), 1_800_000_003_600_000));
+        login.redactor(1_800_000_000_000);
+        let job = login.watch_job();
+        job.claude_starts();
+        let (transcript, result) = claude_run(true, ErrorCode::Timeout);
+        job.claude_ended(&transcript, &result);
+        job.job_ended();
+        assert!(login.remembered.lock().unwrap().logins.iter().all(|known| known.authenticated));
     }
 }
