@@ -966,6 +966,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A started record whose write hangs until `release` is sent (`ready`), and the
+    /// clearing of a record made late (`unready`), told through `was_cleared`.
+    fn record_held() -> (
+        std::sync::mpsc::Sender<()>,
+        impl FnOnce() -> Result<(), String> + Send + 'static,
+        impl FnOnce() + Send + 'static,
+        oneshot::Receiver<()>,
+    ) {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let ready = move || {
+            stuck.recv().map_err(|_| "the test ended".to_string())?;
+            Ok(())
+        };
+        let (cleared, was_cleared) = oneshot::channel();
+        let unready = move || {
+            let _ = cleared.send(());
+        };
+        (release, ready, unready, was_cleared)
+    }
+
     /// A stand-in Claude that writes its pid, then what it reads, for the stuck-start tests.
     fn stuck_start_claude(name: &str) -> (PathBuf, String) {
         use std::os::unix::fs::PermissionsExt;
@@ -1010,15 +1030,7 @@ mod tests {
         let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
         let (cancel, mut stop) = oneshot::channel();
         let deadline = BootInstant::now() + Duration::from_secs(300);
-        let (release, stuck) = std::sync::mpsc::channel::<()>();
-        let ready = move || {
-            stuck.recv().map_err(|_| "the test ended".to_string())?;
-            Ok(())
-        };
-        let (cleared, was_cleared) = tokio::sync::oneshot::channel();
-        let unready = move || {
-            let _ = cleared.send(());
-        };
+        let (release, ready, unready, was_cleared) = record_held();
         cancel.send(Stop::Cancelled("by the test".into())).unwrap();
         let run = run(launch, "j", deadline, 300_000, &mut stop, ready, unready, || panic!("a job that ended is not started"), |_: &[u8]| {});
         let finished = tokio::time::timeout(Duration::from_secs(30), run).await.expect("a start stuck on its record was not ended by its cancel");
@@ -1040,15 +1052,7 @@ mod tests {
         let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env: env.into(), stdin: "the prompt".into() };
         let (drain, mut stop) = oneshot::channel();
         let deadline = BootInstant::now() + Duration::from_secs(300);
-        let (release, stuck) = std::sync::mpsc::channel::<()>();
-        let ready = move || {
-            stuck.recv().map_err(|_| "the test ended".to_string())?;
-            Ok(())
-        };
-        let (cleared, was_cleared) = tokio::sync::oneshot::channel();
-        let unready = move || {
-            let _ = cleared.send(());
-        };
+        let (release, ready, unready, was_cleared) = record_held();
         drain.send(Stop::AgentStopping).unwrap();
         let run = run(launch, "j", deadline, 300_000, &mut stop, ready, unready, || panic!("a job that ended is not started"), |_: &[u8]| {});
         let finished = tokio::time::timeout(Duration::from_secs(30), run).await.expect("a start stuck on its record was not ended by the drain");

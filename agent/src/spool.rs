@@ -1749,6 +1749,24 @@ mod tests {
         assert_eq!(ids(spool.all()), expected);
     }
 
+    /// Starts `job` on its own thread with its started record's write held just before it
+    /// is made: the record lands once `release` is sent (the order of a slow disk, driven).
+    #[allow(clippy::type_complexity)]
+    fn start_held(spool: &std::sync::Arc<Spool>, job: &'static str) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<Result<(), String>>) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (holding, is_holding) = std::sync::mpsc::channel::<()>();
+        *spool.before_record.lock().unwrap() = Some(Box::new(move || {
+            holding.send(()).unwrap();
+            held.recv().unwrap();
+        }));
+        let start = {
+            let spool = std::sync::Arc::clone(spool);
+            std::thread::spawn(move || spool.started(job, &format!("{job}:1")).map_err(|e| e.to_string()))
+        };
+        is_holding.recv().unwrap();
+        (release, start)
+    }
+
     /// Review rev39, finding 4: a job ends while its started record is still being written
     /// (its start stuck on the disk: `process::run` ends it at its deadline, a cancel or
     /// the drain), and its result is acknowledged before that write is done, or after it
@@ -1760,17 +1778,7 @@ mod tests {
         for ack_first in [true, false] {
             let dir = dir(if ack_first { "late-record-ack-first" } else { "late-record-kept-first" });
             let spool = std::sync::Arc::new(open(&dir, 1).0);
-            let (release, held) = std::sync::mpsc::channel::<()>();
-            let (holding, is_holding) = std::sync::mpsc::channel::<()>();
-            *spool.before_record.lock().unwrap() = Some(Box::new(move || {
-                holding.send(()).unwrap();
-                held.recv().unwrap();
-            }));
-            let start = {
-                let spool = std::sync::Arc::clone(&spool);
-                std::thread::spawn(move || spool.started("late", "late:1").map_err(|e| e.to_string()))
-            };
-            is_holding.recv().unwrap();
+            let (release, start) = start_held(&spool, "late");
             // The job ended meanwhile: its result is sent, kept, and acknowledged.
             spool.sending("late", &ok("late", "ended while its start was stuck"));
             if ack_first {
@@ -1801,17 +1809,7 @@ mod tests {
     fn a_started_record_that_fails_after_its_jobs_result_was_kept_loses_no_result() {
         let dir = dir("late-record-fails");
         let spool = std::sync::Arc::new(open(&dir, 1).0);
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (holding, is_holding) = std::sync::mpsc::channel::<()>();
-        *spool.before_record.lock().unwrap() = Some(Box::new(move || {
-            holding.send(()).unwrap();
-            held.recv().unwrap();
-        }));
-        let start = {
-            let spool = std::sync::Arc::clone(&spool);
-            std::thread::spawn(move || spool.started("late", "late:1").map_err(|e| e.to_string()))
-        };
-        is_holding.recv().unwrap();
+        let (release, start) = start_held(&spool, "late");
         let result = ok("late", "kept while its start was stuck");
         spool.sending("late", &result);
         let _ = spool.write_sent("late");
