@@ -610,15 +610,6 @@ mod tests {
     #[tokio::test]
     async fn a_caller_gone_before_its_answer_gives_its_place_back() {
         let (mut driver, dir) = grouped_driver("gone");
-        let request = |method: &str, path: &str, body: &str| http::Request {
-            method: method.into(),
-            path: path.into(),
-            secret_header: Some("0123456789abcdef0123".into()),
-            authorization: None,
-            idempotency_key: None,
-            last_event_id: None,
-            body: edge_core::body::Body::Bytes(body.as_bytes().to_vec()),
-        };
         let (reply, opened) = oneshot::channel();
         driver.handle(Command::Http { req: request("POST", "/jobs", r#"{"prompt":"quiet"}"#), reply });
         let Ok(Opened::Once { answer, .. }) = opened.await else { panic!("POST /jobs is answered once") };
@@ -731,7 +722,6 @@ mod tests {
         drop(driver);
         let _ = std::fs::remove_dir_all(&dir);
     }
-
 
     fn request(method: &str, path: &str, body: &str) -> http::Request {
         http::Request {
