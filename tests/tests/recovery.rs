@@ -875,6 +875,22 @@ async fn a_cancel_during_an_agent_freeze_stops_the_job() {
     assert!(!agent.standin_log().iter().any(|l| l.get("end").is_some()), "the job ran to its end");
 }
 
+/// An agent of two slots whose DATA_DIR is a 16 MiB disk of its own, allowed `git`'s
+/// repositories, online at a native edge: the rig of the room tests.
+async fn two_slots_on_a_small_disk(git: &harness::git_server::GitServer) -> (EdgeServer, AgentProc, Client) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("MAX_CONCURRENT_JOBS", "2")
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR", "16m");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    (edge, agent, client)
+}
+
 /// A wrapper that starts a process in a private mount namespace where `dir` (a shell
 /// expression, e.g. `$DATA_DIR/spool`) is a tmpfs of `size`: a disk the test can fill or
 /// make read-only without touching the machine's ([`remount`]).
@@ -1512,16 +1528,7 @@ async fn two_fetches_at_once_each_fitting_the_disk_alone_are_never_judged_too_bi
     let git = harness::git_server::GitServer::start(None);
     seed_history(&git, "alpha", 300, 36);
     seed_history(&git, "beta", 400, 36);
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
-    let mut opts = AgentOpts::for_edge(&edge, "spark")
-        .env("ALLOWED_REPO_HOSTS", &git.host())
-        .env("MAX_CONCURRENT_JOBS", "2")
-        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
-    opts.wrapper = on_own_disk("$DATA_DIR", "16m");
-    let agent = AgentProc::start(opts);
-    let client = Client::new(&edge.url());
-    client.wait_online().await;
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
     let job = |repo: &str| json!({"prompt": "@exists=README.md", "repo_url": git.url(repo), "timeout_ms": 60000});
     let (a, b) = tokio::join!(client.execute(job("alpha")), client.execute(job("beta")));
     for answer in [&a, &b] {
@@ -1555,16 +1562,7 @@ async fn a_checkout_refused_beside_another_jobs_held_mirror_is_retryable_and_run
     let git = harness::git_server::GitServer::start(None);
     git.seed("held", &[("README.md", b"# held\n"), ("blob.bin", &incompressible(11, 6 << 20))]);
     git.seed("wide", &[("README.md", b"# wide\n"), ("zeros.bin", &vec![0u8; 5 << 20])]);
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
-    let mut opts = AgentOpts::for_edge(&edge, "spark")
-        .env("ALLOWED_REPO_HOSTS", &git.host())
-        .env("MAX_CONCURRENT_JOBS", "2")
-        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
-    opts.wrapper = on_own_disk("$DATA_DIR", "16m");
-    let agent = AgentProc::start(opts);
-    let client = Client::new(&edge.url());
-    client.wait_online().await;
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
     let holder = client.submit(json!({"prompt": "@sleep=600000 hold the mirror", "repo_url": git.url("held"), "timeout_ms": 900000})).await;
     let holder = holder.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "the holding job did not start\n{}", agent.log());
@@ -1596,16 +1594,7 @@ async fn a_checkout_refused_beside_another_job_of_its_repository_is_retryable_an
     }
     let git = harness::git_server::GitServer::start(None);
     git.seed("held", &[("README.md", b"# held\n"), ("blob.bin", &incompressible(11, 6 << 20))]);
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
-    let mut opts = AgentOpts::for_edge(&edge, "spark")
-        .env("ALLOWED_REPO_HOSTS", &git.host())
-        .env("MAX_CONCURRENT_JOBS", "2")
-        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
-    opts.wrapper = on_own_disk("$DATA_DIR", "16m");
-    let agent = AgentProc::start(opts);
-    let client = Client::new(&edge.url());
-    client.wait_online().await;
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
     let holder = client.submit(json!({"prompt": "@sleep=600000 hold the workspace", "repo_url": git.url("held"), "timeout_ms": 900000})).await;
     let holder = holder.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "the holding job did not start\n{}", agent.log());
