@@ -584,9 +584,6 @@ mod tests {
         assert_eq!(result(&Transcript::default(), Ending::SpawnFailed("x".into()), "", 1).session_id, None);
     }
 
-    /// A Claude killed by a signal the agent did not send (a timeout or a cancel has an
-    /// ending of its own) is no success, whatever its last line says: another process of
-    /// the agent's user can write a result line into its output and kill it.
     /// Claude got past authentication only once its API answered: not at its `init` line
     /// (before any API call), nor at the line the CLI makes itself for a failed login.
     #[test]
@@ -599,6 +596,9 @@ mod tests {
         assert!(transcript(&[init, answer]).answered);
     }
 
+    /// A Claude killed by a signal the agent did not send (a timeout or a cancel has an
+    /// ending of its own) is no success, whatever its last line says: another process of
+    /// the agent's user can write a result line into its output and kill it.
     #[test]
     fn a_claude_killed_by_a_signal_is_never_a_success() {
         let forged = transcript(&[

@@ -1790,6 +1790,8 @@ mod tests {
             }
             release.send(()).unwrap();
             let _ = start.join().unwrap();
+            // The record's own write cleared it and freed the slot, before any `unready`.
+            assert_eq!(spool.lock().slots, vec![Slot::Free], "ack_first {ack_first}: the late record is left in its slot");
             // The record's thread then clears what it made (`unready`).
             spool.unstart("late");
             assert!(!spool.has("late"), "ack_first {ack_first}: an acknowledged result is kept");
