@@ -65,8 +65,8 @@ fn take_every_share(edge: &mut Edge, secret: &str, name: &str) -> Vec<String> {
         let id = answer(&h).1["job_id"].as_str().unwrap().to_string();
         assert_eq!(answer(&send(edge, secret, "DELETE", &format!("/jobs/{id}"), None, &Value::Null)).0, 202);
     }
-    // Streams, one to a job — a stream of a reader that follows the job already replaces
-    // its oldest there rather than being refused — on small jobs, until refused.
+    // Streams, one to a job — so the share in all, not a reader's part of one job (12 of
+    // its 16), is what refuses — on small jobs, until refused.
     let small = json!({"prompt": "t"});
     let (mut jobs, mut streams) = (Vec::new(), 0);
     loop {
