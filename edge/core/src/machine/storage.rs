@@ -172,7 +172,7 @@ impl Edge {
 
     /// The host stores the writes of the events from here until [`Edge::group_stored`] in
     /// one transaction, and carries out nothing else of any of them before that: a failed
-    /// store ([`Edge::store_failed`]) then undoes them all.
+    /// store ([`Edge::group_failed`]) then undoes them all.
     pub fn group_events(&mut self) {
         self.journal = Journal { group: Some(Vec::new()), ..Journal::default() };
     }
@@ -323,38 +323,34 @@ impl Edge {
         &mut self.stats
     }
 
-    /// The host could not store the writes of the event just handled (or of the group of
-    /// events, [`Edge::group_events`]) and carried out none of its other effects. Returns
-    /// what to do instead; it holds no writes. For a group this fails every event of it,
-    /// even one that wrote nothing: a host that can handle them again alone calls
-    /// [`Edge::group_failed`] instead, as the native edge does.
+    /// The host could not store the writes of the event just handled and carried out none
+    /// of its other effects. Returns what to do instead; it holds no writes. One event
+    /// only: a group's failed store goes through [`Edge::group_failed`], which undoes the
+    /// group and has the host handle each event again alone, each then told here.
     pub fn store_failed(&mut self, now: impl Into<Now>, problem: &str) -> Vec<Effect> {
         let now = now.into();
-        let origins = match self.journal.group.take() {
-            Some(origins) => origins,
-            None => vec![self.journal.origin.clone()],
-        };
-        error!(problem, events = ?origins, "the edge could not store an event's changes; undoing it");
-        // Which agent proved itself on each connection (in the event or before), as it was
+        if self.journal.group.take().is_some() {
+            // A host that groups calls `group_failed`: answered here, only the group's last
+            // event would be, the others' callers left waiting.
+            error!(problem, "a host reported a group's failed store as one event's; its last event only is answered");
+            debug_assert!(false, "a group's failed store goes through group_failed");
+        }
+        let origin = self.journal.origin.clone();
+        error!(problem, event = ?origin, "the edge could not store an event's changes; undoing it");
+        // Which agent proved itself on the connection (in the event or before), as it was
         // before the undo.
-        let agents: Vec<Option<String>> = origins
-            .iter()
-            .map(|origin| match origin {
-                Origin::Session(session) => self.sessions.get(session).and_then(|s| s.agent_id()).map(str::to_string),
-                _ => None,
-            })
-            .collect();
+        let agent_id = match &origin {
+            Origin::Session(session) => self.sessions.get(session).and_then(|s| s.agent_id()).map(str::to_string),
+            _ => None,
+        };
         // A wait bound passed, a lost connection and a restore keep what they did (below);
-        // every other event is undone — in a group, all of them at once: the journal holds
-        // each thing as it was before the group's first event.
-        if origins.iter().any(|o| !matches!(o, Origin::Quiet | Origin::Disconnect | Origin::Restore)) {
+        // every other event is undone.
+        if !matches!(origin, Origin::Quiet | Origin::Disconnect | Origin::Restore) {
             self.undo(now);
         }
         let mut effects = Vec::new();
-        for (origin, agent_id) in origins.into_iter().zip(agents) {
-            self.failed(now, origin, agent_id, problem, &mut effects);
-            self.stats.store_failures += 1;
-        }
+        self.failed(now, origin, agent_id, problem, &mut effects);
+        self.stats.store_failures += 1;
         // What is decided here is not stored (the store just failed): a restore rebuilds
         // the same from the records as they are.
         effects.retain(|e| !e.is_write());

@@ -457,9 +457,10 @@ fn a_usage_hold_that_cannot_be_stored_is_not_kept() {
 }
 
 /// A host may store several events' writes in one transaction (the native edge groups what
-/// is queued at once): when that fails, every event of the group is undone — the result
-/// taken in its middle as much as the submissions around it — and each is answered as it
-/// would have been alone. Nothing of any of them had gone out.
+/// is queued at once): when that fails, every event of the group is undone at once — the
+/// result taken in its middle as much as the submissions around it — answering none
+/// (`Edge::group_failed`); handled again alone, each is answered as it would have been.
+/// Nothing of any of them had gone out.
 #[test]
 fn a_group_of_events_that_cannot_be_stored_is_undone_whole() {
     let (mut host, sid) = ready_host();
@@ -475,20 +476,30 @@ fn a_group_of_events_that_cannot_be_stored_is_undone_whole() {
     assert!(result.iter().any(|e| matches!(e, Effect::Save(job) if job.id == first && job.state == JobState::Succeeded)));
     let third = call(&mut host.edge, 4, "POST", "/jobs", json!({"prompt": "third"}));
     assert!(second.effects.iter().chain(&third.effects).any(Effect::is_write));
-    let out = host.edge.store_failed(5, "disk I/O error");
+    host.edge.group_failed(5, "disk I/O error");
 
-    // Each submission refused as alone, the result neither acknowledged nor answered,
-    // its connection closed for the agent to send it again.
-    assert_eq!(answer_to(&out, second.caller).expect("the second caller is answered").0, 500);
-    assert_eq!(answer_to(&out, third.caller).expect("the third caller is answered").0, 500);
-    assert!(answer_to(&out, waiter).is_none(), "{out:?}");
-    assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
-    assert_eq!(closed(&out).expect("the session is closed").0, close::INTERNAL_ERROR);
-    assert!(out.iter().all(|e| !e.is_write()));
     // As before the group: the first job running, nothing else queued or kept.
     assert_eq!(host.edge.job(&first).unwrap().state, JobState::Running);
     assert_eq!(host.edge.queued(), 0);
     assert_eq!(host.edge.active_jobs(), 1);
+    assert_eq!(host.edge.stats().submitted, 1);
+    assert_eq!(host.edge.stats().store_failures, 0, "nothing is told failed before it is handled alone");
+    assert_eq!(host.stored, stored_before);
+
+    // Each again alone, the store still failing: each submission refused as alone, the
+    // result neither acknowledged nor answered, its connection closed for the agent to send
+    // it again.
+    host.failing = true;
+    let (second, out) = host.call(5, "POST", "/execute", json!({"prompt": "second", "timeout_ms": 60000}));
+    assert_eq!(answer_to(&out, second).expect("the second caller is answered").0, 500);
+    let out = host.say(5, &sid, done);
+    assert!(answer_to(&out, waiter).is_none(), "{out:?}");
+    assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
+    assert_eq!(closed(&out).expect("the session is closed").0, close::INTERNAL_ERROR);
+    let (third, out) = host.call(5, "POST", "/jobs", json!({"prompt": "third"}));
+    assert_eq!(answer_to(&out, third).expect("the third caller is answered").0, 500);
+    assert_eq!(host.edge.job(&first).unwrap().state, JobState::Running);
+    assert_eq!(host.edge.queued(), 0);
     assert_eq!(host.edge.stats().submitted, 1);
     assert_eq!(host.edge.stats().store_failures, 3, "one failure counted per event");
     assert_eq!(host.stored, stored_before);
