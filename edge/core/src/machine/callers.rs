@@ -129,18 +129,15 @@ impl Callers {
         };
     }
 
-    fn job_of(list: &HashMap<String, Vec<CallerId>>, caller: CallerId) -> Option<String> {
-        list.iter().find(|(_, callers)| callers.contains(&caller)).map(|(job, _)| job.clone())
+    /// The job whose list in `list` holds an entry that `is_caller`, if any: the job a
+    /// caller waits on (`waiters`) or follows (`followers`).
+    fn job_of<T>(list: &HashMap<String, Vec<T>>, is_caller: impl Fn(&T) -> bool) -> Option<String> {
+        list.iter().find(|(_, entries)| entries.iter().any(&is_caller)).map(|(job, _)| job.clone())
     }
 
-    /// The job `caller` follows, if it follows one.
-    fn followed_by(&self, caller: CallerId) -> Option<String> {
-        self.followers.iter().find(|(_, followers)| followers.iter().any(|f| f.caller == caller)).map(|(job, _)| job.clone())
-    }
-
-    /// The streams `reader` holds, of all jobs.
-    fn held_by(&self, reader: &Who) -> usize {
-        self.followers.values().flatten().filter(|f| f.reader == *reader).count()
+    /// The streams of all jobs whose readers are `of`.
+    fn held_by(&self, of: impl Fn(&Who) -> bool) -> usize {
+        self.followers.values().flatten().filter(|f| of(&f.reader)).count()
     }
 }
 
@@ -284,6 +281,10 @@ impl Edge {
     /// ending its oldest let a flood of one secret's streams (stalled, never read) cut that
     /// secret's reader that reads. A caller with its own secret is told its own count and
     /// the caps, never how many the others hold.
+    ///
+    /// A job's streams in all need no check of their own: a caller's own secret reaches only
+    /// its own jobs (`http.rs`), so a job's readers are its caller and the pool's secret, and
+    /// their parts add up to [`MAX_FOLLOWERS_PER_JOB`].
     fn streams_crowded(&self, job_id: &str, reader: &Who) -> Option<ApiError> {
         let job = self.job(job_id)?;
         let of_job = self.callers.followers.get(job_id).map_or(&[][..], Vec::as_slice);
@@ -291,17 +292,17 @@ impl Edge {
         let mine = of_job.iter().filter(|f| f.reader == *reader).count();
         let busy = |error: String| Some(ApiError::new(ErrorCode::RunnerBusy, error));
         let read_instead = format!("read the job with GET /jobs/{job_id}");
-        let all: usize = self.callers.followers.values().map(Vec::len).sum();
+        let all = self.callers.held_by(|_| true);
         match reader {
             Who::Caller(name) => {
-                if mine >= part || of_job.len() >= MAX_FOLLOWERS_PER_JOB {
+                if mine >= part {
                     return busy(format!(
                         "caller `{name}` follows this job with {mine} streams already, its part of the job's (at most {part}; \
                          the rest are kept for the operator): close one you no longer read, {read_instead}, or follow it \
                          once another of your streams of it ends"
                     ));
                 }
-                let held = self.callers.held_by(reader);
+                let held = self.callers.held_by(|r| r == reader);
                 if held >= self.caller_share(MAX_FOLLOWERS) {
                     return busy(format!(
                         "caller `{name}` follows {held} streams already ({}): close one you no longer read, {read_instead}, \
@@ -309,7 +310,7 @@ impl Edge {
                         crate::http::named_share(&format!("the {MAX_FOLLOWERS} places"))
                     ));
                 }
-                let callers = self.callers.followers.values().flatten().filter(|f| matches!(f.reader, Who::Caller(_))).count();
+                let callers = self.callers.held_by(|r| matches!(r, Who::Caller(_)));
                 (callers >= MAX_FOLLOWERS - OPERATOR_FOLLOWERS || all >= MAX_FOLLOWERS).then(|| {
                     ApiError::new(
                         ErrorCode::RunnerBusy,
@@ -322,7 +323,7 @@ impl Edge {
                     )
                 })
             }
-            Who::Pool => (mine >= part || of_job.len() >= MAX_FOLLOWERS_PER_JOB || all >= MAX_FOLLOWERS).then(|| {
+            Who::Pool => (mine >= part || all >= MAX_FOLLOWERS).then(|| {
                 ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
@@ -343,7 +344,7 @@ impl Edge {
         if let Some(effects) = self.login_wait_expired(caller) {
             return effects;
         }
-        let Some(job_id) = Callers::job_of(&self.callers.waiters, caller) else { return Vec::new() };
+        let Some(job_id) = Callers::job_of(&self.callers.waiters, |c| *c == caller) else { return Vec::new() };
         self.forget_caller(&job_id, caller);
         let mut effects = Vec::new();
         if !self.give_ended(caller, &job_id, Form::Answer, &mut effects) {
@@ -469,8 +470,8 @@ impl Edge {
     /// Forgets `caller` wherever it waits, follows or relays; returns the job it waited
     /// on, if it was a waiter.
     pub(super) fn let_caller_go(&mut self, caller: CallerId) -> Option<String> {
-        let waited = Callers::job_of(&self.callers.waiters, caller);
-        if let Some(job_id) = waited.clone().or_else(|| self.callers.followed_by(caller)) {
+        let waited = Callers::job_of(&self.callers.waiters, |c| *c == caller);
+        if let Some(job_id) = waited.clone().or_else(|| Callers::job_of(&self.callers.followers, |f| f.caller == caller)) {
             self.forget_caller(&job_id, caller);
         }
         if self.callers.logins.values().any(|c| c.contains(&caller)) {
