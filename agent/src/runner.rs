@@ -806,11 +806,8 @@ async fn hand_back(
         let heard = &mut heard;
         Box::pin(async move { *heard = Some(Stop::ending(stop.await)) }) as crate::repo::worker::Cancel<'_>
     });
-    // Built now, right before the git worker stages the changes, not at Claude's end: the
-    // output's redaction and the checks since took time in which a process the job left
-    // could make a new login appear (hostile review rev40a, 4).
-    let redactor = ctx.login.redactor(crate::now_ms());
-    let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at, cancel).await;
+    // Its redactor is built in there, right before the git worker stages the changes.
+    let finished = prepared.finish(&ctx.repos, &wanted, job_id, &ctx.login, give_up_at, cancel).await;
     // A push's failure comes with the diff made before it.
     let (outcome, failed) = match finished {
         Ok(mut outcome) => {

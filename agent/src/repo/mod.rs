@@ -324,17 +324,23 @@ impl Prepared {
         self.lease.fetch_ms
     }
 
-    /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `redactor`
-    /// masks the diff and refuses to push changes that hold a token.
+    /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `login`'s
+    /// redactor masks the diff and refuses to push changes that hold a token: built here,
+    /// right before the git worker stages the changes, and looked at again once they are
+    /// staged ([`masks_again`]).
     ///
     /// At `give_up_at`, or once `cancel` resolves (the job cancelled), the work is told to
     /// stop at its next step (a push not yet under way never starts) and is then waited
     /// for: a push the server is already taking ends first, so the answer says what
     /// happened, and nothing lands after it.
-    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: std::sync::Arc<Redactor>, give_up_at: crate::boot_clock::BootInstant, cancel: Option<Cancel<'_>>) -> Result<Outcome, RepoError> {
+    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, login: &crate::oauth::Login, give_up_at: crate::boot_clock::BootInstant, cancel: Option<Cancel<'_>>) -> Result<Outcome, RepoError> {
         if !spec.include_diff && spec.push_branch.is_none() {
             return Ok(Outcome::default());
         }
+        // Built now, not at Claude's end: the output's redaction and the checks since took
+        // time in which a process the job left could make a new login appear (hostile
+        // review rev40a, 4).
+        let (redactor, looked) = login.redactor_looked(crate::now_ms());
         let settings = &repos.settings;
         let source = repos.source(&self.url);
         let push = spec.push_branch.clone().map(|branch| PushWork {
@@ -356,7 +362,13 @@ impl Prepared {
         // (a server sending a byte at a time): then the worker is killed. A worker given up
         // on, or lost (a job killed it), once it said its push was going out may have
         // pushed; before that, nothing was.
-        let stop = Stop { at: give_up_at, cancel, then_within: HAND_BACK_ABANDON, gone: hand_back_gone(source.url.clone(), spec.push_branch.is_some()) };
+        let stop = Stop {
+            at: give_up_at,
+            cancel,
+            then_within: HAND_BACK_ABANDON,
+            gone: hand_back_gone(source.url.clone(), spec.push_branch.is_some()),
+            masks_again: Some(masks_again(login, looked)),
+        };
         // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {
@@ -364,6 +376,15 @@ impl Prepared {
             other => Err(other.unexpected("collect the job's changes")),
         }
     }
+}
+
+/// A hand-back's redactor again once the worker has staged the changes, if `login` changed
+/// since the one sent with the work was built (`looked`): a login that appeared meanwhile
+/// (a process the job left writes it into the credentials file) may be in what was staged,
+/// and was in the diff unmasked, and pushed (review rev42-4). The same look as the one
+/// before each line of Claude's output ([`crate::oauth::Login::changed`]).
+pub(crate) fn masks_again(login: &crate::oauth::Login, looked: crate::oauth::Looked) -> worker::MasksAgain<'_> {
+    Box::new(move || login.changed(&looked).then(|| (*login.redactor(crate::now_ms())).clone()))
 }
 
 /// What a job is told of a hand-back's worker that went without an answer ([`Gone`]): a
@@ -382,8 +403,8 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 }
 
 /// In the git worker: the job's working tree staged once ([`changes::stage`]), its diff
-/// (`include_diff`, masked by `redactor`) made from what was staged, then its commit and
-/// push (`push_branch`). A push that fails leaves the diff in the outcome, beside its error
+/// (`include_diff`, masked by `redactor`, or by the one `masks_again` gives once staged)
+/// made from what was staged, then its commit and push (`push_branch`). A push that fails leaves the diff in the outcome, beside its error
 /// (it was thrown away with it, a refusal for a secret too).
 ///
 /// A diff asked for is made whatever the agent's stop (`abort`), as when the diff read the
@@ -391,7 +412,7 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// for it is bounded: a diff alone reads at most [`changes::MAX_DIFF_READ_BYTES`] of the
 /// files, kept in memory (the rest shown unread, the diff cut), a push
 /// [`changes::MAX_PUSH_BYTES`] (more is refused, and staged as for a diff alone).
-fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
+fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Redactor>, RepoError>) -> Result<Outcome, RepoError> {
     let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| error::git("collect the job's changes", &e))?;
     let mut outcome = Outcome::default();
@@ -411,6 +432,9 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
         }
         Err(e) => return Err(e),
     };
+    // A login that appeared while the changes were staged is not in the redactor built
+    // before: the agent looks again, and the diff and the push's check use its new one.
+    let redactor = masks_again()?.unwrap_or(redactor);
     if let Some(max_bytes) = diff_max_bytes {
         let mut patch = staged.patch(max_bytes)?;
         // The paths are redacted with the result's other words (`runner::scrub`).

@@ -2281,6 +2281,7 @@ fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop<'static> {
         cancel: None,
         then_within: std::time::Duration::from_millis(then_ms),
         gone: super::hand_back_gone("http://server".to_string(), true),
+        masks_again: None,
     }
 }
 
@@ -2637,7 +2638,7 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
     };
     let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
     let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
-    let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true).unwrap();
+    let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true, &|| Ok(None)).unwrap();
     assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
     let patch = outcome.patch.expect("the diff comes back beside the push's error");
     assert!(patch.text.contains("+a plain line") && !patch.text.contains("tok-0123456789abcdef"), "{}", patch.text);
@@ -3277,4 +3278,58 @@ async fn the_room_other_jobs_hold_counts_their_workspaces_while_they_hold_them()
     assert!(one >= 300 << 10 && one < 500 << 10, "{one}");
     // Room on another disk frees none on this one.
     assert_eq!(repos.other_workspaces_bytes(&own, Path::new("/proc")).await, 0);
+}
+
+/// Review rev42-4: the hand-back's redactor was built right before the git worker staged the
+/// job's changes and not looked at again: a login that appeared in Claude's credentials file
+/// meanwhile (a process the job left writes it there, and into a file of the job's) was in
+/// the diff unmasked, and its push was not refused. Here the login appears after the look
+/// the redactor was built on and before the worker stages (the window is the same: from
+/// that look to the worker's question once staged, [`super::masks_again`]); the worker is
+/// a real one, asked over its socket.
+#[tokio::test]
+async fn a_login_that_appears_while_the_changes_are_staged_is_masked_and_not_pushed() {
+    use super::worker::{Answer, HandBackWork, PushWork, Stop, Work};
+    let tmp = TempDir::new("login-while-staged");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let config = tmp.path().join("claude-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let credentials = config.join(".credentials.json");
+    let file = |access: &str| format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"kept-refresh-3c5e7a9b1d2f8a04-61d7","expiresAt":4102444800000}}}}"#);
+    std::fs::write(&credentials, file("first-access-6d0a2c8e4f1b7e30-c2a4")).unwrap();
+    let login = crate::oauth::Login::new(Some(&config));
+    let (redactor, looked) = login.redactor_looked(crate::now_ms());
+    assert_ne!(redactor.redact("first-access-6d0a2c8e4f1b7e30-c2a4"), "first-access-6d0a2c8e4f1b7e30-c2a4", "the login read is masked");
+
+    // The process the job left: a new login, in the credentials file and in the job's tree.
+    let fresh = "fresh-access-8b4e1f7c2a9d5e61-09bf";
+    std::fs::write(&credentials, file(fresh)).unwrap();
+    std::fs::write(co.dir.join("notes.txt"), format!("a plain line\nthe login {fresh}\n")).unwrap();
+
+    let push = PushWork {
+        target: PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/fresh".into(), default_branch: Some("main".into()) },
+        author_name: "a".into(),
+        author_email: "a@b".into(),
+        message: "m".into(),
+    };
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: (*redactor).clone() });
+    let stop = Stop {
+        at: crate::boot_clock::BootInstant::now() + std::time::Duration::from_secs(60),
+        cancel: None,
+        then_within: std::time::Duration::from_secs(1),
+        gone: super::hand_back_gone("http://server".to_string(), true),
+        masks_again: Some(super::masks_again(&login, looked)),
+    };
+    let (answer, ()) = super::worker::run(work, (), "collect the job's changes", Some(stop)).await;
+    let outcome = match answer {
+        Ok(Answer::HandedBack(Ok(outcome))) => outcome,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "the push of the new login was not refused: {outcome:?}");
+    let patch = outcome.patch.expect("the diff comes back");
+    assert!(patch.text.contains("+a plain line"), "{}", patch.text);
+    assert!(!patch.text.contains(fresh), "the login that appeared while the changes were staged is in the diff unmasked: {}", patch.text);
+    assert!(outcome.pushed_branch.is_none());
+    assert!(git(&bare, &["branch", "--list", "claude/fresh"]).trim().is_empty(), "the login was pushed");
 }

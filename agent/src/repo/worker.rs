@@ -27,7 +27,9 @@
 //! not within [`READY_WITHIN`] is ended and the work goes to a new worker, none of it
 //! begun; its zygote is replaced if it was forked again from the running agent), does the
 //! work, answers one [`Answer`] (a byte [`ANSWER`], then as the request came), and exits; a
-//! hand-back says [`PUSHING`] first when its push is about to go out. A byte
+//! hand-back says [`PUSHING`] first when its push is about to go out, and [`STAGED`] once
+//! it has staged the job's changes, then waits for the agent's redactor again ([`SAME`],
+//! or [`MASKS`] and a new one: a login that appeared meanwhile). A byte
 //! [`STOP`] from the agent asks the hand-back to stop at its next step (a push not yet
 //! begun never begins); the socket's end (the agent gone, or done with it) ends the worker.
 //! The agent then kills it anyway and reaps it: a worker is the agent's child (the zygote
@@ -217,7 +219,14 @@ pub struct Stop<'a> {
     pub cancel: Option<Cancel<'a>>,
     pub then_within: std::time::Duration,
     pub gone: Box<dyn Fn(Gone) -> RepoError + Send + Sync>,
+    /// For a hand-back, once its changes are staged: a redactor to use instead of the one
+    /// sent with the work, when a login appeared since that one was built (`None`: keep it).
+    pub masks_again: Option<MasksAgain<'a>>,
 }
+
+/// A redactor newer than the one sent with a hand-back's work, if one is needed: asked
+/// once the changes are staged ([`STAGED`]).
+pub type MasksAgain<'a> = Box<dyn Fn() -> Option<Redactor> + Send + Sync + 'a>;
 
 /// Resolves when the job no longer wants its work done: a cancel, or the agent stopping.
 pub type Cancel<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -244,6 +253,14 @@ const READY: u8 = b'R';
 const PUSHING: u8 = b'P';
 /// The byte before the worker's answer (its length, then JSON).
 const ANSWER: u8 = b'A';
+/// The byte a hand-back's worker sends once it has staged the job's changes; it then waits
+/// for [`SAME`] or [`MASKS`] before it makes the diff or checks the push.
+const STAGED: u8 = b'T';
+/// The agent's answer to [`STAGED`]: the redactor sent with the work still masks every login.
+const SAME: u8 = b'=';
+/// The agent's answer to [`STAGED`] when a login appeared since: a new redactor follows (its
+/// length, then JSON).
+const MASKS: u8 = b'M';
 /// Answers larger than this are read off the agent's runtime thread.
 const READ_ASIDE: usize = 256 * 1024;
 
@@ -279,15 +296,17 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
     };
     worker.max_answer = work.answer_limit();
     drop(work);
+    let mut stop = stop;
+    let masks_again = stop.as_mut().and_then(|stop| stop.masks_again.take());
     let answer = async {
-        let Some(mut stop) = stop else { return worker.answer().await };
+        let Some(mut stop) = stop else { return worker.answer(masks_again.as_deref()).await };
         let cancel = stop.cancel.take();
         let socket = worker.stream.as_raw_fd();
         let pid = worker.process.as_ref().map(|p| p.0);
         let pushing = Arc::clone(&worker.pushing);
         let died = |error| (stop.gone)(Gone::Died { pushing: pushing.load(Ordering::SeqCst), error });
         // One read of the answer throughout: one dropped mid-way would lose what it read.
-        let answer = worker.answer();
+        let answer = worker.answer(masks_again.as_deref());
         tokio::pin!(answer);
         let cancelled = async {
             match cancel {
@@ -303,7 +322,8 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             () = cancelled => {}
         }
         // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
-        // socket's buffer is empty of ours (the request was read whole before any answer).
+        // socket's buffer is empty of ours (the request was read whole before any answer,
+        // a redactor sent again was written whole: see `Worker::answer`).
         unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
         if let Ok(answer) = tokio::time::timeout(stop.then_within, &mut answer).await {
             return answer.map_err(died);
@@ -417,13 +437,31 @@ impl<H> Worker<H> {
         }
     }
 
-    async fn answer(&mut self) -> Result<Answer, RepoError> {
+    /// Reads the worker's answer; answers its [`STAGED`] with `masks_again`'s redactor, if
+    /// it gives one.
+    async fn answer(&mut self, masks_again: Option<&(dyn Fn() -> Option<Redactor> + Send + Sync)>) -> Result<Answer, RepoError> {
         loop {
             let mut said = [0u8; 1];
             self.stream.read_exact(&mut said).await.map_err(|e| self.lost(e))?;
             match said[0] {
                 ANSWER => break,
                 PUSHING => self.pushing.store(true, Ordering::SeqCst),
+                STAGED => {
+                    let reply = match masks_again.and_then(|again| again()) {
+                        None => vec![SAME],
+                        Some(redactor) => {
+                            let body = serde_json::to_vec(&redactor).map_err(|e| self.lost(e))?;
+                            let mut framed = vec![MASKS];
+                            framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                            framed.extend_from_slice(&body);
+                            framed
+                        }
+                    };
+                    // Written whole at once: the socket's buffer holds nothing else of ours
+                    // (the worker read the request whole before it staged), and a redactor
+                    // is kilobytes. So a STOP written meanwhile (`run`) never lands inside it.
+                    self.stream.write_all(&reply).await.map_err(|e| self.lost(e))?;
+                }
                 other => return Err(self.lost(format!("it said {other:#04x}, neither an answer nor a push's start"))),
             }
         }
@@ -555,11 +593,17 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     let _in_span = span.enter();
     super::mirror::set_timeouts();
     let stop = Arc::new(AtomicBool::new(false));
-    watch(stream.try_clone()?, Arc::clone(&stop));
+    let (masks, masks_heard) = std::sync::mpsc::channel();
+    watch(stream.try_clone()?, Arc::clone(&stop), masks);
     stream.write_all(&[READY])?;
     // Said before a push may reach the server; unheard (the agent gone), it does not.
     let begins = || (&stream).write_all(&[PUSHING]).is_ok();
-    let answer = perform(work, &stop, &begins);
+    let masks_again = || {
+        let unheard = |e: String| local("collect the job's changes", format!("the agent did not say whether Claude's login changed while the job's changes were staged ({e}): run the job again"));
+        (&stream).write_all(&[STAGED]).map_err(|e| unheard(e.to_string()))?;
+        masks_heard.recv().map_err(|e| unheard(e.to_string()))?.map_err(unheard)
+    };
+    let answer = perform(work, &stop, &begins, &masks_again);
     let body = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     let mut framed = vec![ANSWER];
     framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -567,13 +611,16 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     stream.write_all(&framed)
 }
 
-/// Reads the agent's side of the socket on a thread of its own: [`STOP`] sets `stop`, the
-/// socket's end (the agent gone, or done with this worker) ends the process.
-fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
+/// Reads the agent's side of the socket on a thread of its own: [`STOP`] sets `stop`, an
+/// answer to [`STAGED`] goes to `masks`, the socket's end (the agent gone, or done with
+/// this worker) ends the process.
+fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>, masks: std::sync::mpsc::Sender<Result<Option<Redactor>, String>>) {
     let spawned = std::thread::Builder::new().name("stop-watch".into()).spawn(move || loop {
         let mut byte = [0u8; 1];
         match socket.read(&mut byte) {
             Ok(1) if byte[0] == STOP => stop.store(true, Ordering::SeqCst),
+            Ok(1) if byte[0] == SAME => drop(masks.send(Ok(None))),
+            Ok(1) if byte[0] == MASKS => drop(masks.send(read_redactor(&mut socket).map(Some))),
             Ok(1) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // SAFETY: ends this process, whose work nobody waits for any more.
@@ -586,7 +633,20 @@ fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
     }
 }
 
-fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
+/// A redactor the agent sent after [`MASKS`]: its length, then JSON.
+fn read_redactor(socket: &mut std::os::unix::net::UnixStream) -> Result<Redactor, String> {
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(format!("a redactor of {len} bytes, over the {MAX_MESSAGE} it may take"));
+    }
+    let mut body = vec![0u8; len];
+    socket.read_exact(&mut body).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Redactor>, RepoError>) -> Answer {
     match work {
         Work::Fetch { dir, source, known, alone } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, known.as_ref(), alone, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
@@ -597,7 +657,7 @@ fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
                 Ok(CheckedOut { commit: checkout.commit.to_string(), cwd, fs: checkout.fs })
             }),
         ),
-        Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop, begins)),
+        Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop, begins, masks_again)),
     }
 }
 
