@@ -517,7 +517,7 @@ pub fn shutting_down() -> Response {
 }
 
 /// Routes one request; it is one event of the machine. `entropy` makes the id of a new job.
-pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Request) -> Handled {
+pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: &Request) -> Handled {
     let now = now.into();
     let caller = edge.begin_request(now);
     let once = Reply::Once { max_wait_ms: 60_000, may_keep_alive: false };

@@ -166,6 +166,9 @@ struct Group {
 
 /// A command handled in a group, kept until its commit: a request's caller is sent its
 /// channel only once the group is stored, or handed to the request handled again alone.
+/// The request and the frame are moved here once handled, not copied before: a retry
+/// (the group's commit failed) is rare, and a copy of each request's body and each frame
+/// for it cost every grouped event an allocation and a copy of up to the body's size.
 enum Grouped {
     Http { req: http::Request, reply: oneshot::Sender<Opened>, caller: CallerId, opened: Opened },
     Frame { session: String, text: String },
@@ -373,7 +376,7 @@ impl Driver {
                             drop(opened);
                             self.request(req, reply);
                         }
-                        Grouped::Frame { session, text } => self.frame(&session, &text),
+                        Grouped::Frame { session, text } => self.frame(session, text),
                     }
                 }
             }
@@ -395,8 +398,7 @@ impl Driver {
     /// answer it), and sent to the caller once they are stored — at once alone, after the
     /// group's commit in a group.
     fn request(&mut self, req: http::Request, reply: oneshot::Sender<Opened>) {
-        let kept = self.group.is_some().then(|| req.clone());
-        let handled = http::handle(&mut self.edge, self.clock.now(), entropy(), req);
+        let handled = http::handle(&mut self.edge, self.clock.now(), entropy(), &req);
         let opened = match handled.reply {
             Reply::Once { max_wait_ms, may_keep_alive } => {
                 let (tx, rx) = oneshot::channel();
@@ -410,18 +412,18 @@ impl Driver {
             }
         };
         self.carry_out(handled.effects);
-        match (kept, &mut self.group) {
-            (Some(req), Some(group)) => group.events.push(Grouped::Http { req, reply, caller: handled.caller, opened }),
-            _ => self.open(reply, handled.caller, opened),
+        match &mut self.group {
+            Some(group) => group.events.push(Grouped::Http { req, reply, caller: handled.caller, opened }),
+            None => self.open(reply, handled.caller, opened),
         }
     }
 
     /// Handles one of an agent's frames (counted as handled by the caller, once).
-    fn frame(&mut self, session: &str, text: &str) {
+    fn frame(&mut self, session: String, text: String) {
+        let effects = self.edge.message(self.clock.now(), &session, &text);
         if let Some(group) = &mut self.group {
-            group.events.push(Grouped::Frame { session: session.to_string(), text: text.to_string() });
+            group.events.push(Grouped::Frame { session, text });
         }
-        let effects = self.edge.message(self.clock.now(), session, text);
         self.carry_out(effects);
     }
 
@@ -467,7 +469,7 @@ impl Driver {
             Command::UpgradeRefused { peer, refused } => self.edge.upgrade_refused(now, &peer, &refused),
             Command::Frame { session, text } => {
                 self.handled_frame(&session);
-                self.frame(&session, &text);
+                self.frame(session, text);
             }
             Command::Arriving { session, read } => self.edge.arriving(now, &session, read),
             Command::BinaryFrame { session } => {

@@ -463,9 +463,11 @@ impl EdgeDurableObject {
         };
         let request = http::Request { method: method.clone(), path: path.to_string(), secret_header, authorization, idempotency_key, last_event_id, body };
         let now = now_ms();
-        let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
+        let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, &request)) else {
             return exchange::respond(not_loaded(path));
         };
+        // Its body is not held while the effects are carried out.
+        drop(request);
         let caller = handled.caller;
         // The caller's channel exists before the effects run: they may answer it.
         match handled.reply {

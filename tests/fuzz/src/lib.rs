@@ -159,7 +159,7 @@ pub fn http(data: &[u8]) {
             _ => Body::Bytes(body.to_vec()),
         },
     };
-    let handled = http::handle(&mut edge, NOW, [1; 16], req);
+    let handled = http::handle(&mut edge, NOW, [1; 16], &req);
     if !authorized {
         // Without the secret nothing but the open routes (README: the page, /health,
         // the agents' socket) answers with content.

@@ -82,7 +82,7 @@ fn health_without_the_secret_is_the_verdict_alone() {
             last_event_id: None,
             body: Body::Bytes(Vec::new()),
         };
-        let handled = http::handle(edge, 0, [0; 16], req);
+        let handled = http::handle(edge, 0, [0; 16], &req);
         answer_to(&handled.effects, handled.caller).unwrap()
     };
     for secret in [None, Some("wrong-secret-0000000")] {

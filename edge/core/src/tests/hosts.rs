@@ -39,7 +39,7 @@ fn post_jobs(body: crate::body::Body) -> Request {
 fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     let mut edge = Edge::new(config(), 0);
     let mut handle = |body: crate::body::Body| {
-        let handled = http::handle(&mut edge, 0, [1; 16], post_jobs(body));
+        let handled = http::handle(&mut edge, 0, [1; 16], &post_jobs(body));
         answer_to(&handled.effects, handled.caller).unwrap()
     };
     let mut broken = Intake::new(1024);
@@ -56,7 +56,7 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     let mut late = Intake::new(1024);
     late.chunk(br#"{"prompt": "#);
     late.timed_out(30_012);
-    let handled = http::handle(&mut edge, 0, [2; 16], post_jobs(late.finish()));
+    let handled = http::handle(&mut edge, 0, [2; 16], &post_jobs(late.finish()));
     let answer = handled.effects.iter().find_map(|e| match e {
         Effect::Answer { response, .. } => Some(response.clone()),
         _ => None,

@@ -321,7 +321,7 @@ pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, pa
     };
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    http::handle(edge, now, [seed; 16], req)
+    http::handle(edge, now, [seed; 16], &req)
 }
 
 /// `spark`'s signed result for the job's latest order.
@@ -1066,7 +1066,7 @@ fn http_routes_check_the_secret_size_and_methods() {
         body: Body::Bytes(body.to_vec()),
     };
     let status = |edge: &mut Edge, r: Request| {
-        let handled = http::handle(edge, 0, [0; 16], r);
+        let handled = http::handle(edge, 0, [0; 16], &r);
         answer_to(&handled.effects, handled.caller).map_or(0, |(status, _)| status)
     };
     assert_eq!(status(&mut edge, req("GET", "/health", None, b"")), 503);
@@ -1082,7 +1082,7 @@ fn http_routes_check_the_secret_size_and_methods() {
     let bearer = Request { authorization: Some("Bearer 0123456789abcdef0123".into()), ..req("POST", "/jobs", None, br#"{"prompt":"x"}"#) };
     assert_eq!(status(&mut edge, bearer), 202);
     join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let handled = http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#));
+    let handled = http::handle(&mut edge, 0, [1; 16], &req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#));
     assert!(matches!(handled.reply, Reply::Once { max_wait_ms, .. } if max_wait_ms > 300_000));
     assert!(answer_to(&handled.effects, handled.caller).is_none(), "the caller waits for the job");
 }
@@ -1140,7 +1140,7 @@ fn a_follower_resuming_with_last_event_id_reads_only_what_it_missed() {
             last_event_id: last_event_id.map(String::from),
             body: Body::Bytes(Vec::new()),
         };
-        let handled = http::handle(edge, 3, [9; 16], req);
+        let handled = http::handle(edge, 3, [9; 16], &req);
         let ids: Vec<String> = streamed(&handled.effects, handled.caller).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
         (handled, ids)
     };

@@ -58,7 +58,7 @@ pub(super) fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, pat
         last_event_id: None,
         body: Body::Bytes(if body.is_null() { Vec::new() } else { body.to_string().into_bytes() }),
     };
-    http::handle(edge, now, [now as u8; 16], req)
+    http::handle(edge, now, [now as u8; 16], &req)
 }
 
 pub(super) fn answer(h: &Handled) -> (u16, Value) {
@@ -972,7 +972,7 @@ fn a_callers_own_secret_cannot_relay_a_login() {
 #[test]
 fn an_idempotency_key_is_each_callers_own() {
     let mut edge = Edge::new(pool_config(), 0);
-    let keyed = |edge: &mut Edge, now: u64, secret: &str, prompt: &str| answer(&http::handle(edge, now, [now as u8; 16], keyed(secret, json!({"prompt": prompt}))));
+    let keyed = |edge: &mut Edge, now: u64, secret: &str, prompt: &str| answer(&http::handle(edge, now, [now as u8; 16], &keyed(secret, json!({"prompt": prompt}))));
     let (status, of_a) = keyed(&mut edge, 0, A_SECRET, "a's task");
     assert_eq!(status, 202);
     // b guessing a's key and task gets a job of its own, not a's (nor its result).
@@ -1000,32 +1000,32 @@ fn an_idempotency_key_used_by_the_pools_secret_does_not_answer_the_callers_own()
         h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(std::sync::Arc::unwrap_or_clone(j)) } else { None }).collect()
     };
     let mut edge = Edge::new(pool_config(), 0);
-    let h = http::handle(&mut edge, 1, [1; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})));
+    let h = http::handle(&mut edge, 1, [1; 16], &keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})));
     let (status, planted) = answer(&h);
     assert_eq!(status, 202, "{planted}");
     // The edge restarts with `x` given its own secret.
     let after = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("x".into(), X_SECRET.into())], ..pool_config() };
     let (mut edge, _) = Edge::restore(after, saved(h), vec![], None, 10);
-    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], keyed(X_SECRET, json!({"prompt": "x's task"}))));
+    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], &keyed(X_SECRET, json!({"prompt": "x's task"}))));
     assert_eq!((status, body["error_code"].as_str()), (409, Some("CONFLICT")), "x's own secret is not answered with the pool secret's job: {body}");
     assert!(body["error"].as_str().unwrap().contains("new key"), "says what to do: {body}");
     assert_eq!(edge.queued(), 1, "and nothing new was queued");
     // The pool's secret may no longer name `x` at all (its job stays readable by id).
-    let (status, again) = answer(&http::handle(&mut edge, 12, [12; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
+    let (status, again) = answer(&http::handle(&mut edge, 12, [12; 16], &keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
     assert_eq!(status, 403, "{again}");
     // Before the restart, its retry found its job: the key is refused only across senders.
     let mut edge = Edge::new(pool_config(), 0);
-    let first = answer(&http::handle(&mut edge, 1, [1; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})))).1;
-    let (status, again) = answer(&http::handle(&mut edge, 2, [2; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
+    let first = answer(&http::handle(&mut edge, 1, [1; 16], &keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})))).1;
+    let (status, again) = answer(&http::handle(&mut edge, 2, [2; 16], &keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
     assert_eq!((status, &again["job_id"]), (200, &first["job_id"]), "{again}");
 
     // The other way round: a key `a` used with its own secret, retried after `a`'s secret
     // was taken away (the pool's secret may then name `a`), is not the pool secret's.
     let mut edge = Edge::new(pool_config(), 0);
-    let h = http::handle(&mut edge, 1, [1; 16], keyed(A_SECRET, json!({"prompt": "a's task"})));
+    let h = http::handle(&mut edge, 1, [1; 16], &keyed(A_SECRET, json!({"prompt": "a's task"})));
     assert_eq!(answer(&h).0, 202);
     let (mut edge, _) = Edge::restore(Config { caller_secrets: vec![], ..pool_config() }, saved(h), vec![], None, 10);
-    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], keyed(SECRET, json!({"prompt": "a's task", "caller": "a"}))));
+    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], &keyed(SECRET, json!({"prompt": "a's task", "caller": "a"}))));
     assert_eq!(status, 409, "{body}");
 }
 
@@ -1432,7 +1432,7 @@ fn a_made_up_job_id_is_not_echoed_whole() {
             last_event_id: last_event_id.map(str::to_string),
             body: Body::Bytes(Vec::new()),
         };
-        let h = http::handle(&mut edge, 1, [1; 16], req);
+        let h = http::handle(&mut edge, 1, [1; 16], &req);
         let (status, body) = answer(&h);
         assert!(status == 404 || status == 400, "{status}");
         let text = body.to_string();
@@ -1570,7 +1570,7 @@ fn post_job(edge: &mut Edge, now: u64, secret: &str, body: Value, key: Option<&s
     // Each job its own id (more of them than one byte of `now` tells apart).
     let mut entropy = [0; 16];
     entropy[..8].copy_from_slice(&now.to_le_bytes());
-    answer(&http::handle(edge, now, entropy, req))
+    answer(&http::handle(edge, now, entropy, &req))
 }
 
 /// A caller's callbacks waiting for delivery count in its share (of the cap) for as long

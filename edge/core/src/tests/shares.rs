@@ -36,7 +36,7 @@ fn send(edge: &mut Edge, secret: &str, method: &str, path: &str, key: Option<&st
         last_event_id: None,
         body: Body::Bytes(if body.is_null() { Vec::new() } else { body.to_string().into_bytes() }),
     };
-    http::handle(edge, 1, entropy, req)
+    http::handle(edge, 1, entropy, &req)
 }
 
 /// Asserts a 429 `RUNNER_BUSY` that names `says`; its error.

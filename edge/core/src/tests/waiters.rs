@@ -19,7 +19,7 @@ fn keyed(edge: &mut Edge, now: u64, path: &str, secret: &str, key: &str, body: &
     };
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    http::handle(edge, now, [seed; 16], req)
+    http::handle(edge, now, [seed; 16], &req)
 }
 
 /// `POST /jobs` with `key`: the job's id.
