@@ -367,7 +367,7 @@ async fn run_in(
                     };
                     let ms = started.elapsed().as_millis() as u64;
                     let result = match ended {
-                        Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
+                        Ok(ending) => not_run(ending, started),
                         Err(e) => {
                             *no_room = matches!(
                                 e,
@@ -408,7 +408,7 @@ async fn run_in(
         s = &mut stop => {
             let ending = Stop::ending_unstarted(s);
             info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
-            Err(Ok(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64)))
+            Err(Ok(not_run(ending, started)))
         }
         refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
     };
@@ -568,13 +568,7 @@ async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &
             let free = space.map_or(0, |space| space.free);
             match need {
                 Some(Need::Estimated(needs)) => {
-                    let held = match held {
-                        true => format!(
-                            ", beside {workspaces} bytes the workspaces of other running jobs take and {} bytes the mirrors of other repositories in use now take (held by jobs, or being repacked; a workspace goes once its job is done, a mirror may go for room once nothing holds it)",
-                            mirrors.in_use
-                        ),
-                        false => String::new(),
-                    };
+                    let held = held.then_some(crate::repo::error::HeldRoom { workspaces, mirrors: mirrors.in_use });
                     RepoError::FetchFilledMeanwhile { url: url.to_string(), detail, needs, free, held }
                 }
                 _ => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free },
@@ -712,7 +706,7 @@ async fn start_rule(
             s = &mut *stop => {
                 let ending = Stop::ending_unstarted(s);
                 info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while its start was held");
-                return Err(claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64));
+                return Err(not_run(ending, started));
             }
             _ = &mut proven => {}
         }
@@ -727,7 +721,13 @@ async fn start_rule(
 fn too_late(ctx: &JobContext, job_id: &str, started: BootInstant, deadline: BootInstant) -> JobResult {
     let after_ms = deadline.saturating_duration_since(started).as_millis() as u64;
     info!(job_id, agent_id = %ctx.cfg.agent_id, timeout_ms = after_ms, "job not started: its deadline passed before Claude got its prompt");
-    claude::result(&Transcript::default(), Ending::TimedOutUnstarted { after_ms }, "", started.elapsed().as_millis() as u64)
+    not_run(Ending::TimedOutUnstarted { after_ms }, started)
+}
+
+/// The result of a job that ended before Claude ran (a cancel, the agent's drain, its
+/// deadline), as `ending` says, after the time since it `started`.
+fn not_run(ending: Ending, started: BootInstant) -> JobResult {
+    claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64)
 }
 
 /// The end of a job the edge gave up, or may have ([`start_rule`]), and why it is taken so.

@@ -62,12 +62,13 @@ pub enum RepoError {
     FilledMeanwhile { url: String, detail: String, needed: u64, free: u64 },
     /// A fetch that filled the disk, estimated (`layout::fetch_needs`) to fit with the
     /// disk's reserve in what is free again once what it wrote was removed, or in that and
-    /// what the mirrors of other repositories that jobs hold or fetch now take (`held`:
-    /// evictable for room once those jobs are done): other writers took the room meanwhile
+    /// what the workspaces of other running jobs and the mirrors of other repositories that
+    /// jobs hold or fetch now take (`held`: gone, or evictable for room, once those jobs are
+    /// done): other writers took the room meanwhile
     /// (`runner::full_disk`). Retryable: judged "too big" it failed for good a repository
     /// that fits the disk alone, told to lower the cache for another job's fetch (rev37-2).
-    #[error("the fetch of {url} filled the disk holding DATA_DIR ({detail}), though it is estimated to need about {needs} bytes and {free} bytes are free again{held}: other writers took that room meanwhile, so nothing ran; retry")]
-    FetchFilledMeanwhile { url: String, detail: String, needs: u64, free: u64, held: String },
+    #[error("the fetch of {url} filled the disk holding DATA_DIR ({detail}), though it is estimated to need about {needs} bytes and {free} bytes are free again{}: other writers took that room meanwhile, so nothing ran; retry", beside(.held))]
+    FetchFilledMeanwhile { url: String, detail: String, needs: u64, free: u64, held: Option<HeldRoom> },
     /// A fetch or checkout (`step`) that ran out of room, made room for and tried again
     /// (`rounds` times, `evicted` idle mirrors gone: `Repos::make_room`), whose job's
     /// timeout ended meanwhile (`runner::run_in`): the full disk cost the time, not only
@@ -175,6 +176,26 @@ impl RepoError {
     /// tells of a push that may have landed.
     pub fn retryable(&self) -> bool {
         matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomHeld { .. })
+    }
+}
+
+/// The room other jobs hold on a disk a fetch filled ([`RepoError::FetchFilledMeanwhile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldRoom {
+    /// Bytes the workspaces of other running jobs take.
+    pub workspaces: u64,
+    /// Bytes the mirrors of other repositories in use take (held by jobs, or being repacked).
+    pub mirrors: u64,
+}
+
+/// [`RepoError::FetchFilledMeanwhile`]'s words for the room held beside what is free, if
+/// the fetch fit only with it.
+fn beside(held: &Option<HeldRoom>) -> String {
+    match held {
+        Some(HeldRoom { workspaces, mirrors }) => format!(
+            ", beside {workspaces} bytes the workspaces of other running jobs take and {mirrors} bytes the mirrors of other repositories in use now take (held by jobs, or being repacked; a workspace goes once its job is done, a mirror may go for room once nothing holds it)"
+        ),
+        None => String::new(),
     }
 }
 
