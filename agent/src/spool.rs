@@ -453,12 +453,15 @@ impl Spool {
     /// spawned: it goes back to the edge unstarted): its record is cleared, so a restart
     /// does not report it lost, and its slot is free. Or its start was recorded only after
     /// the job ended (`runner::run_claude`): a result of the job's already kept (being
-    /// written into the slot, or held) owns the slot, and is left to clear it; a record
-    /// still being written is cleared by its write ([`Slot::Recording`]).
+    /// written into the slot, or held) owns the slot, and is left to clear it. Never asked
+    /// while the record is still being written ([`Slot::Recording`]): each caller comes
+    /// after [`Spool::started`] returned — on its thread (`process::run`'s `unready`), or
+    /// after a run that waited for that thread; a run cut short while the record was
+    /// written (the job ended first) leaves it to that `unready`.
     pub fn unstart(&self, job_id: &str) {
         let n = {
             let mut kept = self.lock();
-            if Self::recording_ends(&mut kept, job_id) || Self::in_memory(&kept, job_id).is_some() {
+            if Self::in_memory(&kept, job_id).is_some() {
                 return;
             }
             let Some(n) = Self::slot_of(&kept, job_id) else { return };
