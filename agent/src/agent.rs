@@ -699,11 +699,7 @@ impl Agent {
     /// the result's.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, session: Option<String>, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
-            (false, Some(ErrorCode::RunnerOauthError)) => {
-                self.reporter.auth_failed(true);
-                // The file may hold a login of a job's: what it seemed to replace is kept.
-                self.login.doubt_spent();
-            }
+            (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }

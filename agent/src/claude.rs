@@ -104,11 +104,6 @@ pub struct Transcript {
     /// `authentication_failed`, `model_not_found`, …): the CLI prints one such line for
     /// the error that ends its run, before the result. Kept short.
     pub error_kind: Option<String>,
-    /// Whether Claude's API answered: an `assistant` line of a model's, not one the CLI
-    /// made itself for an error (model `<synthetic>`, or naming an `error`: a failed login
-    /// prints one). Not the `system`/`init` line, which comes before any API call. Claude
-    /// then got past authentication ([`crate::oauth::JobWatch::claude_ended`]).
-    pub answered: bool,
 }
 
 impl Transcript {
@@ -182,10 +177,6 @@ impl Transcript {
         }
         if value["type"] == "assistant" {
             self.error_kind = value.get("error").and_then(Value::as_str).map(|kind| kind.chars().take(64).collect());
-            let model = value.pointer("/message/model").and_then(Value::as_str);
-            if value.get("error").is_none() && model.is_some_and(|m| m != "<synthetic>") {
-                self.answered = true;
-            }
         }
         if value["type"] == "result" {
             self.result = Some(value.clone());
@@ -582,18 +573,6 @@ mod tests {
         assert_eq!(renamed.recorded(), Err("forked"));
         // A run that never started is in no session.
         assert_eq!(result(&Transcript::default(), Ending::SpawnFailed("x".into()), "", 1).session_id, None);
-    }
-
-    /// Claude got past authentication only once its API answered: not at its `init` line
-    /// (before any API call), nor at the line the CLI makes itself for a failed login.
-    #[test]
-    fn only_an_answer_from_the_api_is_past_authentication() {
-        let init = json!({"type":"system","subtype":"init","session_id":"s"});
-        let failed = json!({"type":"assistant","message":{"model":"<synthetic>","role":"assistant","content":[{"type":"text","text":"Not logged in"}]},"error":"authentication_failed"});
-        let limit = json!({"type":"assistant","message":{"model":"claude-opus-4-1","content":[]},"error":"rate_limit"});
-        assert!(!transcript(&[init.clone(), failed, limit]).answered);
-        let answer = json!({"type":"assistant","message":{"model":"claude-opus-4-1","role":"assistant","content":[{"type":"text","text":"hi"}]}});
-        assert!(transcript(&[init, answer]).answered);
     }
 
     /// A Claude killed by a signal the agent did not send (a timeout or a cancel has an

@@ -11,10 +11,7 @@
 //! ([`REFRESH_LOCK`]); the others wait until the credentials file shows a fresh token or
 //! that one ends — a lock another process holds, for at most [`LOCK_WAIT`].
 
-use crate::claude::Transcript;
 use crate::credentials;
-use shared::contract::ErrorCode;
-use shared::job::JobResult;
 use crate::redact::Redactor;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::Millis;
@@ -69,19 +66,18 @@ pub type Remembered = Arc<std::sync::Mutex<Logins>>;
 /// [`Login::learnt`], shared by clones.
 pub type Learnt = Arc<AtomicU64>;
 
-/// How many logins (an access token and its refresh token) the agent keeps in mind. The
-/// file holds one at a time, and a job can change what it holds: move it away, blank it,
-/// write it half, write logins of its own, or let Claude rotate the tokens (the access
-/// token it replaces stays valid for hours). The redactor was built from the file as it
-/// stood, so a job that hid it printed the tokens unmasked (hostile review rev36b, 1). In
-/// use the memory holds one to three (the login, and those a refresh replaced until their
-/// access token expires: [`Logins`]), and one more for each relayed login or failed run
-/// within [`REFRESH_LIFETIME_MS`] (a dozen of those fill it: the words then blame no
-/// job); the bound is for a job writing logins of its own,
-/// and a login it keeps out is a reason to withhold output ([`Logins::overflowed`]), never
-/// a reason to forget one kept. Each login's forms slow the redactor (BENCHMARKS.md,
-/// "Redaction throughput"), so only a hostile job ever makes it mask this many.
-pub const REMEMBERED: usize = 16;
+/// How many logins the agent keeps in mind. The file holds one at a time, and a job can
+/// change what it holds: move it away, blank it, write logins of its own, or let Claude
+/// rotate the tokens; a login the file no longer holds is kept until both its tokens are
+/// past their end ([`Logins`]), since no Claude run can show it spent. Claude refreshes
+/// about once per access token's life (some 8 h) while jobs run, so a month of busy use
+/// (a refresh token's life when the file does not say: [`REFRESH_LIFETIME_MS`]) holds
+/// about 90 logins, and one more for each relayed login: 128 is that with room to spare.
+/// Past its access token's end a replaced login is masked by its refresh token alone, so
+/// the redactor masks about one token per login (BENCHMARKS.md, "Redaction throughput").
+/// A login kept out for want of room withholds every job ([`Logins::overflowed`]), never
+/// pushes one kept out.
+pub const REMEMBERED: usize = 128;
 
 /// How many logins a job's run may bring into the credentials file that the agent had not
 /// read before ([`JobWatch`]): its Claude's refresh makes one, a concurrent job's Claude's
@@ -92,9 +88,8 @@ pub const REMEMBERED: usize = 16;
 /// is withheld.
 pub const NEW_PER_JOB: u64 = 2;
 
-/// How long after its `expiresAt` a login whose refresh token is spent stays masked: the
-/// server's clock and this machine's may differ, and the access token is valid by the
-/// server's.
+/// How long after its end an access token stays masked: the server's clock and this
+/// machine's may differ, and the access token is valid by the server's.
 pub const SPENT_GRACE_MS: Millis = 5 * 60_000;
 
 /// The tokens the agent remembers ([`Logins`]) are of a shape real ones have: visible
@@ -117,42 +112,26 @@ fn plausible(token: &str) -> bool {
 pub const CURRENT_TOKEN_BYTES: usize = 4096;
 
 /// Logins once read, in the order first read. A job runs as the agent's user: it can read
-/// the file, keep a copy of the tokens in its `$HOME`, and print them in a later job. So a
-/// login is forgotten only once it is dead: its refresh token known spent (or, pinned,
-/// past its end) and its access token expired ([`Known::dead`]). A refresh token is known
-/// spent when the agent read a newer login with none of the jobs that ran when that one
-/// was first read still running (the file as Claude's refresh, or the person logging in,
-/// left it; those jobs' processes are gone), and a Claude run has since authenticated with
-/// that newer login ([`Logins::confirm`]): a job can leave a login of its own in the file
-/// at its end, its copy of the real one kept. Till then the one before is replaced, not
-/// spent: kept until its refresh token's end ([`Known::replaced`]), and pinned by a relay. Logins read while a job runs never push one
-/// out: nothing is forgotten for a newer login, a failed, absent or changed reading, or
-/// want of room.
+/// the file, keep a copy of the tokens, leave a login of its own in the file and print the
+/// copy in a later job. Nothing a Claude run prints shows which login it used (a job's
+/// settings choose its key, key helper and base URL: review rev43), so no run makes a
+/// login spent. The login the file holds is live ([`State`]); once the file has held
+/// another it is replaced, and kept until its refresh token's end — the file's
+/// `refreshTokenExpiresAt` (the latest read), else [`REFRESH_LIFETIME_MS`] after its first
+/// reading — and its access token's, masked by its refresh token alone once its access
+/// token is dead. Only a refresh that kept its refresh token (a new access token beside a
+/// login's own refresh token, with a later `expiresAt`) spends a login: the refresh token
+/// moves to the new login, and the old access token stays masked, alone, until its end.
 ///
-/// What a job writes cannot make a live login look dead (hostile review rev40a): no
-/// reading shortens a login's expiry (the latest read counts, and never less than
-/// [`ACCESS_LIFETIME_MS`] after its first reading, whatever that said); a login the file
-/// holds again is not spent; a login sharing a token with one read before (the real
-/// access token beside a refresh token of the job's) is no newer login, spends none, and
-/// is tampering ([`JobWatch::tampering`]) — but for a new access token beside a login's
-/// own refresh token with a later `expiresAt`: a refresh that kept its refresh token, which
-/// moves to the new login while the old access token stays masked, alone, until its end. Two things keep a login's refresh token in mind
-/// though a newer login was read ([`Known::pinned`]): a Claude run that failed to
-/// authenticate ([`Logins::doubt`]: a job that left a login of its own in the file at its
-/// end made the real one look replaced), and a new login made through the relay
-/// ([`Logins::pin`]: it spends no refresh token of the one before). A pinned login is
-/// kept until its refresh token is past its end too: the file's `refreshTokenExpiresAt`
-/// (the latest read), or [`REFRESH_LIFETIME_MS`] after its first reading when the file
-/// never said.
+/// No reading shortens an end (the latest read counts, and an access token's is never
+/// less than [`ACCESS_LIFETIME_MS`] after its first reading). A login sharing a token with
+/// one read before otherwise is a splice: tampering ([`JobWatch::tampering`]).
 ///
 /// The memory is bounded ([`REMEMBERED`]): a login read with it full is not kept (masked
 /// while the file holds it, as the file's), and from then on the memory has
 /// [`Logins::overflowed`]: every job running then or started after has its output
-/// withheld ([`JobWatch::tampering`]) until the agent restarts. So no login read is
-/// unmasked while it may be live, whatever a job writes into the file (hostile review
-/// rev39). Only tokens of a real token's shape are kept ([`plausible`]). In use it holds
-/// the login, the one a refresh replaced until its access token has expired, and one
-/// login for each relayed login or failed run within a refresh token's life.
+/// withheld until the agent restarts. Only tokens of a real token's shape are kept
+/// ([`plausible`]).
 #[derive(Default)]
 pub struct Logins {
     logins: Vec<Known>,
@@ -166,16 +145,12 @@ pub struct Logins {
     /// The latest time a reading was learnt at: a job's run so far is measured on it
     /// ([`JobWatch::tampering`]), the same clock the logins' ends are on.
     clock: Millis,
-    /// New logins made through the relay ([`Logins::pin`]): none counts against a job.
+    /// New logins made through the relay ([`Login::relayed_login`]): none counts against a
+    /// job.
     relayed: u64,
-    /// The serial of the login the file held at the last reading that held one kept.
-    current: Option<u64>,
     /// The last login not kept for want of room: read again (the file holds it at every
     /// reading until it changes) it is no new login, and no job's doing.
     unkept: Option<Vec<String>>,
-    /// The jobs running now, by their serial ([`JobWatch`]), and the next job's.
-    running: Vec<u64>,
-    next_job: u64,
 }
 
 /// The most an access token Anthropic issues is taken to live. Claude Code's logins carry
@@ -186,64 +161,82 @@ pub struct Logins {
 /// forgotten at once, its refresh token live (hostile review rev40a, 3).
 pub const ACCESS_LIFETIME_MS: Millis = 12 * 3_600_000;
 
-/// How long a pinned login's refresh token is taken to live when the file never gave its
+/// How long a refresh token is taken to live when the file never gave its
 /// `refreshTokenExpiresAt` (newer Claude Code writes one; older does not). Anthropic
 /// documents no lifetime; refresh tokens are single-use (rotated at each refresh) and a
 /// login was seen refreshing for weeks without a new sign-in. So a month: past it a
-/// refresh token never used is taken as dead. It bounds what the memory holds in use: one
-/// login per relayed login or failed run in the month before.
+/// refresh token never used is taken as dead. It bounds what the memory holds
+/// ([`REMEMBERED`]).
 pub const REFRESH_LIFETIME_MS: Millis = 30 * 24 * 3_600_000;
+
+/// What a remembered login is to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The file held it at the last reading that held a login kept: kept whatever its ends.
+    Live,
+    /// The file has held another since: kept until both its tokens are past their end.
+    Replaced,
+    /// A refresh kept its refresh token, which moved to the newer login: its access token
+    /// alone is this login's, kept until its end.
+    Spent,
+}
 
 /// One remembered login.
 struct Known {
+    /// Its tokens as read: the access token, then the refresh token (when it had one of a
+    /// real token's shape). What is masked of them is [`Known::masked`].
     tokens: Vec<String>,
-    /// [`Logins::first_reads`] once it was first read: its place among the logins read.
-    serial: u64,
+    state: State,
     /// Its access token's end: the latest `expiresAt` read, and at least
     /// [`ACCESS_LIFETIME_MS`] after its first reading.
     expires_at: Millis,
     /// The latest `expiresAt` the file gave it (0: none): a login with its refresh token
     /// and a later one is its refresh ([`Logins::learn`]).
     said_expires: Millis,
-    /// Its refresh token's end, for a pinned login: the latest `refreshTokenExpiresAt`
-    /// read, or [`REFRESH_LIFETIME_MS`] after its first reading when none was.
+    /// Its refresh token's end: the latest `refreshTokenExpiresAt` read, or
+    /// [`REFRESH_LIFETIME_MS`] after its first reading when none was.
     refresh_ends: Millis,
-    /// The next job's serial when it was first read: only jobs of a lower one ran then,
-    /// and could have written it.
-    jobs_before: u64,
-    /// A newer login was read with none of the jobs that could have written it running:
-    /// its refresh token is spent.
-    spent: bool,
-    /// It shares a token with a login read before it: a splice, never a newer login.
+    /// It shares a token with a login read before it: a splice, never a refresh.
     mixed: bool,
-    /// Its refresh token may be live though a newer login was read (a failed run,
-    /// [`Logins::doubt`], or a relayed login, [`Logins::pin`]): kept until `refresh_ends`.
-    pinned: bool,
-    /// A newer login was read with none of the jobs that could have written it running,
-    /// but no Claude run has authenticated with that one yet: it may be a login a job left
-    /// in the file (its copy of this one kept), so this one is kept until `refresh_ends`,
-    /// and spent only once a run authenticates with a login read after it
-    /// ([`Logins::confirm`], review rev42, 3).
-    replaced: bool,
-    /// A Claude run that began with it authenticated: it is a real login, and the logins
-    /// it replaced are spent.
-    authenticated: bool,
+    /// Not live and its access token past its end and the grace: that token is masked no
+    /// more ([`Logins::forget_dead`]).
+    access_gone: bool,
 }
 
 impl Known {
-    /// Whether both its tokens are dead: the access token past its end (and the grace),
-    /// the refresh token spent, or for a pinned login past its end.
+    fn access_past(&self, now: Millis) -> bool {
+        self.expires_at.saturating_add(SPENT_GRACE_MS) <= now
+    }
+
+    /// Whether nothing of it may live: never while live; spent, once its access token is
+    /// past its end; replaced, once its refresh token is too (a login of one token, its
+    /// kind unknown, counts as both).
     fn dead(&self, now: Millis) -> bool {
-        let refresh_dead = if self.pinned || self.replaced { self.refresh_ends <= now } else { self.spent };
-        refresh_dead && self.expires_at.saturating_add(SPENT_GRACE_MS) <= now
+        match self.state {
+            State::Live => false,
+            State::Spent => self.access_past(now),
+            State::Replaced => self.access_past(now) && self.refresh_ends <= now,
+        }
+    }
+
+    /// The tokens that are still this login's: not a refresh token moved on.
+    fn held(&self) -> &[String] {
+        match self.state {
+            State::Spent => &self.tokens[..1],
+            State::Live | State::Replaced => &self.tokens,
+        }
+    }
+
+    /// The tokens masked as this login's: what it holds, less an access token gone.
+    fn masked(&self) -> impl Iterator<Item = &String> {
+        let access = self.state == State::Live || !self.access_gone || self.held().len() < 2;
+        self.held().iter().enumerate().filter(move |(at, _)| *at > 0 || access).map(|(_, token)| token)
     }
 }
 
 impl Logins {
     /// Keeps the tokens of `tokens` (a login's access and refresh token) of a real token's
-    /// shape in mind, if there is room; read with none of the jobs that ran when it was
-    /// first read running, the logins read before it are replaced, their refresh tokens
-    /// spent (not by a login that shares a token with one of them: [`Known::mixed`]).
+    /// shape in mind, if there is room, as the live login: every other login is replaced.
     /// `expires_at` and `refresh_expires_at` are what the file says; none shortens what
     /// was read before. Whether it was a login not known before (kept or not).
     fn learn(&mut self, tokens: &[String], expires_at: Option<Millis>, refresh_expires_at: Option<Millis>, now: Millis) -> bool {
@@ -260,9 +253,6 @@ impl Logins {
                 known.expires_at = known.expires_at.max(expires_at.unwrap_or(0));
                 known.said_expires = known.said_expires.max(expires_at.unwrap_or(0));
                 known.refresh_ends = known.refresh_ends.max(refresh_expires_at.unwrap_or(0));
-                // The file holds it again: no newer login replaced it.
-                known.spent = false;
-                known.replaced = false;
                 at
             }
             None if self.unkept.as_ref() == Some(&tokens) => return false,
@@ -274,111 +264,67 @@ impl Logins {
                 // it, and Claude then keeps the old one), not a splice (review rev42, 1).
                 let refreshed = match tokens.as_slice() {
                     [access, refresh] => self.logins.iter().position(|known| {
-                        matches!(known.tokens.as_slice(), [old, kept] if kept == refresh && old != access)
+                        matches!(known.held(), [old, kept] if kept == refresh && old != access)
                             && !known.mixed
                             && expires_at.is_some_and(|end| end > known.said_expires)
                     }),
                     _ => None,
                 };
                 let mixed = self.logins.iter().enumerate().any(|(at, known)| {
-                    known.tokens.iter().any(|token| tokens.contains(token) && !(Some(at) == refreshed && *token == tokens[1]))
+                    known.held().iter().any(|token| tokens.contains(token) && !(Some(at) == refreshed && *token == tokens[1]))
                 });
                 if mixed {
                     self.mixed += 1;
-                    warn!(running = self.running.len(), "Claude's credentials file holds a login sharing a token with one read before (Claude's refresh replaces both): something wrote it; the jobs running now are withheld");
+                    warn!("Claude's credentials file holds a login sharing a token with one read before (Claude's refresh replaces both): something wrote it; the jobs running now are withheld");
                 }
                 if self.logins.len() >= REMEMBERED {
                     if !self.overflowed {
-                        warn!(remembered = REMEMBERED, running = self.running.len(), "Claude's credentials file has held more logins than the agent keeps in mind, none of them known dead (relayed logins, failed runs, or a job writing logins into it): every job's output is withheld from now until the agent restarts");
+                        warn!(remembered = REMEMBERED, "Claude's credentials file has held more logins than the agent keeps in mind, none of them past its refresh token's end (Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into it): every job's output is withheld from now until the agent restarts");
                     }
                     self.overflowed = true;
                     self.unkept = Some(tokens);
                     return true;
                 }
-                let serial = self.first_reads;
                 let said_expires = expires_at.unwrap_or(0);
                 let expires_at = said_expires.max(now.saturating_add(ACCESS_LIFETIME_MS));
                 let mut refresh_ends = refresh_expires_at.filter(|end| *end > now).unwrap_or(now.saturating_add(REFRESH_LIFETIME_MS));
-                let mut pinned = false;
                 if let Some(at) = refreshed.filter(|_| !mixed) {
                     // The refresh token moves to the new login, with what was known of its
                     // end; the old access token stays, alone, until its own end.
                     let old = &mut self.logins[at];
-                    old.tokens.truncate(1);
                     refresh_ends = refresh_ends.max(old.refresh_ends);
-                    pinned = std::mem::replace(&mut old.pinned, false);
-                    old.spent = true;
+                    old.state = State::Spent;
                 }
-                self.logins.push(Known { tokens, serial, expires_at, said_expires, refresh_ends, jobs_before: self.next_job, spent: false, mixed, pinned, replaced: false, authenticated: false });
+                self.logins.push(Known { tokens, state: State::Live, expires_at, said_expires, refresh_ends, mixed, access_gone: false });
                 self.logins.len() - 1
             }
         };
-        // None of the jobs that ran when it was first read runs now: the file holds it as
-        // Claude's refresh or the person logging in left it.
-        let known = &self.logins[at];
-        self.current = Some(known.serial);
-        if !known.mixed && self.running.iter().all(|job| *job >= known.jobs_before) {
-            // Spent only once a run authenticated with the newer login: till then it may be
-            // a job's, the one before kept in its copy (review rev42, 3).
-            let authenticated = known.authenticated;
-            for known in self.logins[..at].iter_mut().filter(|known| !known.spent) {
-                known.spent = authenticated;
-                known.replaced = !authenticated;
-            }
+        // The file holds it: the live login. The others are kept until their ends, whatever
+        // wrote it (a job may have left it, its copy of the one before kept).
+        for (n, known) in self.logins.iter_mut().enumerate() {
+            known.state = match known.state {
+                _ if n == at => State::Live,
+                State::Live => State::Replaced,
+                other => other,
+            };
         }
         new
     }
 
-    /// Lets go of the logins that are dead ([`Known::dead`]).
+    /// Lets go of the logins that are dead ([`Known::dead`]), and of the access tokens of
+    /// those not live that are past their end.
     fn forget_dead(&mut self, now: Millis) {
         self.logins.retain(|known| !known.dead(now));
-    }
-
-    /// A Claude run that began with the login of serial `serial` authenticated: it is a
-    /// real one, so the logins it replaced ([`Known::replaced`]) are spent.
-    fn confirm(&mut self, serial: u64) {
-        let Some(at) = self.logins.iter().position(|known| known.serial == serial) else { return };
-        self.logins[at].authenticated = true;
-        for known in self.logins[..at].iter_mut().filter(|known| known.replaced) {
-            known.replaced = false;
-            known.spent = true;
+        // Once gone, gone: a reader's clock may be behind another's.
+        for known in self.logins.iter_mut().filter(|known| known.state != State::Live) {
+            known.access_gone |= known.access_past(now);
         }
     }
 
-    /// A Claude run failed to authenticate: the login the file held may be a job's, so the
-    /// logins it was taken to replace are not known spent: pinned.
-    fn doubt(&mut self) {
-        for known in self.logins.iter_mut().filter(|known| known.spent) {
-            known.pinned = true;
-        }
-    }
-
-    /// The logins a relay that begins now may need pinned once it made a new login
-    /// ([`Logins::pin`]): those read so far and not spent.
-    fn unspent(&self) -> RelayBegan {
-        RelayBegan { unspent: self.logins.iter().filter(|known| !known.spent).map(|known| known.serial).collect() }
-    }
-
-    /// A new login was made: it spends no refresh token of the logins read before the
-    /// relay began that were not spent then, so they are pinned. Logins read since (the
-    /// new one, read by the agent's look before this) are not.
-    fn pin(&mut self, began: &RelayBegan) {
-        // The person's login, read as a new one: no job's doing.
-        self.relayed += 1;
-        for known in self.logins.iter_mut().filter(|known| began.unspent.contains(&known.serial)) {
-            known.pinned = true;
-        }
-    }
-
-    /// Every token remembered, in the order first read.
+    /// Every token masked ([`Known::masked`]), in the order first read.
     fn tokens(&self) -> impl Iterator<Item = &String> {
-        self.logins.iter().flat_map(|known| &known.tokens)
+        self.logins.iter().flat_map(Known::masked)
     }
-}
-
-/// The logins read before a relayed login began and not spent then ([`Login::relay_begins`]).
-pub struct RelayBegan {
-    unspent: Vec<u64>,
 }
 
 /// Never the tokens, even in a debug print.
@@ -388,94 +334,35 @@ impl std::fmt::Debug for Logins {
     }
 }
 
-/// A job's watch on the login memory, from before its checkout to its end: while one is
-/// held a login first read does not replace the logins read before ([`Logins::learn`]),
-/// and the job's run is tampering when it brought more than [`NEW_PER_JOB`] logins the
-/// agent had not read, a login sharing a token with one read before, or the memory
-/// overflowed ([`JobWatch::tampering`]). Dropped, the file is read again, so what the
-/// job's Claude refreshed is taken as the login.
+/// A job's watch on the login memory, from before its checkout to its end: the job's run
+/// is tampering when it brought more than [`NEW_PER_JOB`] logins the agent had not read, a
+/// login sharing a token with one read before, or the memory overflowed
+/// ([`JobWatch::tampering`]). Dropped, the file is read again, so what the job's Claude
+/// refreshed is taken as the live login.
 pub struct JobWatch {
     login: Login,
-    serial: u64,
     first_reads: u64,
     mixed: u64,
     /// [`Logins::clock`] and [`Logins::relayed`] when the watch began.
     started: Millis,
     relayed: u64,
-    /// The serial of the login the job's Claude began with ([`JobWatch::claude_starts`]),
-    /// `u64::MAX` for none.
-    began_with: AtomicU64,
-    /// Whether the job's Claude got past authentication ([`JobWatch::claude_ended`]).
-    answered: AtomicBool,
 }
 
 impl Login {
     /// Watches the login memory for the job that holds the watch ([`JobWatch`]).
     pub fn watch_job(&self) -> JobWatch {
-        let mut logins = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let serial = logins.next_job;
-        logins.next_job += 1;
-        logins.running.push(serial);
-        JobWatch { login: self.clone(), serial, first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed, began_with: AtomicU64::new(u64::MAX), answered: AtomicBool::new(false) }
+        let logins = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        JobWatch { login: self.clone(), first_reads: logins.first_reads, mixed: logins.mixed, started: logins.clock, relayed: logins.relayed }
     }
 
-    /// A Claude run failed to authenticate ([`Logins::doubt`]).
-    pub fn doubt_spent(&self) {
-        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).doubt();
-    }
-
-    /// A relayed login (`claude auth login`) begins: the file is read (the login it holds
-    /// is known), and the logins not spent now are named for [`Login::pin_read_before`].
-    pub fn relay_begins(&self, now: Millis) -> RelayBegan {
-        self.read_cached(now);
-        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).unspent()
-    }
-
-    /// The relayed login that began at `began` made a new login: it spends no refresh
-    /// token, so the logins read before it began are kept until dead ([`Logins::pin`]).
-    pub fn pin_read_before(&self, began: &RelayBegan) {
-        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pin(began);
+    /// A relayed login (`claude auth login`) made a new login: it counts against no job's
+    /// run ([`JobWatch::tampering`]). The logins before it are replaced as any are.
+    pub fn relayed_login(&self) {
+        self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).relayed += 1;
     }
 }
 
 impl JobWatch {
-    /// The job's Claude starts now, with the login the file held at the last reading (the
-    /// one that built its environment, just before).
-    pub fn claude_starts(&self) {
-        let current = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).current;
-        self.began_with.store(current.unwrap_or(u64::MAX), Ordering::SeqCst);
-    }
-
-    /// The job's Claude run ended with `result`: it got past authentication when Claude's
-    /// API answered it ([`Transcript::answered`]) and it did not end on a login failure
-    /// (`RUNNER_OAUTH_ERROR`: the answer came before a token went bad). A run that ends in
-    /// a timeout, a cancel, the usage limit, max turns or a Claude error authenticated as
-    /// well as a success: not counting it, an agent whose runs never succeed kept every
-    /// login it read, and its memory filled in 16 refreshes (review rev43, 2).
-    pub fn claude_ended(&self, transcript: &Transcript, result: &JobResult) {
-        if transcript.answered && result.error_code != Some(ErrorCode::RunnerOauthError) {
-            self.answered.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// The job ends: if its Claude got past authentication ([`JobWatch::claude_ended`])
-    /// and the job is not withheld ([`JobWatch::tampering`]: the login it began with may
-    /// be one the job wrote), that login is real ([`JobWatch::authenticated`]).
-    pub fn job_ended(&self) {
-        if self.answered.load(Ordering::SeqCst) && self.tampering().is_none() {
-            self.authenticated();
-        }
-    }
-
-    /// The job's Claude run authenticated: the login it began with is real, and the
-    /// logins it replaced are spent ([`Logins::confirm`]).
-    pub fn authenticated(&self) {
-        let serial = self.began_with.load(Ordering::SeqCst);
-        if serial != u64::MAX {
-            self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).confirm(serial);
-        }
-    }
-
     /// Why the job's output must be withheld, if it must: the words its result carries.
     pub fn tampering(&self) -> Option<String> {
         let logins = self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -485,10 +372,10 @@ impl JobWatch {
         // Claude refreshes once per access token's life: a long job brings more.
         let allowed = NEW_PER_JOB + logins.clock.saturating_sub(self.started) / ACCESS_LIFETIME_MS;
         if logins.overflowed && new <= allowed && !mixed {
-            // Nothing says this job wrote a login: the memory may have filled with relayed
-            // logins and failed runs as well as with a job's.
+            // Nothing says this job wrote a login: the memory may have filled with Claude's
+            // refreshes and relayed logins as well as with a job's.
             return Some(format!(
-                "withheld: the agent's memory of Claude's logins is full ({REMEMBERED} read since it started and none known dead: relayed logins, failed runs, or a job writing logins into ~/.claude), so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: restart the agent, then send the job again (check the login still works)"
+                "withheld: the agent's memory of Claude's logins is full ({REMEMBERED} read since it started, none past its refresh token's end: Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into ~/.claude), so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: restart the agent, then send the job again (check the login still works)"
             ));
         }
         let why = if mixed {
@@ -507,8 +394,6 @@ impl JobWatch {
 
 impl Drop for JobWatch {
     fn drop(&mut self) {
-        let serial = self.serial;
-        self.login.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).running.retain(|job| *job != serial);
         // The job's processes are gone: the file, read now, may hold the login a refresh
         // in it made, replacing the one before.
         self.login.read_cached(crate::now_ms());
@@ -675,9 +560,8 @@ impl Login {
             }
         };
         drop(cache);
-        // Learnt at every reading, the file unchanged too: one with none of the jobs that
-        // could have written it running replaces the logins read before it
-        // ([`Logins::learn`]).
+        // Learnt at every reading, the file unchanged too: the login it holds is the live
+        // one, the others replaced ([`Logins::learn`]).
         if let Some((tokens, expires_at, refresh_expires_at)) = &reading.login {
             let new = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).learn(tokens, *expires_at, *refresh_expires_at, now);
             if new {
@@ -1227,42 +1111,45 @@ mod tests {
         assert!(masks(&hidden, access), "the access token the rotation replaced is unmasked while valid");
     }
 
-    /// A job's Claude refreshes the login (one new login in its run: not tampering); once
-    /// the job has ended the file is read with no job running, so the old login's refresh
-    /// token is known spent, and it is forgotten once its access token has expired. The
-    /// memory holds no more than that in use.
+    /// A job's Claude refreshes the login (one new login in its run: not tampering): the
+    /// old login is replaced. Nothing a later run does spends it (review rev43): its access
+    /// token is masked until its end, then its refresh token alone until its own end (here a
+    /// month after its first reading), and it is forgotten. The memory holds the login and
+    /// one refresh token per login replaced within a refresh token's life.
     #[test]
-    fn a_refresh_in_a_job_replaces_the_login_once_the_job_ends() {
+    fn a_refresh_in_a_job_replaces_the_login_until_its_refresh_token_ends() {
         let d = tempdir("refresh");
         let (access, refresh) = (&token("access"), &token("refresh"));
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         let path = login.credentials_path.clone();
         // Read as it was made: kept at least until its `expiresAt`.
-        login.redactor(expires - ACCESS_LIFETIME_MS);
+        let first_read = expires - ACCESS_LIFETIME_MS;
+        login.redactor(first_read);
         let job = login.watch_job();
         let (access2, refresh2) = (&token("access2"), &token("refresh2"));
         std::fs::write(&path, credentials(access2, refresh2, expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 240_000);
         assert_eq!(job.tampering(), None, "Claude's refresh is not tampering");
         drop(job);
-        assert!(masks(&login.redactor(expires + SPENT_GRACE_MS + 1), refresh), "replaced before a run authenticated with the new login");
-        // The next job's Claude authenticates with the new login: the old one is spent.
-        let next = login.watch_job();
-        next.claude_starts();
-        next.authenticated();
-        drop(next);
+        // The next job's Claude runs, on the new login or not: the agent cannot tell.
+        drop(login.watch_job());
         let during = login.redactor(expires + SPENT_GRACE_MS - 1);
-        assert!(masks(&during, access), "the replaced access token is unmasked while valid");
+        assert!(masks(&during, access) && masks(&during, refresh), "the replaced access token is unmasked while valid");
         let later = login.redactor(expires + SPENT_GRACE_MS + 1);
-        assert!(!masks(&later, access) && !masks(&later, refresh), "a dead login is kept");
+        assert!(!masks(&later, access), "an access token past its end is still masked");
+        assert!(masks(&later, refresh), "a replaced refresh token is unmasked before its end");
         assert!(masks(&later, access2) && masks(&later, refresh2));
+        let gone = login.redactor(first_read + REFRESH_LIFETIME_MS + 1);
+        assert!(!masks(&gone, refresh), "a dead login is kept");
+        assert!(masks(&gone, access2) && masks(&gone, refresh2), "the live login is let go");
         assert_eq!(login.remembered.lock().unwrap().logins.len(), 1);
     }
 
-    /// An agent whose slots are never all free at once: a refresh in one job is taken as
-    /// the login once the jobs that ran when it was first read have ended, whatever runs
-    /// then, so the memory does not grow with every refresh (and fill at last).
+    /// An agent whose slots are never all free at once: a refresh read while jobs run
+    /// replaces the login all the same, so its access token is let go at its end and the
+    /// login at its refresh token's, whatever runs then (the memory does not grow with every
+    /// refresh for as long as jobs overlap).
     #[test]
     fn a_refresh_replaces_the_login_on_an_agent_never_idle() {
         let d = tempdir("never-idle");
@@ -1275,14 +1162,12 @@ mod tests {
         std::fs::write(&path, credentials(&token("access2"), &token("refresh2"), expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 240_000);
         let second = login.watch_job();
-        second.claude_starts();
         login.redactor(expires - 200_000);
-        assert!(masks(&login.redactor(expires + SPENT_GRACE_MS + 1), access), "replaced while the job that could have written the new login runs");
         drop(first);
-        // The second job's Claude authenticated with the new login.
-        second.authenticated();
         let later = login.redactor(expires + SPENT_GRACE_MS + 1);
-        assert!(!masks(&later, access) && !masks(&later, refresh), "a dead login is kept while another job runs");
+        assert!(!masks(&later, access) && masks(&later, refresh), "while another job runs, the replaced access token is kept past its end or its refresh token is not");
+        let gone = login.redactor(expires - ACCESS_LIFETIME_MS + REFRESH_LIFETIME_MS + 1);
+        assert!(!masks(&gone, refresh), "a dead login is kept while another job runs");
         drop(second);
     }
 
@@ -1304,8 +1189,13 @@ mod tests {
         for n in 0..REMEMBERED + 4 {
             let (a, r) = fake(n);
             std::fs::write(&path, credentials(&a, &r, far)).unwrap();
-            let redactor = login.redactor(expires - 2 * hour);
-            assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
+            // A redactor of 128 logins takes a debug build a while: built at the first and
+            // around the bound only, the file read at each.
+            login.read(expires - 2 * hour);
+            if n < 2 || n + 3 >= REMEMBERED {
+                let redactor = login.redactor(expires - 2 * hour);
+                assert!(masks(&redactor, &a) && masks(&redactor, &r), "a login the file holds is masked, kept or not");
+            }
         }
         std::fs::remove_file(&path).unwrap();
         let hidden = login.redactor(expires + 2 * hour);
@@ -1319,8 +1209,8 @@ mod tests {
 
     /// A job wrote one login of its own into the file at its end: read with no job
     /// running, it made the real one look replaced, its refresh token spent, and the real
-    /// one was forgotten once its access token expired, its refresh token live. Claude then
-    /// failed to authenticate on the job's login: the real one is kept for good.
+    /// one was forgotten once its access token expired, its refresh token live. Replaced,
+    /// it is kept until its refresh token's end.
     #[test]
     fn a_login_a_job_left_in_the_file_does_not_unmask_the_real_one() {
         let d = tempdir("left");
@@ -1334,11 +1224,9 @@ mod tests {
         std::fs::write(&path, credentials(&token("left-a"), &token("left-r"), expires + 3_600_000)).unwrap();
         login.redactor(expires - 3_000_000);
         drop(job);
-        // The next job's Claude fails to authenticate on it.
-        login.doubt_spent();
         let later = login.redactor(expires + 3_600_000);
         assert!(masks(&later, refresh), "the real refresh token, never spent, is unmasked");
-        // Pinned until its refresh token is dead: a month after it was first read.
+        // Kept until its refresh token is dead: a month after it was first read.
         let gone = login.redactor(expires - ACCESS_LIFETIME_MS + REFRESH_LIFETIME_MS + 1);
         assert!(!masks(&gone, refresh), "a login whose refresh token is dead is kept for the agent's life");
     }
@@ -1354,10 +1242,9 @@ mod tests {
         let expires = 1_800_000_000_000;
         let login = login_with(&d, &credentials(access, refresh, expires));
         login.redactor(expires - ACCESS_LIFETIME_MS);
-        let began = login.relay_begins(expires - 120_000);
         std::fs::write(&login.credentials_path, credentials(&token("new-a"), &token("new-r"), expires + 8 * 3_600_000)).unwrap();
         login.redactor(expires - 60_000);
-        login.pin_read_before(&began);
+        login.relayed_login();
         let later = login.redactor(expires + 3_600_000);
         assert!(masks(&later, refresh), "the refresh token of the login before the new one is unmasked");
     }
@@ -1490,7 +1377,7 @@ mod tests {
         let job = login.watch_job();
         for n in 0..REMEMBERED - 1 {
             std::fs::write(&path, credentials(&token(&format!("r-a-{n}")), &token(&format!("r-r-{n}")), far)).unwrap();
-            login.redactor(expires - 600_000 + n as Millis);
+            login.read(expires - 600_000 + n as Millis);
         }
         let (access2, refresh2) = (&token("access2"), &token("refresh2"));
         std::fs::write(&path, credentials(access2, refresh2, expires + 8 * 3_600_000)).unwrap();
@@ -1828,8 +1715,8 @@ mod tests {
         login.redactor(now + 1_000);
         std::fs::write(&path, credentials(access, refresh, now + 3_600_000)).unwrap();
         login.redactor(now + 2_000);
-        let spent = login.remembered.lock().unwrap().logins.iter().any(|k| k.tokens.contains(refresh) && k.spent);
-        assert!(!spent, "the real login, in the file again and never refreshed, is taken as spent");
+        let live = login.remembered.lock().unwrap().logins.iter().any(|k| k.tokens.contains(refresh) && k.state == State::Live);
+        assert!(live, "the real login, in the file again and never refreshed, is not the live one");
         std::fs::remove_file(&path).unwrap();
         assert!(masks(&login.redactor(now + 2 * ACCESS_LIFETIME_MS), refresh), "its refresh token, live, is unmasked once the file is hidden");
     }
@@ -1839,45 +1726,40 @@ mod tests {
         format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":{expires_at},"refreshTokenExpiresAt":{refresh_ends},"scopes":["user:inference"]}}}}"#)
     }
 
-    /// Relayed logins on a benign agent, `every` apart, each followed by two of Claude's
-    /// refreshes in jobs (rev40a-2): the file as `file(access, refresh, expires, now)`
-    /// writes it; the new login is read by the agent's look before the relay ends when
-    /// `read_first`. Returns the most logins held, and why a job was withheld if one was.
-    fn relayed_logins(name: &str, every: Millis, read_first: bool, file: impl Fn(&str, &str, Millis, Millis) -> String) -> (usize, Option<String>) {
+    /// Relayed logins on a benign agent, `every` apart, `rounds` of them, each followed by
+    /// two of Claude's refreshes in jobs (rev40a-2): the file as `file(access, refresh,
+    /// expires, now)` writes it; the new login is read by the agent's look before the relay
+    /// ends when `read_first`. Returns the most logins held, and why a job was withheld if
+    /// one was.
+    fn relayed_logins(name: &str, every: Millis, rounds: usize, read_first: bool, file: impl Fn(&str, &str, Millis, Millis) -> String) -> (usize, Option<String>) {
         let d = tempdir(name);
         let hour = 3_600_000;
         let mut now = 1_800_000_000_000;
         let login = login_with(&d, &file(&token("a-0"), &token("r-0"), now + 8 * hour, now));
         let path = login.credentials_path.clone();
-        login.redactor(now);
+        login.read(now);
         let (mut n, mut most) = (1, 0);
-        for _ in 0..20 {
+        for _ in 0..rounds {
             now += every - 16 * hour;
-            let began = login.relay_begins(now);
             std::fs::write(&path, file(&token(&format!("a-{n}")), &token(&format!("r-{n}")), now + 8 * hour, now)).unwrap();
             n += 1;
             if read_first {
-                login.redactor(now);
+                login.read(now);
             }
-            login.pin_read_before(&began);
-            login.redactor(now);
+            login.relayed_login();
+            login.read(now);
             for _ in 0..2 {
                 now += 8 * hour;
                 let job = login.watch_job();
-                job.claude_starts();
                 std::fs::write(&path, file(&token(&format!("a-{n}")), &token(&format!("r-{n}")), now + 8 * hour, now)).unwrap();
                 n += 1;
-                login.redactor(now);
-                job.authenticated();
+                login.read(now);
                 drop(job);
-                login.redactor(now + 20 * 60_000);
+                login.read(now + 20 * 60_000);
                 most = most.max(login.remembered.lock().unwrap().logins.len());
             }
-            // A job's run with the login the last refresh left: it authenticates.
-            let job = login.watch_job();
-            job.claude_starts();
-            job.authenticated();
-            if let Some(why) = job.tampering() {
+            // A job's run with the login the last refresh left.
+            if let Some(why) = login.watch_job().tampering() {
                 return (most, Some(why));
             }
         }
@@ -1886,34 +1768,37 @@ mod tests {
 
     /// rev40a-2: each relayed login kept every login read so far for the agent's life (the
     /// new one too when the agent's look read it first, and what its refreshes replaced),
-    /// so a benign agent withheld every job after a few, blaming a job. Now a relay pins
-    /// only the logins read before it began and not spent, until their refresh tokens'
-    /// end: the file's `refreshTokenExpiresAt`, else a month after their first reading.
+    /// so a benign agent withheld every job after a few, blaming a job. Now every login is
+    /// kept until its refresh token's end (the file's `refreshTokenExpiresAt`, else a month
+    /// after its first reading): the memory holds what a refresh token's life brought.
     #[test]
     fn relayed_logins_do_not_fill_the_memory_of_a_benign_agent() {
         let hour = 3_600_000;
         let ending = |a: &str, r: &str, expires: Millis, now: Millis| credentials_ending(a, r, expires, now + 7 * 24 * hour);
         for read_first in [true, false] {
-            // A relay a day, refresh tokens living a week (the file says so).
-            let (most, why) = relayed_logins("rev40a-relogins-ending", 24 * hour, read_first, ending);
+            // A relay a day and two refreshes, refresh tokens living a week (the file says
+            // so): three logins a day for a week.
+            let (most, why) = relayed_logins("rev40a-relogins-ending", 24 * hour, 20, read_first, ending);
             assert_eq!(why, None, "a benign agent's jobs are withheld (read first: {read_first})");
-            assert!(most <= 10, "{most} logins held");
-            // A relay every three days, the file silent on the refresh token's end.
+            assert!(most <= 3 * 7 + 1, "{most} logins held");
+            // A relay every three days, the file silent on the refresh token's end: a login
+            // a day for a month.
             let plain = |a: &str, r: &str, expires: Millis, _: Millis| credentials(a, r, expires);
-            let (most, why) = relayed_logins("rev40a-relogins-plain", 72 * hour, read_first, plain);
+            let (most, why) = relayed_logins("rev40a-relogins-plain", 72 * hour, 20, read_first, plain);
             assert_eq!(why, None, "a benign agent's jobs are withheld (read first: {read_first})");
-            assert!(most < REMEMBERED, "{most} logins held");
+            assert!(most <= 30 + 1, "{most} logins held");
         }
     }
 
-    /// rev40a-2: a memory filled with no job writing logins (relayed logins every 17
-    /// hours, the file silent on their refresh tokens' end, kept a month) withholds every
-    /// job, and says so without blaming a job, with what to do: restart the agent.
+    /// rev40a-2: a memory filled with no job writing logins (a relayed login and two
+    /// refreshes every 16 hours, the file silent on their refresh tokens' end, kept a month)
+    /// withholds every job, and says so without blaming a job, with what to do: restart the
+    /// agent.
     #[test]
     fn a_memory_filled_without_a_job_writing_logins_says_so() {
         let hour = 3_600_000;
         let plain = |a: &str, r: &str, expires: Millis, _: Millis| credentials(a, r, expires);
-        let (_, why) = relayed_logins("rev40a-relogins-full", 17 * hour, true, plain);
+        let (_, why) = relayed_logins("rev40a-relogins-full", 16 * hour, 50, true, plain);
         let why = why.expect("the memory is bounded");
         assert!(why.starts_with("withheld:") && why.contains("restart the agent") && !why.contains("something the job ran wrote"), "{why}");
     }
@@ -1998,9 +1883,8 @@ mod tests {
     /// rev42-2 (hostile): a job leaves a login of its own in the file at its end (its
     /// copy of the real login kept in $HOME). With no job running, the agent takes the real
     /// login as replaced (spent); the agent is idle overnight, so 12 h later it is forgotten
-    /// before any Claude run could fail and pin it (`doubt_spent` finds nothing). The person
-    /// logs in again (relay): the old refresh token, never used, was never spent, and a
-    /// later job prints it unmasked.
+    /// before any Claude run could fail and keep it. The person logs in again (relay): the
+    /// old refresh token, never used, was never spent, and a later job prints it unmasked.
     #[test]
     fn rev42_a_login_left_by_a_job_before_an_idle_night_unmasks_the_real_refresh_token() {
         let d = tempdir("rev42-idle-night");
@@ -2019,18 +1903,16 @@ mod tests {
         let morning = now + 13 * hour;
         login.redactor(morning);
         // The first job of the morning fails to authenticate; the person logs in again.
-        login.doubt_spent();
-        let began = login.relay_begins(morning + 60_000);
         std::fs::write(&path, credentials(&token("new-a"), &token("new-r"), morning + 9 * hour)).unwrap();
         login.redactor(morning + 120_000);
-        login.pin_read_before(&began);
+        login.relayed_login();
         let later = login.redactor(morning + 180_000);
         assert!(masks(&later, refresh), "the real login's refresh token, never used (live), is unmasked in a later job");
     }
 
     /// rev42-2b: no idle night: the person logs in again through the relay an hour after
-    /// the job left its login in the file (before any run failed). The relay pins only
-    /// logins not spent when it began, so the real one, taken as spent, is let go 12 h
+    /// the job left its login in the file (before any run failed). The relay kept only
+    /// logins not spent when it began, so the real one, taken as spent, was let go 12 h
     /// after its first reading, its refresh token never used.
     #[test]
     fn rev42_a_relay_after_a_job_left_a_login_does_not_keep_the_real_one() {
@@ -2045,119 +1927,78 @@ mod tests {
         std::fs::write(&path, credentials(&token("fake-a2"), &token("fake-r2"), now - 1)).unwrap();
         login.redactor(now + 1_000);
         drop(job);
-        let began = login.relay_begins(now + hour);
         std::fs::write(&path, credentials(&token("new-a2"), &token("new-r2"), now + 9 * hour)).unwrap();
         login.redactor(now + hour + 60_000);
-        login.pin_read_before(&began);
+        login.relayed_login();
         let later = login.redactor(now + 13 * hour);
         assert!(masks(&later, refresh), "the real login's refresh token, never used, is unmasked 13 h on");
     }
 
-    /// rev42-3 (benign): Claude refreshes every 8 h in jobs (rotating), and one run a
-    /// day fails to authenticate (a flaky 401): README says a dozen failed runs within
-    /// 30 days fill the memory; each failed run pins every spent login still held.
+    /// rev43-1 (hostile): a job leaves a login of its own in the file (its copy of the
+    /// real one kept) and settings that make later runs succeed without the file's login
+    /// (`apiKeyHelper`, `ANTHROPIC_BASE_URL` or a key in `~/.claude/settings.json`, or a
+    /// login of its own): the next job's Claude answered, that was taken as proof the
+    /// job's login was real, the real one spent, and 13 h on its refresh token was
+    /// unmasked. No run proves a login now: it is kept until its refresh token's end.
     #[test]
-    fn rev42_failed_runs_fill_the_memory_no_faster_than_said() {
-        let d = tempdir("rev42-failed-runs");
+    fn rev43_a_success_without_the_files_login_does_not_spend_the_real_one() {
+        let d = tempdir("rev43-fake-success");
         let hour = 3_600_000;
-        let mut now = 1_800_000_000_000;
-        let login = login_with(&d, &credentials(&token("a0"), &token("r0"), now + 8 * hour));
+        let now = 1_800_000_000_000;
+        let (access, refresh) = (&token("real-a43"), &token("real-r43"));
+        let login = login_with(&d, &credentials(access, refresh, now + 8 * hour));
         let path = login.credentials_path.clone();
         login.redactor(now);
-        let mut failed = 0;
-        for n in 1..=90 {
-            now += 8 * hour;
-            let job = login.watch_job();
-            job.claude_starts();
-            std::fs::write(&path, credentials(&token(&format!("a{n}")), &token(&format!("r{n}")), now + 8 * hour)).unwrap();
-            login.redactor(now);
-            job.authenticated();
-            drop(job);
-            login.redactor(now + 20 * 60_000);
-            if n % 3 == 0 {
-                // A later job of the day fails to authenticate.
-                login.redactor(now + 4 * hour);
-                login.doubt_spent();
-                failed += 1;
-            }
-            if let Some(why) = login.watch_job().tampering() {
-                let held = login.remembered.lock().unwrap().logins.len();
-                panic!("full after {failed} failed runs ({} days), {held} held: {why}", n / 3);
-            }
-        }
+        let hostile = login.watch_job();
+        std::fs::write(&path, credentials(&token("fake-a43"), &token("fake-r43"), now + 8 * hour)).unwrap();
+        login.redactor(now + 1_000);
+        assert!(hostile.tampering().is_none(), "one login written is within NEW_PER_JOB");
+        drop(hostile);
+        // The next job (benign or not): Claude authenticates via settings.json, never the
+        // file, and succeeds.
+        let next = login.watch_job();
+        login.claude_env(now + hour);
+        assert!(next.tampering().is_none());
+        drop(next);
+        let later = login.redactor(now + 13 * hour);
+        assert!(masks(&later, refresh), "the real login's refresh token, never used, is unmasked 13 h on");
+        let last = login.redactor(now + REFRESH_LIFETIME_MS - 1);
+        assert!(masks(&last, refresh), "the real login's refresh token is unmasked before its end");
     }
 
-    /// A Claude run as the runner reads it: an `assistant` line from the API (`answered`)
-    /// or the CLI's own for a login failure, then the result the run ended with.
-    fn claude_run(answered: bool, code: ErrorCode) -> (Transcript, JobResult) {
-        let mut transcript = Transcript::default();
-        transcript.value(serde_json::json!({"type":"system","subtype":"init","session_id":"s"}));
-        transcript.value(match answered {
-            true => serde_json::json!({"type":"assistant","message":{"model":"claude-sonnet-4-5","role":"assistant","content":[{"type":"text","text":"working"}]}}),
-            false => serde_json::json!({"type":"assistant","message":{"model":"<synthetic>","role":"assistant","content":[{"type":"text","text":"Invalid API key"}]},"error":"authentication_failed"}),
-        });
-        (transcript, JobResult::failure(code, "failed", 1))
-    }
-
-    /// Review rev43, 2: an agent whose runs authenticate but never succeed (a timeout, a
-    /// cancel, the usage limit, max turns, a Claude error) confirms the login each began
-    /// with, so the logins Claude's refresh replaced are let go, and the memory stays small
-    /// for as long as it runs (90 refreshes, 30 days).
+    /// rev43-2 (benign): Claude refreshes every 8 h inside jobs that all end without
+    /// success (timeouts, cancels, Claude errors) — or with it: no run counts. Every
+    /// replaced login is kept until its refresh token's end (30 days: the file does not
+    /// say), so the memory holds about 90 logins, each by its refresh token alone once its
+    /// access token is dead, and never fills ([`REMEMBERED`]): 200 refreshes, 67 days.
     #[test]
-    fn runs_that_authenticate_but_fail_keep_the_memory_small() {
-        let d = tempdir("rev43-authenticate-fail");
+    fn rev43_jobs_that_never_succeed_do_not_fill_the_memory() {
+        let d = tempdir("rev43-never-succeed");
         let hour = 3_600_000;
         let mut now = 1_800_000_000_000;
         let login = login_with(&d, &credentials(&token("b0"), &token("s0"), now + 8 * hour));
         let path = login.credentials_path.clone();
-        login.redactor(now);
-        let failures = [ErrorCode::Timeout, ErrorCode::Cancelled, ErrorCode::UsageLimit, ErrorCode::MaxTurns, ErrorCode::ClaudeError];
-        for n in 1..=90 {
+        login.read(now);
+        let mut most = 0;
+        for n in 1..=200 {
             now += 8 * hour;
             let job = login.watch_job();
             login.claude_env(now);
-            job.claude_starts();
             std::fs::write(&path, credentials(&token(&format!("b{n}")), &token(&format!("s{n}")), now + 8 * hour)).unwrap();
-            login.redactor(now);
-            let (transcript, result) = claude_run(true, failures[n % failures.len()]);
-            job.claude_ended(&transcript, &result);
-            job.job_ended();
+            login.read(now);
             drop(job);
-            login.redactor(now + 20 * 60_000);
+            login.read(now + 20 * 60_000);
             if let Some(why) = login.watch_job().tampering() {
                 let held = login.remembered.lock().unwrap().logins.len();
                 panic!("full after {n} refreshes ({} h), {held} held: {why}", n * 8);
             }
+            let logins = login.remembered.lock().unwrap();
+            let held = logins.logins.len();
+            most = most.max(held);
+            // The live login's two tokens, the access token a refresh replaced 8 h ago
+            // (alive 12 h), and one refresh token per login besides.
+            assert!(logins.tokens().count() <= held + 2, "{} tokens masked for {held} logins", logins.tokens().count());
         }
-        assert!(login.remembered.lock().unwrap().logins.len() <= 3, "the memory stays small");
-    }
-
-    /// A run that failed to authenticate (`RUNNER_OAUTH_ERROR`), after an API answer or
-    /// without one, confirms nothing: the login it began with may be a job's.
-    #[test]
-    fn a_run_failing_authentication_confirms_nothing() {
-        for answered in [false, true] {
-            let d = tempdir(&format!("rev43-oauth-fail-{answered}"));
-            let now = 1_800_000_000_000;
-            let login = login_with(&d, &credentials(&token("a0"), &token("r0"), now + 3_600_000));
-            login.redactor(now);
-            let job = login.watch_job();
-            job.claude_starts();
-            let (transcript, result) = claude_run(answered, ErrorCode::RunnerOauthError);
-            job.claude_ended(&transcript, &result);
-            job.job_ended();
-            drop(job);
-            assert!(login.remembered.lock().unwrap().logins.iter().all(|known| !known.authenticated), "answered: {answered}");
-        }
-        // The same run ending otherwise confirms the login (the test can fail).
-        let d = tempdir("rev43-oauth-ok");
-        let login = login_with(&d, &credentials(&token("a0"), &token("r0"), 1_800_000_003_600_000));
-        login.redactor(1_800_000_000_000);
-        let job = login.watch_job();
-        job.claude_starts();
-        let (transcript, result) = claude_run(true, ErrorCode::Timeout);
-        job.claude_ended(&transcript, &result);
-        job.job_ended();
-        assert!(login.remembered.lock().unwrap().logins.iter().all(|known| known.authenticated));
+        assert!(most <= 30 * 3 + 1, "{most} logins held: more than a refresh token's life brings");
     }
 }

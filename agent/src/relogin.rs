@@ -179,16 +179,12 @@ fn kill_group(pgid: u32) {
 async fn run(agent: Arc<Agent>, login_id: String, start_nonce: String, code_rx: oneshot::Receiver<(String, String)>, stop_rx: oneshot::Receiver<()>) {
     // The outcome answers the newest order of this login: its start, then its code.
     let mut answering = start_nonce;
-    // The logins read before the new one is made: it spends none of their refresh tokens.
-    let began = agent.login.relay_begins(crate::now_ms());
     let outcome = drive(&agent, &login_id, &mut answering, code_rx, stop_rx).await;
     agent.relogin.ended(&login_id);
     match outcome {
         Ok(()) => {
-            // A new login does not spend the refresh token of the one before it, which a
-            // job may have kept a copy of: the logins read before it began stay masked
-            // until their refresh tokens are dead too (not those read since: the new one).
-            agent.login.pin_read_before(&began);
+            // The new login is the person's, not a job's doing.
+            agent.login.relayed_login();
             // The new credentials are on disk: tell the edge at once.
             agent.reporter.look();
             let report = agent.reporter.report();

@@ -147,9 +147,6 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let watch = ctx.login.watch_job();
     let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &watch, &mut checkout_done, &mut cannot_start, &mut no_room).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
-    // If its Claude got past authentication with the login it began with, what that one
-    // replaced is spent (`oauth::JobWatch::job_ended`).
-    watch.job_ended();
     let keep = kept(&result, ctx.cfg.repos.keep_failed_workspaces, cannot_start.is_some(), no_room);
     let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done, held: Some(held) };
     Ended { result, session, leftover, cannot_start }
@@ -892,7 +889,6 @@ async fn run_claude(
         job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
     let env = process::claude_environment(&ctx.inherited_env, ctx.login.claude_env(crate::now_ms()), job_env);
-    watch.claude_starts();
     let session = Session::of(spec, runtime::entropy);
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
     // Built again before any line once the login may have changed (`oauth::Login::changed`:
@@ -1063,7 +1059,6 @@ async fn run_claude(
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
-    watch.claude_ended(&transcript, &result);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");
     // Told before the result goes, so the edge holds its next work for this agent first.
     match transcript.used_up(&result) {

@@ -194,9 +194,11 @@ async fn a_job_started_on_a_full_login_memory_sends_no_events() {
     let s = setup(&[], Vec::new()).await;
     let changed = || s.agent.log().matches("Claude's credentials changed").count();
     let (path, file, _tokens) = credentials_login(&s);
-    for n in 0..17 {
+    // One past the agent's `oauth::REMEMBERED` (its binary's, not a library's to import).
+    const REMEMBERED: usize = 128;
+    for n in 0..=REMEMBERED {
         let changes = changed();
-        let own = json!({"claudeAiOauth": {"accessToken": format!("full-access-{n:02}-5e2c9a71d3b8"), "refreshToken": format!("full-refresh-{n:02}-4f1a8b2e6d0c"), "expiresAt": 4_102_444_800_000u64}});
+        let own = json!({"claudeAiOauth": {"accessToken": format!("full-access-{n:03}-5e2c9a71d3b8"), "refreshToken": format!("full-refresh-{n:03}-4f1a8b2e6d0c"), "expiresAt": 4_102_444_800_000u64}});
         std::fs::write(&path, own.to_string()).unwrap();
         assert!(eventually(Duration::from_secs(10), || changed() > changes).await, "{}", s.agent.log());
     }
