@@ -44,9 +44,24 @@ pub fn fragment_len(len: usize) -> usize {
     (len / 2).clamp(MIN_SECRET, MIN_FRAGMENT).min(len)
 }
 
-/// Bits in each window set's quick filter: most text positions are rejected by one look
-/// into this table, which stays in the CPU's cache.
+/// Bits in each window set's quick filter, at the least: most text positions are rejected
+/// by one look into this table, which stays in the CPU's cache.
 const FILTER_BITS: u32 = 18;
+
+/// Bits in a quick filter, at the most (512 KiB): past it a look costs a trip to memory.
+const MAX_FILTER_BITS: u32 = 22;
+
+/// Bits of quick filter for each window a set holds, at the least. A filter of a fixed
+/// size filled up as the secrets grew: the login memory masks up to a month of Claude's
+/// logins (`oauth::REMEMBERED`, some 90 refresh tokens, hundreds of thousands of windows),
+/// and a filter with most bits set sends most text positions on to the table.
+const FILTER_BITS_PER_WINDOW: usize = 16;
+
+/// The bits of a quick filter for `windows` windows: [`FILTER_BITS`] for a few secrets,
+/// more for many ([`FILTER_BITS_PER_WINDOW`]), at most [`MAX_FILTER_BITS`].
+fn filter_bits(windows: usize) -> u32 {
+    windows.saturating_mul(FILTER_BITS_PER_WINDOW).next_power_of_two().trailing_zeros().clamp(FILTER_BITS, MAX_FILTER_BITS)
+}
 const BASE: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// All windows of one width from every form of every secret.
@@ -55,26 +70,30 @@ struct WindowSet {
     width: usize,
     /// `BASE^(width-1)`, to roll the first byte out.
     top: u64,
+    /// `64 - ` the filter's bits: a hash's top bits pick its bit.
+    shift: u32,
     filter: Vec<u64>,
     /// Window hash → (form, offset), to check a hit byte by byte.
     windows: HashMap<u64, (u32, u32)>,
 }
 
 impl WindowSet {
-    fn new(width: usize) -> WindowSet {
+    /// A set of `width` for `windows` windows (its filter's size: [`filter_bits`]).
+    fn new(width: usize, windows: usize) -> WindowSet {
         let top = (1..width).fold(1u64, |p, _| p.wrapping_mul(BASE));
-        WindowSet { width, top, filter: vec![0; 1 << (FILTER_BITS - 6)], windows: HashMap::new() }
+        let bits = filter_bits(windows);
+        WindowSet { width, top, shift: 64 - bits, filter: vec![0; 1 << (bits - 6)], windows: HashMap::with_capacity(windows) }
     }
 
-    fn slot(hash: u64) -> (usize, u64) {
-        let bit = hash >> (64 - FILTER_BITS);
+    fn slot(&self, hash: u64) -> (usize, u64) {
+        let bit = hash >> self.shift;
         ((bit >> 6) as usize, 1 << (bit & 63))
     }
 
     fn add(&mut self, form: u32, bytes: &[u8]) {
         for (offset, window) in bytes.windows(self.width).enumerate() {
             let hash = hash(window);
-            let (word, bit) = Self::slot(hash);
+            let (word, bit) = self.slot(hash);
             self.filter[word] |= bit;
             self.windows.entry(hash).or_insert((form, offset as u32));
         }
@@ -89,7 +108,7 @@ impl WindowSet {
         let mut h = hash(&text[..w]);
         let mut i = 0;
         loop {
-            let (word, bit) = Self::slot(h);
+            let (word, bit) = self.slot(h);
             if self.filter[word] & bit != 0 {
                 if let Some(&(form, offset)) = self.windows.get(&h) {
                     let window = &forms[form as usize][offset as usize..offset as usize + w];
@@ -216,10 +235,11 @@ impl Redactor {
         let mut widths: Vec<usize> = by_width.keys().copied().collect();
         widths.sort_unstable();
         for width in widths {
-            let mut set = WindowSet::new(width);
             let mut forms = by_width.remove(&width).unwrap_or_default();
             forms.sort();
             forms.dedup();
+            let windows = forms.iter().map(|form| form.len().saturating_sub(width) + 1).sum();
+            let mut set = WindowSet::new(width, windows);
             for form in forms {
                 set.add(redactor.forms.len() as u32, &form);
                 redactor.forms.push(form);

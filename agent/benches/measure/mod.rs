@@ -11,7 +11,12 @@ fn cpu_seconds() -> f64 {
 }
 
 /// MiB/s of `run` over `bytes`: the median of `runs` timed runs after `warm_ups`.
-pub fn median_mib_s(bytes: usize, warm_ups: usize, runs: usize, mut run: impl FnMut()) -> f64 {
+pub fn median_mib_s(bytes: usize, warm_ups: usize, runs: usize, run: impl FnMut()) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / median_seconds(warm_ups, runs, run)
+}
+
+/// Seconds of `run`: the median of `runs` timed runs after `warm_ups`.
+pub fn median_seconds(warm_ups: usize, runs: usize, mut run: impl FnMut()) -> f64 {
     for _ in 0..warm_ups {
         run();
     }
@@ -23,5 +28,5 @@ pub fn median_mib_s(bytes: usize, warm_ups: usize, runs: usize, mut run: impl Fn
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    bytes as f64 / (1024.0 * 1024.0) / times[times.len() / 2]
+    times[times.len() / 2]
 }
