@@ -439,13 +439,23 @@ impl FileStamp {
         (self.dev, self.ino, self.len, self.mtime, self.ctime) == (meta.dev(), meta.ino(), meta.len(), (meta.mtime(), meta.mtime_nsec()), (meta.ctime(), meta.ctime_nsec()))
     }
 
-    /// Whether the file last changed more than [`SETTLED`] before `looked` (the wall clock
-    /// just before the `stat`).
+    /// Whether any change of the file from `looked` on (the wall clock just before the
+    /// `stat`) must change its stamp: it last changed more than [`SETTLED`] before, or its
+    /// `ctime` (which only the kernel sets, to its clock) is more than [`SETTLED`] after:
+    /// the clock was stepped back since, and a change now stamps an earlier one. Without
+    /// that, a clock stepped back had the file read again at every look, each line of a
+    /// job's output, until the clock caught up with the file's times (review rev42, 5). An
+    /// `mtime` that far ahead (`touch -d`, a copy kept from a machine whose clock ran
+    /// ahead) is nothing to wait out either: a change now moves the `ctime`.
     fn settled(&self, looked: std::time::SystemTime) -> bool {
-        let changed = self.mtime.max(self.ctime);
         let Ok(looked) = looked.duration_since(std::time::UNIX_EPOCH) else { return false };
-        let settled = looked.saturating_sub(SETTLED);
-        (changed.0, changed.1) < (settled.as_secs() as i64, settled.subsec_nanos() as i64)
+        let at = |time: Duration| (time.as_secs() as i64, time.subsec_nanos() as i64);
+        let (before, ahead) = (at(looked.saturating_sub(SETTLED)), at(looked.saturating_add(SETTLED)));
+        if self.ctime > ahead {
+            return true;
+        }
+        let changed = if self.mtime > ahead { self.ctime } else { self.mtime.max(self.ctime) };
+        changed < before
     }
 }
 
@@ -1018,6 +1028,32 @@ mod tests {
         let (_, looked) = login.redactor_looked(5);
         std::fs::remove_file(&path).unwrap();
         assert!(login.changed(&looked), "a file gone is not news");
+    }
+
+    /// rev42-5: with the wall clock stepped back (NTP, a restored VM) the credentials
+    /// file's times lie ahead of it: the file was taken as changed too lately to trust its
+    /// times, and read again at every look (each line of a job's output, `Login::changed`,
+    /// and each reading) until the clock caught up. A `ctime` far ahead means any change
+    /// from now on stamps an earlier one: settled at once. So is an `mtime` far ahead set
+    /// by hand once its `ctime` has settled. Within [`SETTLED`] of the clock, either side,
+    /// it is read again.
+    #[test]
+    fn a_clock_stepped_back_does_not_have_the_file_read_at_every_look() {
+        let d = tempdir("stepped-back");
+        let path = d.join("file");
+        std::fs::write(&path, "x").unwrap();
+        let stamp = |path: &Path| FileStamp::of(path, &std::fs::metadata(path).unwrap());
+        let changed = |stamp: &FileStamp| std::time::UNIX_EPOCH + Duration::new(stamp.ctime.0 as u64, stamp.ctime.1 as u32);
+        let now = stamp(&path);
+        assert!(!now.settled(changed(&now)), "a file changed at the look is settled");
+        assert!(!now.settled(changed(&now) - SETTLED / 2), "a file changed just ahead of the clock is settled");
+        assert!(now.settled(changed(&now) + 2 * SETTLED));
+        assert!(now.settled(changed(&now) - Duration::from_secs(3_600)), "with the clock stepped back an hour the file is read at every look");
+        // `touch -d` a day ahead: the ctime is now.
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(std::time::SystemTime::now() + Duration::from_secs(86_400)).unwrap();
+        let touched = stamp(&path);
+        assert!(!touched.settled(changed(&touched)), "a file touched at the look is settled");
+        assert!(touched.settled(changed(&touched) + 2 * SETTLED), "an mtime a day ahead has the file read at every look for a day");
     }
 
     fn credentials(access: &str, refresh: &str, expires_at: Millis) -> String {
