@@ -71,7 +71,7 @@ pub type Learnt = Arc<AtomicU64>;
 /// rotate the tokens; a login the file no longer holds is kept until both its tokens are
 /// past their end ([`Logins`]), since no Claude run can show it spent. Claude refreshes
 /// about once per access token's life (some 8 h) while jobs run, so a month of busy use
-/// (a refresh token's life when the file does not say: [`REFRESH_LIFETIME_MS`]) holds
+/// (the least a refresh token is kept: [`REFRESH_LIFETIME_MS`]) holds
 /// about 90 logins, and one more for each relayed login: 128 is that with room to spare.
 /// Past its access token's end a replaced login is masked by its refresh token alone, so
 /// the redactor masks about one token per login (BENCHMARKS.md, "Redaction throughput").
@@ -116,9 +116,9 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 /// copy in a later job. Nothing a Claude run prints shows which login it used (a job's
 /// settings choose its key, key helper and base URL: review rev43), so no run makes a
 /// login spent. The login the file holds is live ([`State`]); once the file has held
-/// another it is replaced, and kept until its refresh token's end — the file's
-/// `refreshTokenExpiresAt` (the latest read), else [`REFRESH_LIFETIME_MS`] after its first
-/// reading — and its access token's, masked by its refresh token alone once its access
+/// another it is replaced, and kept until its refresh token's end — [`REFRESH_LIFETIME_MS`]
+/// after its first reading, or the file's `refreshTokenExpiresAt` (the latest read) when
+/// later — and its access token's, masked by its refresh token alone once its access
 /// token is dead. Only a refresh that kept its refresh token (a new access token beside a
 /// login's own refresh token, with a later `expiresAt`) spends a login: the refresh token
 /// moves to the new login, and the old access token stays masked, alone, until its end.
@@ -161,8 +161,10 @@ pub struct Logins {
 /// forgotten at once, its refresh token live (hostile review rev40a, 3).
 pub const ACCESS_LIFETIME_MS: Millis = 12 * 3_600_000;
 
-/// How long a refresh token is taken to live when the file never gave its
-/// `refreshTokenExpiresAt` (newer Claude Code writes one; older does not). Anthropic
+/// How long a refresh token is taken to live at least, whatever the file's
+/// `refreshTokenExpiresAt` says (newer Claude Code writes one; older does not): a later end
+/// lengthens it, an earlier one does not shorten it, since a job can write a login first
+/// with an end of its choosing and have its refresh token let go early. Anthropic
 /// documents no lifetime; refresh tokens are single-use (rotated at each refresh) and a
 /// login was seen refreshing for weeks without a new sign-in. So a month: past it a
 /// refresh token never used is taken as dead. It bounds what the memory holds
@@ -193,8 +195,8 @@ struct Known {
     /// The latest `expiresAt` the file gave it (0: none): a login with its refresh token
     /// and a later one is its refresh ([`Logins::learn`]).
     said_expires: Millis,
-    /// Its refresh token's end: the latest `refreshTokenExpiresAt` read, or
-    /// [`REFRESH_LIFETIME_MS`] after its first reading when none was.
+    /// Its refresh token's end: the latest `refreshTokenExpiresAt` read, and at least
+    /// [`REFRESH_LIFETIME_MS`] after its first reading.
     refresh_ends: Millis,
     /// It shares a token with a login read before it: a splice, never a refresh.
     mixed: bool,
@@ -287,7 +289,9 @@ impl Logins {
                 }
                 let said_expires = expires_at.unwrap_or(0);
                 let expires_at = said_expires.max(now.saturating_add(ACCESS_LIFETIME_MS));
-                let mut refresh_ends = refresh_expires_at.filter(|end| *end > now).unwrap_or(now.saturating_add(REFRESH_LIFETIME_MS));
+                // The file's end only lengthens it: a job can write a login first with an end of
+                // its choosing, as with `expiresAt`.
+                let mut refresh_ends = refresh_expires_at.unwrap_or(0).max(now.saturating_add(REFRESH_LIFETIME_MS));
                 if let Some(at) = refreshed.filter(|_| !mixed) {
                     // The refresh token moves to the new login, with what was known of its
                     // end; the old access token stays, alone, until its own end.
@@ -1182,6 +1186,27 @@ mod tests {
         assert_eq!(login.remembered.lock().unwrap().logins.len(), 1);
     }
 
+    /// A job writes a login first with a `refreshTokenExpiresAt` of its choosing (an hour
+    /// on), then lets the agent read it replaced: the file's end only lengthens a refresh
+    /// token's life, never shortens it below [`REFRESH_LIFETIME_MS`] after its first
+    /// reading, as `expiresAt` never shortens an access token's (review rev45a, by reading).
+    #[test]
+    fn a_short_refresh_end_written_first_does_not_let_a_refresh_token_go_early() {
+        let d = tempdir("short-refresh-end");
+        let hour = 3_600_000;
+        let now = 1_800_000_000_000;
+        let (access, refresh) = (&token("access"), &token("refresh"));
+        let login = login_with(&d, &credentials_ending(access, refresh, now + 8 * hour, now + hour));
+        let path = login.credentials_path.clone();
+        login.redactor(now);
+        std::fs::write(&path, credentials(&token("access2"), &token("refresh2"), now + 16 * hour)).unwrap();
+        login.redactor(now + 8 * hour);
+        let later = login.redactor(now + ACCESS_LIFETIME_MS + 2 * hour);
+        assert!(masks(&later, refresh), "a replaced refresh token is let go at the end the file first gave it");
+        let gone = login.redactor(now + REFRESH_LIFETIME_MS + 1);
+        assert!(!masks(&gone, refresh), "a refresh token past a month is kept");
+    }
+
     /// An agent whose slots are never all free at once: a refresh read while jobs run
     /// replaces the login all the same, so its access token is let go at its end and the
     /// login at its refresh token's, whatever runs then (the memory does not grow with every
@@ -1805,18 +1830,19 @@ mod tests {
     /// rev40a-2: each relayed login kept every login read so far for the agent's life (the
     /// new one too when the agent's look read it first, and what its refreshes replaced),
     /// so a benign agent withheld every job after a few, blaming a job. Now every login is
-    /// kept until its refresh token's end (the file's `refreshTokenExpiresAt`, else a month
-    /// after its first reading): the memory holds what a refresh token's life brought.
+    /// kept until its refresh token's end (a month after its first reading, or the file's
+    /// `refreshTokenExpiresAt` when later): the memory holds what a month brought.
     #[test]
     fn relayed_logins_do_not_fill_the_memory_of_a_benign_agent() {
         let hour = 3_600_000;
         let ending = |a: &str, r: &str, expires: Millis, now: Millis| credentials_ending(a, r, expires, now + 7 * 24 * hour);
         for read_first in [true, false] {
-            // A relay a day and two refreshes, refresh tokens living a week (the file says
-            // so): three logins a day for a week.
-            let (most, why) = relayed_logins("rev40a-relogins-ending", 24 * hour, 20, read_first, ending);
+            // A relay a day and two refreshes, the file saying refresh tokens live a week:
+            // kept a month all the same (a job could write the short end), three logins a
+            // day for a month.
+            let (most, why) = relayed_logins("rev40a-relogins-ending", 24 * hour, 40, read_first, ending);
             assert_eq!(why, None, "a benign agent's jobs are withheld (read first: {read_first})");
-            assert!(most <= 3 * 7 + 1, "{most} logins held");
+            assert!(most > 3 * 7 + 1 && most <= 3 * 30 + 1, "{most} logins held");
             // A relay every three days, the file silent on the refresh token's end: a login
             // a day for a month.
             let plain = |a: &str, r: &str, expires: Millis, _: Millis| credentials(a, r, expires);
