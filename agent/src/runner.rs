@@ -353,6 +353,7 @@ async fn run_in(
             };
             match prepared {
                 Ok(p) => {
+                    ctx.repos.settle_claim(&spec, None);
                     info!(job_id, agent_id = %ctx.cfg.agent_id, commit = %p.commit(), stale = p.stale(), fetch_ms = p.fetch_ms(), ms = started.elapsed().as_millis() as u64, "repository checked out");
                     (p.cwd.clone(), Some(p))
                 }
@@ -362,6 +363,8 @@ async fn run_in(
                         Err(e @ RepoError::Git { .. }) => Err(local_fault(ctx, &workspace, e, cannot_start).await),
                         other => other,
                     };
+                    // A refusal for room other jobs hold claims it for the retry (`repo::claim`).
+                    ctx.repos.settle_claim(&spec, ended.as_ref().err());
                     let ms = started.elapsed().as_millis() as u64;
                     let result = match ended {
                         Ok(ending) => not_run(ending, started),
@@ -372,6 +375,7 @@ async fn run_in(
                                     | RepoError::TooBigForDisk { .. }
                                     | RepoError::NoRoom { .. }
                                     | RepoError::RoomHeld { .. }
+                                    | RepoError::RoomClaimed { .. }
                                     | RepoError::FilledMeanwhile { .. }
                                     | RepoError::FetchFilledMeanwhile { .. }
                                     | RepoError::RoomTimedOut { .. }
@@ -519,8 +523,8 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// ([`RepoError::NoRoom`], `checkout::room`) is judged the same way: on a disk that takes
 /// no write it is the agent's want; one that fits beside nothing held — that room gone,
 /// with the idle mirrors — ends retryable ([`RepoError::RoomHeld`]: it goes once those
-/// jobs are done; rev40b-1, beside another job of its own repository, whose workspace no
-/// mirror showed); else the repository's, and its error names the bytes needed and free
+/// jobs are done, and the refusal claims it for the retry, `repo::claim`; rev40b-1, beside
+/// another job of its own repository, whose workspace no mirror showed); else the repository's, and its error names the bytes needed and free
 /// (and the cache only while idle mirrors of others are kept). Mirrors and workspaces
 /// count only on the disk the step needs room on.
 async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
@@ -553,7 +557,7 @@ async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &
         RepoError::DiskFull { detail, needed, .. } => (detail, needed),
         RepoError::NoRoom { url, what, needed, .. } => {
             return match full_disk_verdict(need, space, others) {
-                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: mirrors.in_use, workspaces },
+                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: mirrors.in_use, workspaces, needed: needed.unwrap_or_default() },
                 FullDisk::TooBig => ctx.repos.no_room(url, what, needed, others.idle > 0),
             };
         }

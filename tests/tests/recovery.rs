@@ -1612,6 +1612,72 @@ async fn a_checkout_refused_beside_another_job_of_its_repository_is_retryable_an
     assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}\n{}", again.text, agent.log());
 }
 
+/// rev40b-2: a checkout refused for room a job holds ends RoomHeld, "retry once those jobs
+/// are done"; but the mirror that blocks it goes only if no job of its repository holds it
+/// at the retry, and with that repository's jobs overlapping (the next started before the
+/// last ends) every retry was refused again (4 in 4). The refusal claims the room: a job on
+/// a repository started meanwhile is refused (retryable, naming the claim) before it holds
+/// the mirror, and the refused job's first retry once the running job has ended runs; the
+/// claim then ends, and the blocked repository's jobs run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_refused_for_room_held_by_overlapping_jobs_is_not_overtaken_by_later_ones() {
+    if !mounts_allowed() {
+        eprintln!("skipped: no mounts");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    // A mirror of ~10 MiB whose checkout is tiny (the blob deleted at HEAD); "wide" a small
+    // mirror and a checkout of 5 MiB: beside the mirror of "held", not on 16 MiB.
+    let seed = git.seed("held", &[("README.md", b"# held\n"), ("blob.bin", &incompressible(11, 10 << 20))]);
+    seed.commit(&[("blob.bin", b"")], "drop the blob");
+    git.seed("wide", &[("README.md", b"# wide\n"), ("zeros.bin", &vec![0u8; 5 << 20])]);
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
+    let hold = || json!({"prompt": "@sleep=600000 hold the mirror", "repo_url": git.url("held"), "timeout_ms": 900000});
+    let mut holder = client.submit(hold()).await.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 1).await, "{}", agent.log());
+    let wide = json!({"prompt": "@exists=zeros.bin", "repo_url": git.url("wide"), "timeout_ms": 60000});
+    let mut ran = None;
+    for round in 0..4 {
+        let answer = client.execute(wide.clone()).await;
+        if answer.body["success"].as_bool() == Some(true) {
+            ran = Some(round);
+            break;
+        }
+        let said = answer.body["error"].as_str().unwrap_or_default();
+        assert_eq!(answer.body["retryable"].as_bool(), Some(true), "round {round}: {}\n{}", answer.text, agent.log());
+        assert!(said.contains("beside nothing held") && said.contains("retry"), "round {round}: {said}");
+        // The next job of "held" comes before the running one ends: that repository's
+        // jobs overlap, and its mirror is idle only if this one does not take it.
+        let next = client.submit(hold()).await.body["job_id"].as_str().unwrap().to_string();
+        let runs = agent.claude_runs().len();
+        let mut next_ended = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while agent.claude_runs().len() == runs && next_ended.is_none() {
+            assert!(Instant::now() < deadline, "the next job neither ran nor ended\n{}", agent.log());
+            let job = client.get(&format!("/jobs/{next}")).await;
+            if !["queued", "dispatched", "running"].contains(&job.body["state"].as_str().unwrap_or("queued")) {
+                next_ended = Some(job.body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(client.send("DELETE", &format!("/jobs/{holder}"), Some(SECRET), None).await.status, 202);
+        let _ = client.wait_job(&holder, Duration::from_secs(60)).await;
+        match next_ended {
+            Some(job) => {
+                let said = job["result"]["error"].as_str().unwrap_or_default();
+                assert_eq!((job["result"]["error_code"].as_str(), job["result"]["retryable"].as_bool()), (Some("REPO_ERROR"), Some(true)), "{job}");
+                assert!(said.contains("claim") && said.contains("retry"), "{said}");
+            }
+            None => holder = next,
+        }
+    }
+    assert_eq!(ran, Some(1), "refused for room \"held\"'s overlapping jobs hold, \"wide\" did not run at its first retry once the job running at its refusal ended\n{}", agent.log());
+    // Through, its claim is gone: the jobs of "held" run again.
+    let runs = agent.claude_runs().len();
+    let _ = client.submit(hold()).await;
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == runs + 1).await, "a job after the claimant's was held back\n{}", agent.log());
+}
+
 /// The write that says whether a job's want of disk is the agent's tried the workspaces'
 /// and the records' folders, not the mirrors': with `DATA_DIR/repos` on a full disk of its
 /// own, a repository's fetch failed there, the write took elsewhere, and the job ended

@@ -132,7 +132,9 @@ fn resolve(mirror: &Repository, fetched: &Fetched, branch: Option<&str>, url: &s
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
 /// the default branch the fetch found) with the mirror's objects.
 /// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
-pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
+/// `max_bytes`: `REPO_MAX_CHECKOUT_BYTES`; `claimed`: the room it must leave for the
+/// claims ahead of its job ([`super::claim::leave`]).
+pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&str>, url: &str, (max_bytes, claimed): (u64, Option<super::claim::Claimed>)) -> Result<Checkout, RepoError> {
     let action = "check out the repository";
     let mirror = Repository::open_bare(mirror_dir).map_err(|e| git(action, &e))?;
     let start = resolve(&mirror, fetched, branch, url)?;
@@ -144,6 +146,7 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     let workspaces = dir.parent().unwrap_or(dir);
     let space = crate::workspace::disk_space(workspaces).map_err(|e| local(action, e))?;
     room(measured, space, url)?;
+    super::claim::leave(claimed, measured.needed(space.block), space, url)?;
     // From here the checkout is written. A full disk met room that was measured free
     // (`room`): what the checkout needs goes with it, for the verdict once it is removed
     // (`runner::full_disk`).

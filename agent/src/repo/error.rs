@@ -117,18 +117,33 @@ pub enum RepoError {
     /// fits the disk once the room held now goes (`runner::full_disk`): the workspaces of
     /// other running jobs (`workspaces` bytes: removed once those jobs are done), and the
     /// mirrors of other repositories in use (`held` bytes: held by jobs, or read by a
-    /// repack, which may go for room once none holds it: never while jobs of its
-    /// repository overlap, rev40b-2, which a retry cannot help). Retryable: judged "too big" it
+    /// repack, which may go for room once none holds it). Retryable: judged "too big" it
     /// failed for good a repository that fits the disk beside nothing held (evict2's
-    /// leftover, session 44; beside another job of its own repository, rev40b-1).
-    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {workspaces} bytes of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room only once nothing holds it (not while jobs of its repository overlap), so nothing ran; retry")]
+    /// leftover, session 44; beside another job of its own repository, rev40b-1). The
+    /// refusal leaves a claim on that room (`claim`): jobs on repositories started after
+    /// it are refused ([`RepoError::RoomClaimed`]) until the retry is through, so a
+    /// repository whose jobs overlap no longer keeps its mirror from ever going (rev40b-2).
+    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {workspaces} bytes of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room once nothing holds it, and this runner keeps jobs started meanwhile from taking that room while this job's retry (the same repository and branch) comes within {ttl} s, so nothing ran; retry", ttl = super::claim::CLAIM_TTL.as_secs())]
     RoomHeld {
         url: String,
         what: String,
         held: u64,
         #[serde(default)]
         workspaces: u64,
+        /// The bytes the checkout was measured to need: its claim on the room
+        /// (`claim::Claims::refused`).
+        #[serde(default)]
+        needed: u64,
     },
+    /// A job on a repository started while checkouts refused for room other jobs hold
+    /// ([`RepoError::RoomHeld`]) claim that room (`claims` of them, `bytes` in all,
+    /// `super::claim`): refused before its fetch when that room is not free now, or at its
+    /// checkout when it would take it, so that it does not hold the room the claimants
+    /// wait for (rev40b-2: their retries lost for as long as later jobs overlapped).
+    /// Retryable: the claims end once their claimants' retries are through, or lapse
+    /// (`lapses_s`).
+    #[error("the job on {url} was refused before its checkout was written, and nothing ran: {claims} earlier job(s) of this runner, refused for want of room that running jobs hold, claim {bytes} bytes of its disk first, which this job would have taken; retry in a little while (the claims end once those jobs' retries are through, or lapse within {lapses_s} s)")]
+    RoomClaimed { url: String, claims: usize, bytes: u64, lapses_s: u64 },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
@@ -175,7 +190,7 @@ impl RepoError {
     /// sentence asks for a change first (a setting, `repo_url`, the server's contents), or
     /// tells of a push that may have landed.
     pub fn retryable(&self) -> bool {
-        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomHeld { .. })
+        matches!(self, RepoError::Network { .. } | RepoError::FilledMeanwhile { .. } | RepoError::FetchFilledMeanwhile { .. } | RepoError::RoomHeld { .. } | RepoError::RoomClaimed { .. })
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`settings`]: `ALLOWED_REPO_HOSTS`, the tokens, the cache limit, the diff cap, the
 //!   commit author.
 //! - [`layout`]: pure decisions of the cache — mirror folder names, what to evict.
+//! - [`claim`]: pure: the room a checkout refused beside other jobs claims for its retry.
 //! - [`error`]: every failure as a sentence that says what to do (`REPO_ERROR`).
 //! - [`mirror`]: the mirror cache (git2 fetches, per-repository locks, leases, eviction).
 //! - [`checkout`]: a job's independent checkout from a mirror; `working_dir` inside it.
@@ -18,6 +19,7 @@
 
 mod advert;
 pub mod changes;
+pub mod claim;
 pub mod checkout;
 pub mod error;
 pub mod layout;
@@ -47,6 +49,9 @@ pub struct Repos {
     /// yet removed), each with how many jobs hold it: room they hold on their disk, which
     /// goes once they are done ([`Repos::hold_workspace`], [`Repos::other_workspaces_bytes`]).
     workspaces: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
+    /// The checkouts refused for room other jobs hold, each claiming it for its retry
+    /// ([`claim`]): jobs started meanwhile wait ([`Repos::prepare`]).
+    claims: std::sync::Mutex<claim::Claims>,
 }
 
 /// A job's hold on its workspace, from before it is made until it is removed (or kept):
@@ -109,7 +114,7 @@ pub struct Prepared {
 impl Repos {
     pub fn open(data_dir: &Path, settings: RepoSettings) -> std::io::Result<Repos> {
         let cache = MirrorCache::open(data_dir.join("repos"), settings.cache_max_bytes)?;
-        Ok(Repos { settings, cache, workspaces: Arc::default() })
+        Ok(Repos { settings, cache, workspaces: Arc::default(), claims: Default::default() })
     }
 
     /// Counts the job workspace `dir` as room a running job holds until the hold drops
@@ -136,6 +141,43 @@ impl Repos {
         let on = on.to_path_buf();
         let walk = move || dirs.iter().filter(|dir| mirror::same_disk(dir, &on)).fold(0u64, |sum, dir| sum.saturating_add(mirror::disk_bytes(dir)));
         tokio::task::spawn_blocking(walk).await.unwrap_or_default()
+    }
+
+    /// Whose claim on room a job of `spec` would make or wait behind ([`claim`]): its
+    /// repository (as the agent names it) and branch. None without a valid `repo_url`.
+    fn claimant(spec: &JobSpec) -> Option<claim::Claimant> {
+        let url = RepoUrl::parse(spec.repo_url.as_deref()?).ok()?;
+        Some(claim::Claimant { url: url.url(), branch: spec.branch.clone() })
+    }
+
+    /// Whether `who`'s job, to be checked out into `workspace`, may go on ([`claim::Claims::admit`]).
+    /// The disk is read (on the blocking pool) only while a claim stands.
+    async fn admit(&self, who: claim::Claimant, workspace: &Path) -> claim::Admit {
+        let now = crate::boot_clock::BootInstant::now;
+        if !self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stand(now()) {
+            return claim::Admit::Go;
+        }
+        let workspaces = workspace.parent().unwrap_or(workspace).to_path_buf();
+        let space = tokio::task::spawn_blocking(move || crate::workspace::disk_space(&workspaces).ok()).await.ok().flatten();
+        self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).admit(&who, now(), space)
+    }
+
+    /// How a job of `spec` whose fetch and checkout ended (`refused`: the error it ended
+    /// with; none, checked out) bears on the claims ([`claim`]): refused for room other
+    /// jobs hold ([`RepoError::RoomHeld`]), it claims that room for its retry (its place
+    /// kept if it has a claim); held back by an older claim ([`RepoError::RoomClaimed`]),
+    /// its own claim stays as [`Repos::prepare`] renewed it; through, or ended any other
+    /// way (a cancel, another error), its claim ends.
+    pub fn settle_claim(&self, spec: &JobSpec, refused: Option<&RepoError>) {
+        let Some(who) = Self::claimant(spec) else { return };
+        let mut claims = self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match refused {
+            Some(RepoError::RoomHeld { needed, .. }) => {
+                claims.refused(&who, *needed, crate::boot_clock::BootInstant::now());
+            }
+            Some(RepoError::RoomClaimed { .. }) => {}
+            _ => claims.settled(&who),
+        }
     }
 
     /// What a job is told of `REPO_CACHE_MAX_BYTES` when its repository does not fit the
@@ -251,7 +293,8 @@ impl Repos {
         made.await.unwrap_or(MadeRoom { needs, ..none })
     }
 
-    /// Checks the host, brings the mirror up to date and makes the job's checkout in
+    /// Checks the host, holds the job back while an older claim on room stands
+    /// ([`claim`]: [`RepoError::RoomClaimed`]), brings the mirror up to date and makes the job's checkout in
     /// `workspace` (which must be empty), each in a git worker ([`worker`]). Dropping the
     /// future kills the worker at work; `checkout` says when a checkout began and when it
     /// has ended, its worker dead: the workspace is removed only then, and the mirror's
@@ -263,6 +306,12 @@ impl Repos {
         let url = RepoUrl::parse(text).map_err(|e| local("read repo_url", e))?;
         if !self.settings.host_allowed(&url) {
             return Err(RepoError::HostNotAllowed { host: url.host().to_string() });
+        }
+        // Before the fetch: its lease would keep the mirror it reads from going for room
+        // a refused checkout claims, its checkout take the room freed (rev40b-2).
+        let claimed = self.admit(claim::Claimant { url: url.url(), branch: spec.branch.clone() }, workspace).await;
+        if let claim::Admit::Behind(c) = claimed {
+            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s });
         }
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {
@@ -284,6 +333,10 @@ impl Repos {
             url: url.url(),
             max_bytes: self.settings.max_checkout_bytes,
             working_dir: spec.working_dir.clone(),
+            claimed: match claimed {
+                claim::Admit::Beside(c) => Some(c),
+                _ => None,
+            },
         };
         let CheckoutSignals { started, done } = checkout;
         started.store(true, Ordering::SeqCst);

@@ -45,7 +45,7 @@ fn source(bare: &Path) -> Source {
 async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
     let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &lease.fetched, &root.join("co"), None, "file://server", u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &root.join("co"), None, "file://server", (u64::MAX, None)).unwrap();
     (cache, lease, co)
 }
 
@@ -60,17 +60,17 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-default"), None, url, u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-default"), None, url, (u64::MAX, None)).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), url, u64::MAX).unwrap();
+        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), url, (u64::MAX, None)).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{missing}")), Some(missing), url, u64::MAX).err().unwrap();
+        let err = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{missing}")), Some(missing), url, (u64::MAX, None)).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -82,15 +82,15 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-third"), None, url, u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-third"), None, url, (u64::MAX, None)).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-feature-gone"), Some("feature"), url, u64::MAX).err().unwrap();
+    let gone = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-feature-gone"), Some("feature"), url, (u64::MAX, None)).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-again"), None, url, u64::MAX).unwrap();
+    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-again"), None, url, (u64::MAX, None)).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
@@ -151,7 +151,7 @@ async fn a_checkout_made_while_another_job_fetches_finds_the_mirror_whole_at_eve
         *step.borrow_mut() = Some(Box::new(move |mirror: &Path| {
             let mut seen = seen.borrow_mut();
             let dir = into.join(seen.len().to_string());
-            seen.push(checkout::create(mirror, &fetched, &dir, None, "file://server", u64::MAX).map(drop).map_err(|e| e.to_string()));
+            seen.push(checkout::create(mirror, &fetched, &dir, None, "file://server", (u64::MAX, None)).map(drop).map_err(|e| e.to_string()));
         }))
     });
     // The second job's fetch (not alone: the first holds the mirror), here on this thread.
@@ -1626,7 +1626,7 @@ async fn a_job_cannot_poison_later_fetches_through_the_mirrors_config() {
     git(&mirror, &["config", &format!("url.{evil}.insteadOf"), &source(&bare).url]);
     git(&mirror, &["config", "fetch.prune", "false"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
+    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", (u64::MAX, None)).unwrap();
     assert_eq!(std::fs::read_to_string(again.dir.join("README.md")).unwrap(), "hello again\n", "the fetch came from elsewhere");
     assert_eq!(again.commit, genuine);
     let config = std::fs::read_to_string(mirror.join("config")).unwrap();
@@ -1655,7 +1655,7 @@ async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved()
     let lease = cache.acquire(source(&bare), true).await.unwrap();
     assert!(lease.stale);
     for (branch, want) in [(None, genuine.to_string()), (Some("feature"), first.clone()), (Some("v1"), first.clone())] {
-        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch:?}")), branch, "file://server", u64::MAX).unwrap();
+        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch:?}")), branch, "file://server", (u64::MAX, None)).unwrap();
         assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
     }
 }
@@ -1674,7 +1674,7 @@ async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
     git(&work, &["push", "-q", "origin", &format!("{first}:refs/tags/{}", &second[..9])]);
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let create = |branch: &str| checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server", u64::MAX);
+    let create = |branch: &str| checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server", (u64::MAX, None));
     let co = create(&first).unwrap();
     assert_eq!(co.commit.to_string(), first, "the branch named after the commit won");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD", "a detached HEAD, as for any commit");
@@ -1705,7 +1705,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let (lx, lxg) = (cache.acquire(x.clone(), false).await.unwrap(), cache.acquire(x_git.clone(), false).await.unwrap());
     assert_ne!(lx.dir, lxg.dir, "one mirror for two repositories");
-    let co = checkout::create(&lxg.dir, &lxg.fetched, &tmp.path().join("co"), None, "x.git", u64::MAX).unwrap();
+    let co = checkout::create(&lxg.dir, &lxg.fetched, &tmp.path().join("co"), None, "x.git", (u64::MAX, None)).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     let mirror = lxg.dir.clone();
     drop((lx, lxg));
@@ -1783,7 +1783,7 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
     let dir = tmp.path().join("co-small");
-    let err = checkout::create(&lease.dir, &lease.fetched, &dir, None, "file://server", 10).err().unwrap();
+    let err = checkout::create(&lease.dir, &lease.fetched, &dir, None, "file://server", (10, None)).err().unwrap();
     assert!(matches!(&err, RepoError::CheckoutTooBig { .. }) && err.to_string().contains("REPO_MAX_CHECKOUT_BYTES, 10 bytes"), "{err}");
     assert!(!dir.join("README.md").exists(), "nothing written");
     let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
@@ -1796,7 +1796,7 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     assert!(err.to_string().contains("more than 3 files and folders"), "{err}");
     checkout::fits(&mirror, head, (u64::MAX, 1 << 20, 100), "file://server").unwrap();
     // Within both: checked out.
-    checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
+    checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://server", (1 << 20, None)).unwrap();
     // From no template folder (git's system one holds a dozen sample hooks: files written
     // for nothing, on a disk that may be nearly full; rev25, low).
     assert!(!tmp.path().join("co/.git/hooks/pre-commit.sample").exists(), "the system's template was copied");
@@ -1857,7 +1857,7 @@ async fn a_checkout_takes_no_more_of_the_disk_than_it_was_measured_to_need() {
     git(&work, &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"]);
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://long", u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://long", (u64::MAX, None)).unwrap();
     let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
     let measured = checkout::fits(&mirror, co.commit, (u64::MAX, u64::MAX, u64::MAX), "file://long").unwrap();
     let needed = measured.needed(crate::workspace::disk_space(&co.dir).unwrap().block);
@@ -2828,7 +2828,7 @@ async fn after_a_restart_no_job_runs_on_refs_a_job_planted() {
     cache.recover().await;
     let lease = cache.acquire(daemon.source("server.git"), true).await.expect("the fetch after a restart");
     assert!(!lease.stale, "the fetch failed on the planted ref");
-    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", (u64::MAX, None)).unwrap();
     assert_ne!(co.commit.to_string(), planted, "ran on the job's commit");
     assert_eq!(co.commit.to_string(), new);
 }
@@ -2955,7 +2955,7 @@ async fn a_commit_corrupted_in_the_mirrors_pack_does_not_stop_later_fetches() {
     let new = advance(&work, "after-corruption.txt");
     let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a corrupted commit");
     assert_eq!(lease.fetched.refs["refs/heads/main"], new);
-    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "git://server", u64::MAX).expect("the checkout after a corrupted commit");
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "git://server", (u64::MAX, None)).expect("the checkout after a corrupted commit");
     assert_eq!(co.commit.to_string(), new);
 }
 
@@ -2971,7 +2971,7 @@ async fn a_blob_corrupted_in_the_mirrors_pack_fails_one_checkout_and_the_next_fe
     let mut said = Vec::new();
     for attempt in 0..2 {
         let lease = cache.acquire(daemon.source("server.git"), false).await.expect("a fetch after a corrupted blob");
-        match checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{attempt}")), None, "git://server", u64::MAX) {
+        match checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{attempt}")), None, "git://server", (u64::MAX, None)) {
             Ok(co) => {
                 assert_eq!(co.commit.to_string(), git(&work, &["rev-parse", "HEAD"]));
                 let [broken] = &said[..] else { panic!("not one failed checkout first: {said:?}") };
@@ -3041,7 +3041,7 @@ async fn a_mirror_fetched_many_times_keeps_a_bounded_count_of_packs() {
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let early = cache.acquire(daemon.source("server.git"), false).await.unwrap();
     let mirror = early.dir.clone();
-    let co = checkout::create(&early.dir, &early.fetched, &tmp.path().join("co"), None, "git://server", u64::MAX).unwrap();
+    let co = checkout::create(&early.dir, &early.fetched, &tmp.path().join("co"), None, "git://server", (u64::MAX, None)).unwrap();
     let (mut tips, mut most) = (vec![first], 0);
     for i in 0..3 * super::layout::REPACK_AT_PACKS {
         tips.push(advance(&work, &format!("f{i}.txt")));
@@ -3056,7 +3056,7 @@ async fn a_mirror_fetched_many_times_keeps_a_bounded_count_of_packs() {
     git(&co.dir, &["fsck", "--no-dangling", "--no-progress"]);
     drop(early);
     let lease = cache.acquire(daemon.source("server.git"), false).await.unwrap();
-    let last = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-last"), None, "git://server", u64::MAX).unwrap();
+    let last = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-last"), None, "git://server", (u64::MAX, None)).unwrap();
     assert_eq!(last.commit.to_string(), *tips.last().unwrap());
 }
 
@@ -3170,7 +3170,7 @@ async fn fetches_over_many_packs() {
                     fetch.push(lease.fetch_ms);
                     let started = std::time::Instant::now();
                     let dir = co.join(fetch.len().to_string());
-                    checkout::create(&lease.dir, &lease.fetched, &dir, None, "git://server", u64::MAX).unwrap();
+                    checkout::create(&lease.dir, &lease.fetched, &dir, None, "git://server", (u64::MAX, None)).unwrap();
                     checkout.push(started.elapsed().as_millis() as u64);
                     std::fs::remove_dir_all(&dir).unwrap();
                 }

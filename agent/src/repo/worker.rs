@@ -119,6 +119,9 @@ pub struct CheckoutWork {
     pub url: String,
     pub max_bytes: u64,
     pub working_dir: Option<String>,
+    /// The room claims ahead of the job keep, which its checkout must leave
+    /// (`super::claim::leave`).
+    pub claimed: Option<super::claim::Claimed>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -652,7 +655,7 @@ fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool, masks_again
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
         Work::Repack { dir, into, at } => Answer::Repacked(super::mirror::combine_packs(&dir, &into, at)),
         Work::Checkout(w) => Answer::CheckedOut(
-            super::checkout::create(&w.mirror, &w.fetched, &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
+            super::checkout::create(&w.mirror, &w.fetched, &w.dir, w.branch.as_deref(), &w.url, (w.max_bytes, w.claimed)).and_then(|checkout| {
                 let cwd = super::checkout::working_dir(&checkout.dir, w.working_dir.as_deref())?;
                 Ok(CheckedOut { commit: checkout.commit.to_string(), cwd, fs: checkout.fs })
             }),

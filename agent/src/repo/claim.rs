@@ -1,0 +1,236 @@
+//! Claims on room: a checkout refused for room other jobs hold ([`super::error::RepoError::RoomHeld`])
+//! is ended retryable, "retry once those jobs are done". Without more, its retry raced every
+//! job started meanwhile, and lost for as long as they overlapped: a mirror of a repository
+//! whose jobs overlap is never idle, so never goes for room (rev40b-2). So the refusal
+//! leaves a claim of the bytes the checkout needs, kept in the order the claims were made.
+//! A job on a repository that starts while a claim of another stands
+//! ([`Claims::admit`]) is refused before its fetch ([`super::error::RepoError::RoomClaimed`],
+//! retryable too) unless the disk has the claimed bytes free now beside its reserve; then
+//! it goes on, and its checkout must leave them ([`leave`]): the room the claimant waits
+//! for goes once the jobs running at its refusal end, and no checkout started since takes
+//! it. The claimant's retry (the same repository and branch) goes first once no older claim
+//! stands, and its claim ends when its checkout is through or it fails otherwise.
+//!
+//! A claim is bounded: it lapses [`CLAIM_TTL`] after its last refusal (a caller that never
+//! retries holds nothing for long), and at most [`MAX_CLAIMS`] stand (a refusal past them
+//! leaves none). Not kept from the room: what a fetch adds to a mirror, what running jobs
+//! write, jobs without a repository. Pure: the time and the disk's space are passed in.
+
+use super::checkout::fits_with_reserve;
+use super::error::RepoError;
+use crate::boot_clock::BootInstant;
+use crate::workspace::DiskSpace;
+use std::time::Duration;
+
+/// How long a claim stands after its claimant's last refusal. A caller that retries with
+/// a backoff of up to a minute keeps it; one that never retries blocks the agent's other
+/// repository jobs this long at most.
+pub const CLAIM_TTL: Duration = Duration::from_secs(120);
+
+/// The most claims that stand at once: each blocks every job behind it, so a flood of
+/// refused checkouts does not grow the list (or the wait) without bound.
+pub const MAX_CLAIMS: usize = 16;
+
+/// Whose claim: a job's repository and branch (`None`: the default one). The retry of a
+/// refused job is a new job (a new id) of the same repository and branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimant {
+    pub url: String,
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Claim {
+    who: Claimant,
+    /// The bytes its checkout was measured to need.
+    bytes: u64,
+    /// Its last refusal: it lapses [`CLAIM_TTL`] after.
+    renewed: BootInstant,
+}
+
+/// The claims standing, oldest first.
+#[derive(Debug, Default)]
+pub struct Claims {
+    claims: Vec<Claim>,
+}
+
+/// Whether a job on a repository may go on to its fetch and checkout ([`Claims::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// No claim older than the job's own (any claim, if it has none) stands.
+    Go,
+    /// Such claims stand, and their room is free now beside the disk's reserve: the job
+    /// goes on, its checkout leaving that room ([`leave`]).
+    Beside(Claimed),
+    /// Such claims stand, and their room is not free now: the job is refused.
+    Behind(Claimed),
+}
+
+/// The claims standing ahead of a job: `claims` of them, for `bytes` in all, the last
+/// lapsing in `lapses_s` seconds unless renewed. Sent with the checkout to the git worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Claimed {
+    pub claims: usize,
+    pub bytes: u64,
+    pub lapses_s: u64,
+}
+
+/// Refuses ([`RepoError::RoomClaimed`]) a checkout of `needed` bytes (measured,
+/// `super::checkout::Measured::needed`) that would not leave the `claimed` room on
+/// `space`'s disk beside its reserve: it took the room an earlier refused checkout waits
+/// for. (One that does not fit at all is refused for room first, `super::checkout::room`.)
+pub fn leave(claimed: Option<Claimed>, needed: u64, space: DiskSpace, url: &str) -> Result<(), RepoError> {
+    match claimed {
+        Some(c) if !fits_with_reserve(needed.saturating_add(c.bytes), space) => {
+            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s })
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Claims {
+    fn lapse(&mut self, now: BootInstant) {
+        self.claims.retain(|c| now.saturating_duration_since(c.renewed) < CLAIM_TTL);
+    }
+
+    /// Whether any claim stands at `now`: only then is the disk's space asked for
+    /// ([`Claims::admit`]).
+    pub fn stand(&mut self, now: BootInstant) -> bool {
+        self.lapse(now);
+        !self.claims.is_empty()
+    }
+
+    /// Whether `who`'s job may go on at `now`, the disk holding the workspaces having
+    /// `space` (none: not known). A claimant waiting behind an older claim keeps its
+    /// place: its claim is renewed.
+    pub fn admit(&mut self, who: &Claimant, now: BootInstant, space: Option<DiskSpace>) -> Admit {
+        self.lapse(now);
+        let own = self.claims.iter().position(|c| &c.who == who);
+        let ahead = &self.claims[..own.unwrap_or(self.claims.len())];
+        if ahead.is_empty() {
+            return Admit::Go;
+        }
+        let bytes = ahead.iter().fold(0u64, |sum, c| sum.saturating_add(c.bytes));
+        let lapses = ahead.iter().map(|c| CLAIM_TTL.saturating_sub(now.saturating_duration_since(c.renewed))).max().unwrap_or_default();
+        let claimed = Claimed { claims: ahead.len(), bytes, lapses_s: lapses.as_secs().max(1) };
+        if let Some(own) = own {
+            self.claims[own].renewed = now;
+        }
+        match space {
+            Some(space) if fits_with_reserve(bytes, space) => Admit::Beside(claimed),
+            _ => Admit::Behind(claimed),
+        }
+    }
+
+    /// `who`'s checkout, needing `bytes`, was refused at `now` for room other jobs hold:
+    /// its claim is made (last in line) or renewed (its place kept). Returns whether it
+    /// holds one ([`MAX_CLAIMS`] standing: none is made).
+    pub fn refused(&mut self, who: &Claimant, bytes: u64, now: BootInstant) -> bool {
+        self.lapse(now);
+        if let Some(claim) = self.claims.iter_mut().find(|c| &c.who == who) {
+            claim.renewed = now;
+            claim.bytes = bytes;
+            return true;
+        }
+        if self.claims.len() >= MAX_CLAIMS {
+            return false;
+        }
+        self.claims.push(Claim { who: who.clone(), bytes, renewed: now });
+        true
+    }
+
+    /// `who`'s job got past its checkout, or ended otherwise than refused for room: its
+    /// claim, if any, ends.
+    pub fn settled(&mut self, who: &Claimant) {
+        self.claims.retain(|c| &c.who != who);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(url: &str, branch: Option<&str>) -> Claimant {
+        Claimant { url: url.into(), branch: branch.map(Into::into) }
+    }
+
+    /// A disk of 100 MB (a reserve of 5 MB) with `free` bytes free.
+    fn disk(free: u64) -> Option<DiskSpace> {
+        Some(DiskSpace { free, size: 100_000_000, free_inodes: None, block: 4096 })
+    }
+
+    const MB: u64 = 1_000_000;
+
+    #[test]
+    fn a_claim_holds_back_later_jobs_and_lets_its_claimant_go_first() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        let (wide, held) = (who("h/wide", None), who("h/held", None));
+        assert!(!claims.stand(t0));
+        assert_eq!(claims.admit(&held, t0, None), Admit::Go, "no claim: every job goes");
+        assert!(claims.refused(&wide, 50 * MB, t0));
+        assert!(claims.stand(t0));
+        // The job of the repository whose overlapping jobs kept "wide" out waits now: the
+        // room is not free (its mirror holds it).
+        let later = t0 + Duration::from_secs(1);
+        let claimed = Claimed { claims: 1, bytes: 50 * MB, lapses_s: CLAIM_TTL.as_secs() - 1 };
+        assert_eq!(claims.admit(&held, later, disk(40 * MB)), Admit::Behind(claimed));
+        assert_eq!(claims.admit(&held, later, None), Admit::Behind(claimed), "the disk not read: held back");
+        // Another branch of the claimant's repository is another checkout.
+        assert!(matches!(claims.admit(&who("h/wide", Some("dev")), later, disk(40 * MB)), Admit::Behind(_)));
+        assert_eq!(claims.admit(&wide, later, disk(40 * MB)), Admit::Go, "the claimant's retry goes");
+        claims.settled(&wide);
+        assert_eq!(claims.admit(&held, later, disk(40 * MB)), Admit::Go, "its checkout through, the claim is gone");
+    }
+
+    #[test]
+    fn a_job_goes_beside_a_claim_whose_room_is_free_and_its_checkout_must_leave_it() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        claims.refused(&who("h/wide", None), 50 * MB, t0);
+        // 50 claimed and 5 of reserve: free 55 holds them, 54 does not.
+        assert!(matches!(claims.admit(&who("h/x", None), t0, disk(54 * MB)), Admit::Behind(_)));
+        let Admit::Beside(claimed) = claims.admit(&who("h/x", None), t0, disk(55 * MB)) else { panic!("held back though the claimed room is free") };
+        let space = disk(60 * MB).unwrap();
+        leave(Some(claimed), 5 * MB, space, "u").unwrap();
+        let err = leave(Some(claimed), 5 * MB + 1, space, "u").unwrap_err();
+        assert!(matches!(err, RepoError::RoomClaimed { claims: 1, bytes, .. } if bytes == 50 * MB) && err.retryable(), "{err}");
+        assert!(err.to_string().contains("retry"), "{err}");
+        leave(None, 55 * MB, space, "u").unwrap();
+    }
+
+    #[test]
+    fn claims_are_served_oldest_first_and_a_waiting_claimant_keeps_its_place() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        let (a, b) = (who("h/a", None), who("h/b", Some("main")));
+        claims.refused(&a, 10, t0);
+        claims.refused(&b, 20, t0);
+        assert_eq!(claims.admit(&a, t0, None), Admit::Go);
+        assert!(matches!(claims.admit(&b, t0, None), Admit::Behind(Claimed { claims: 1, bytes: 10, .. })));
+        assert!(matches!(claims.admit(&who("h/c", None), t0, None), Admit::Behind(Claimed { claims: 2, bytes: 30, .. })));
+        // b, held behind a, renewed its claim as it asked: past a's lapse, b still stands.
+        let late = t0 + CLAIM_TTL.saturating_sub(Duration::from_secs(1));
+        assert!(matches!(claims.admit(&b, late, None), Admit::Behind(Claimed { claims: 1, .. })));
+        let lapsed = t0 + CLAIM_TTL;
+        assert_eq!(claims.admit(&b, lapsed, None), Admit::Go, "a never retried: its claim lapsed");
+        assert!(matches!(claims.admit(&a, lapsed, None), Admit::Behind(Claimed { claims: 1, bytes: 20, .. })), "a's retry after its lapse waits behind b");
+        // A refusal renews the claim in its place, its bytes as measured now.
+        claims.refused(&b, 25, lapsed);
+        assert!(matches!(claims.admit(&a, lapsed, None), Admit::Behind(Claimed { claims: 1, bytes: 25, .. })));
+    }
+
+    #[test]
+    fn a_claim_never_retried_lapses_and_the_claims_are_bounded() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        for i in 0..MAX_CLAIMS {
+            assert!(claims.refused(&who(&format!("h/{i}"), None), 1, t0));
+        }
+        assert!(!claims.refused(&who("h/one-too-many", None), 1, t0), "past the bound a refusal leaves no claim");
+        assert!(matches!(claims.admit(&who("h/one-too-many", None), t0, None), Admit::Behind(Claimed { claims: MAX_CLAIMS, .. })));
+        assert!(!claims.stand(t0 + CLAIM_TTL), "every claim lapsed");
+        assert_eq!(claims.admit(&who("h/x", None), t0 + CLAIM_TTL, None), Admit::Go);
+        assert!(claims.refused(&who("h/one-too-many", None), 1, t0 + CLAIM_TTL));
+    }
+}
