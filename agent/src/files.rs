@@ -223,6 +223,62 @@ fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std
     Ok(bytes)
 }
 
+/// How much [`disk_usage`] walks: at most `entries` files and folders, and until `until`
+/// (none: no end).
+#[derive(Debug, Clone, Copy)]
+pub struct WalkBudget {
+    pub entries: u64,
+    pub until: Option<std::time::Instant>,
+}
+
+impl WalkBudget {
+    /// No bound: for the agent's own trees (the mirrors), which no job fills with files.
+    pub const UNBOUNDED: WalkBudget = WalkBudget { entries: u64::MAX, until: None };
+}
+
+/// What [`disk_usage`] found: `bytes` on disk, and whether it walked everything
+/// (`complete`; else its budget ran out, and the rest is not counted).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub complete: bool,
+}
+
+/// Files of more than one name [`disk_usage`] remembers, to count each once: past them a
+/// file's further names count again (too much, never too little: room counted as held).
+const MAX_LINKED_FILES: usize = 1 << 16;
+
+/// The bytes the trees under `tops` take on disk (each entry's blocks, folders' too; links
+/// not followed), within `budget`: a job's workspace is the job's to fill, and a walk of a
+/// million files it made took the agent's time, and one file of a thousand names (hard
+/// links) counted a thousand times. A file of several names counts once (its device and
+/// inode remembered, [`MAX_LINKED_FILES`] at most), across all the trees. An entry that
+/// vanishes or cannot be read is passed over.
+pub fn disk_usage(tops: &[std::path::PathBuf], budget: WalkBudget) -> Usage {
+    use std::os::unix::fs::MetadataExt;
+    let mut usage = Usage { bytes: 0, complete: false };
+    let mut walked = 0u64;
+    let mut linked = std::collections::HashSet::new();
+    let mut stack = tops.to_vec();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            walked += 1;
+            if walked > budget.entries || budget.until.is_some_and(|until| std::time::Instant::now() >= until) {
+                return usage;
+            }
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.nlink() > 1 && linked.len() < MAX_LINKED_FILES && !linked.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            usage.bytes = usage.bytes.saturating_add(meta.blocks().saturating_mul(512));
+        }
+    }
+    usage.complete = true;
+    usage
+}
+
 /// The entries under `top` (a folder, not followed if it is a link) that an `open` by
 /// path could wait on, or lead elsewhere from — FIFOs, devices, symbolic links — and the
 /// folders that cannot be read (a job's `chmod 000`: what is inside is unknown); at most
@@ -873,6 +929,32 @@ pub fn restrict(file: &std::fs::File, mode: u32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn disk_usage_counts_a_file_of_many_names_once_and_stops_at_its_budget() {
+        let root = std::env::temp_dir().join(format!("cr-files-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (a, b) = (root.join("a"), root.join("b"));
+        std::fs::create_dir_all(a.join("deep")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("deep/big"), vec![7u8; 1 << 20]).unwrap();
+        let one = disk_usage(&[a.clone()], WalkBudget::UNBOUNDED);
+        assert!(one.complete && one.bytes >= 1 << 20, "{one:?}");
+        // A hundred more names of it, in this tree and another: the same bytes.
+        for i in 0..50 {
+            std::fs::hard_link(a.join("deep/big"), a.join(format!("name-{i}"))).unwrap();
+            std::fs::hard_link(a.join("deep/big"), b.join(format!("name-{i}"))).unwrap();
+        }
+        let both = disk_usage(&[a.clone(), b.clone()], WalkBudget::UNBOUNDED);
+        assert!(both.complete && both.bytes < one.bytes + (1 << 20), "counted once per name: {both:?}, one name {one:?}");
+        // Out of entries, or of time: cut short, and said so.
+        let cut = disk_usage(&[a.clone(), b.clone()], WalkBudget { entries: 10, until: None });
+        assert!(!cut.complete && cut.bytes <= both.bytes, "{cut:?}");
+        let late = disk_usage(&[a.clone()], WalkBudget { entries: u64::MAX, until: Some(std::time::Instant::now()) });
+        assert_eq!(late, Usage { bytes: 0, complete: false });
+        assert_eq!(disk_usage(&[root.join("gone")], WalkBudget::UNBOUNDED), Usage { bytes: 0, complete: true });
+        std::fs::remove_dir_all(&root).unwrap();
+    }
     use super::*;
 
     #[test]

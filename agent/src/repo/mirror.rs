@@ -886,22 +886,10 @@ pub fn set_timeouts() {
     super::advert::register();
 }
 
-/// Bytes a folder takes on disk.
+/// Bytes a folder takes on disk ([`crate::files::disk_usage`], unbounded: a mirror is the
+/// agent's).
 pub(crate) fn disk_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(meta) = entry.path().symlink_metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.blocks() * 512;
-            }
-        }
-    }
-    total
+    crate::files::disk_usage(&[dir.to_path_buf()], crate::files::WalkBudget::UNBOUNDED).bytes
 }
 
 /// Removes from a mirror what the agent never writes into one and libgit2 would open and

@@ -54,6 +54,13 @@ pub struct Repos {
     claims: std::sync::Mutex<claim::Claims>,
 }
 
+/// The most files and folders [`Repos::other_workspaces_bytes`] walks: a few seconds of
+/// `stat`s at most on a local disk.
+pub const WORKSPACES_WALK: u64 = 200_000;
+
+/// How long [`Repos::other_workspaces_bytes`] walks at most, on a slow disk too.
+pub const WORKSPACES_WALK_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A job's hold on its workspace, from before it is made until it is removed (or kept):
 /// counted meanwhile as room that job holds ([`Repos::other_workspaces_bytes`]).
 pub struct WorkspaceHold {
@@ -129,8 +136,17 @@ impl Repos {
     /// holding `on` ([`Repos::hold_workspace`]): room that goes once those jobs are done,
     /// as a mirror a job holds may then go for room (`runner::full_disk`: a checkout
     /// refused beside another job of its own repository was judged too big for the disk,
-    /// rev40b-1). Walks each: on the blocking pool.
+    /// rev40b-1). Walked on the blocking pool within [`WORKSPACES_WALK`] entries and
+    /// [`WORKSPACES_WALK_TIME`] (the workspaces are the jobs' to fill with files), a file
+    /// of many names counted once ([`crate::files::disk_usage`]); a walk cut short counts
+    /// all the disk's used bytes as held: too much rather than too little, so a checkout
+    /// refused beside them ends retryable rather than too big for the disk.
     pub async fn other_workspaces_bytes(&self, own: &Path, on: &Path) -> u64 {
+        self.other_workspaces_bytes_within(own, on, WORKSPACES_WALK).await
+    }
+
+    /// [`Repos::other_workspaces_bytes`] walking at most `entries` files and folders.
+    async fn other_workspaces_bytes_within(&self, own: &Path, on: &Path, entries: u64) -> u64 {
         let dirs: Vec<PathBuf> = {
             let held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             held.keys().filter(|dir| dir.as_path() != own).cloned().collect()
@@ -138,8 +154,18 @@ impl Repos {
         if dirs.is_empty() {
             return 0;
         }
-        let on = on.to_path_buf();
-        let walk = move || dirs.iter().filter(|dir| mirror::same_disk(dir, &on)).fold(0u64, |sum, dir| sum.saturating_add(mirror::disk_bytes(dir)));
+        let (on, own) = (on.to_path_buf(), own.to_path_buf());
+        let walk = move || {
+            let dirs: Vec<PathBuf> = dirs.into_iter().filter(|dir| mirror::same_disk(dir, &on)).collect();
+            let budget = crate::files::WalkBudget { entries, until: Some(std::time::Instant::now() + WORKSPACES_WALK_TIME) };
+            let usage = crate::files::disk_usage(&dirs, budget);
+            if usage.complete {
+                return usage.bytes;
+            }
+            let used = crate::workspace::disk_space(&on).map_or(0, |space| space.size.saturating_sub(space.free));
+            tracing::warn!(workspace = %own.display(), walked_bytes = usage.bytes, held_bytes = used.max(usage.bytes), "the walk of other jobs' workspaces ran out of its budget: the disk's used bytes are counted as held");
+            usage.bytes.max(used)
+        };
         tokio::task::spawn_blocking(walk).await.unwrap_or_default()
     }
 

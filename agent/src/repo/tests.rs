@@ -3333,3 +3333,29 @@ async fn a_login_that_appears_while_the_changes_are_staged_is_masked_and_not_pus
     assert!(outcome.pushed_branch.is_none());
     assert!(git(&bare, &["branch", "--list", "claude/fresh"]).trim().is_empty(), "the login was pushed");
 }
+
+/// The walk of other jobs' workspaces (a checkout refused for room) is the jobs' to make
+/// long, and to inflate: a file of many names (hard links) counted once per name, and the
+/// walk had no end. A file of a hundred names counts once; a walk cut short by its budget
+/// counts the disk's used bytes as held (too much, never too little).
+#[tokio::test]
+async fn the_walk_of_other_jobs_workspaces_counts_a_linked_file_once_and_is_bounded() {
+    let tmp = TempDir::new("walked-workspaces");
+    let repos = super::Repos::open(tmp.path(), super::settings::RepoSettings::default()).unwrap();
+    let workspaces = tmp.path().join("workspaces");
+    let (own, other) = (workspaces.join("own"), workspaces.join("other"));
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::create_dir_all(other.join("sub")).unwrap();
+    std::fs::write(other.join("sub/file"), vec![7u8; 1 << 20]).unwrap();
+    for i in 0..100 {
+        std::fs::hard_link(other.join("sub/file"), other.join(format!("name-{i}"))).unwrap();
+    }
+    let (_own, _other) = (repos.hold_workspace(&own), repos.hold_workspace(&other));
+    let held = repos.other_workspaces_bytes(&own, &workspaces).await;
+    assert!(held >= 1 << 20 && held < 2 << 20, "a file of 100 names: {held}");
+    let space = crate::workspace::disk_space(&workspaces).unwrap();
+    let cut = repos.other_workspaces_bytes_within(&own, &workspaces, 10).await;
+    // The disk is shared with other writers: its use read here may move a little.
+    let used = space.size.saturating_sub(space.free);
+    assert!(cut >= used / 2 && cut >= held, "cut short: {cut}, the disk uses {used}");
+}
