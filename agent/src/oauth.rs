@@ -35,10 +35,10 @@ pub struct Login {
     pub api_key_env: Option<String>,
     /// The machine's other secrets (the repository tokens): redacted like the login's.
     pub other_secrets: Vec<String>,
-    /// The last redactor built and the secrets it was built from. Building one hashes every
-    /// window of every encoded form of every secret (about a millisecond of CPU), and a
-    /// job asks for one three times while the secrets change only when Claude rotates
-    /// its tokens.
+    /// The last redactors built ([`REDACTORS_KEPT`]) and the secrets each was built from.
+    /// Building one hashes every window of every encoded form of every secret (about a
+    /// millisecond of CPU with one login, tens with a month of them), and a job asks for
+    /// one three times while the secrets change only when Claude rotates its tokens.
     pub redactors: RedactorCache,
     /// The credentials file as last read (a job reads the login five times: the refresh
     /// gate, Claude's environment, three redactors).
@@ -54,8 +54,15 @@ pub struct Login {
     pub learnt: Learnt,
 }
 
-/// Shared by the clones of a [`Login`] (every job's context holds one).
-pub type RedactorCache = Arc<std::sync::Mutex<Option<(Vec<String>, Arc<Redactor>)>>>;
+/// Shared by the clones of a [`Login`] (every job's context holds one): the latest first.
+pub type RedactorCache = Arc<std::sync::Mutex<std::collections::VecDeque<(Vec<String>, Arc<Redactor>)>>>;
+
+/// How many redactors [`Login::redactors`] keeps, by the set each was built from: a file
+/// flipped between a login and one not remembered (a job's, of no token's shape: masked
+/// while the file holds it) changes the set at each flip, and each flip built one anew
+/// for the next line of every job's output (review rev45a, 2). Two cover a flip between
+/// two sets; each kept holds its windows' tables (MiBs with a month of logins).
+const REDACTORS_KEPT: usize = 2;
 
 /// The credentials file's last reading, and the file as it was then; shared by clones.
 pub type ReadingCache = Arc<std::sync::Mutex<Option<(FileStamp, Reading)>>>;
@@ -73,11 +80,27 @@ pub type Learnt = Arc<AtomicU64>;
 /// about once per access token's life (some 8 h) while jobs run, so a month of busy use
 /// (the least a refresh token is kept: [`REFRESH_LIFETIME_MS`]) holds
 /// about 90 logins, and one more for each relayed login: 128 is that with room to spare.
-/// Past its access token's end a replaced login is masked by its refresh token alone, so
-/// the redactor masks about one token per login (BENCHMARKS.md, "Redaction throughput").
+/// Past its access token's end a login is masked by its refresh token alone, so the
+/// redactor masks about one token per login (BENCHMARKS.md, "Redaction throughput").
 /// A login kept out for want of room withholds every job ([`Logins::overflowed`]), never
 /// pushes one kept out.
 pub const REMEMBERED: usize = 128;
+
+/// How many bytes of tokens the agent keeps in mind, all logins together: past it a login
+/// is kept out as past [`REMEMBERED`]. A redactor's build time and memory grow with the
+/// bytes it masks: 126 logins of 512-byte tokens made each one take 0.87 s and ~200 MiB,
+/// on the agent's one runtime thread (review rev45a, 3). Claude's logins are two tokens of
+/// about 110 bytes: [`REMEMBERED`] of them fit (28 KiB), and logins of the longest tokens
+/// kept ([`TOKEN_BYTES`]) fill it at 64.
+pub const REMEMBERED_BYTES: usize = 32 * 1024;
+
+/// What to do once the memory has overflowed, as the withheld jobs' errors and the log say
+/// it. A restart empties the memory; it is not kept on disk, where a job could read it. So
+/// a copy of a login read before that a job kept is masked after a restart only by its
+/// `sk-ant-` shape: a new sign-in makes the login in use one no job has read (review
+/// rev45a, 4). Whether it also ends the older ones at Anthropic is not documented (Claude
+/// Code 2.1.197 calls no revocation), so the words promise only that.
+pub const OVERFLOWED: &str = "restart the agent and sign Claude in again (`claude-runner login`, the edge's login page, or `claude auth login` as the agent's user): the restart forgets every login read before, so a copy a job kept of one is masked from then on only by its `sk-ant-` shape, and the new sign-in makes the login in use one no job has read";
 
 /// How many logins a job's run may bring into the credentials file that the agent had not
 /// read before ([`JobWatch`]): its Claude's refresh makes one, a concurrent job's Claude's
@@ -94,10 +117,12 @@ pub const SPENT_GRACE_MS: Millis = 5 * 60_000;
 
 /// The tokens the agent remembers ([`Logins`]) are of a shape real ones have: visible
 /// ASCII, no whitespace, [`TOKEN_BYTES`] long (Claude's are about 110 bytes,
-/// `sk-ant-oat01-…`). A job can write anything into the file: a login of ordinary words
-/// ("the result") kept for the agent's life masked them in every later job's output, and a
-/// 700 KB one made every later redactor take seconds to build (hostile review rev38, 2).
-pub const TOKEN_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
+/// `sk-ant-oat01-…`; 256 is more than twice that). A job can write anything into the file:
+/// a login of ordinary words ("the result") kept for the agent's life masked them in every
+/// later job's output, and a 700 KB one made every later redactor take seconds to build
+/// (hostile review rev38, 2); 512-byte ones, over a second (review rev45a, 3:
+/// [`REMEMBERED_BYTES`]).
+pub const TOKEN_BYTES: std::ops::RangeInclusive<usize> = 16..=256;
 
 /// Whether `token` has the shape of a real token ([`TOKEN_BYTES`]).
 fn plausible(token: &str) -> bool {
@@ -127,10 +152,15 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 /// less than [`ACCESS_LIFETIME_MS`] after its first reading). A login sharing a token with
 /// one read before otherwise is a splice: tampering ([`JobWatch::tampering`]).
 ///
-/// The memory is bounded ([`REMEMBERED`]): a login read with it full is not kept (masked
-/// while the file holds it, as the file's), and from then on the memory has
-/// [`Logins::overflowed`]: every job running then or started after has its output
-/// withheld until the agent restarts. Only tokens of a real token's shape are kept
+/// An access token is masked until its end, whatever the login's state (the file's tokens
+/// add nothing when known): the set masked changes at a new login or an end, never as the
+/// file flips between logins known (each flip built a redactor: review rev45a, 2).
+///
+/// The memory is bounded ([`REMEMBERED`] logins, [`REMEMBERED_BYTES`] of tokens): a login
+/// read with it full is not kept (masked while the file holds it, as the file's), and from
+/// then on the memory has [`Logins::overflowed`]: every job running then or started after
+/// has its output withheld until the agent restarts, and a restart forgets every login
+/// read before ([`OVERFLOWED`]: what to do). Only tokens of a real token's shape are kept
 /// ([`plausible`]).
 #[derive(Default)]
 pub struct Logins {
@@ -162,19 +192,23 @@ pub struct Logins {
 pub const ACCESS_LIFETIME_MS: Millis = 12 * 3_600_000;
 
 /// How long a refresh token is taken to live at least, whatever the file's
-/// `refreshTokenExpiresAt` says (newer Claude Code writes one; older does not): a later end
-/// lengthens it, an earlier one does not shorten it, since a job can write a login first
-/// with an end of its choosing and have its refresh token let go early. Anthropic
+/// `refreshTokenExpiresAt` says: a later end lengthens it, an earlier one does not shorten
+/// it, since a job can write a login first with an end of its choosing and have its
+/// refresh token let go early. Anthropic
 /// documents no lifetime; refresh tokens are single-use (rotated at each refresh) and a
 /// login was seen refreshing for weeks without a new sign-in. So a month: past it a
 /// refresh token never used is taken as dead. It bounds what the memory holds
-/// ([`REMEMBERED`]).
+/// ([`REMEMBERED`]). Claude Code 2.1.197 writes no refresh token's end (its file holds
+/// `accessToken`, `refreshToken`, `expiresAt`, `scopes`, `subscriptionType`,
+/// `rateLimitTier`, `clientId`), so its logins are kept this long; a file naming a later end
+/// (only a job's, today) keeps a login longer.
 pub const REFRESH_LIFETIME_MS: Millis = 30 * 24 * 3_600_000;
 
 /// What a remembered login is to the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// The file held it at the last reading that held a login kept: kept whatever its ends.
+    /// The file held it at the last reading that held a login kept: kept whatever its ends
+    /// (its access token masked until its end, as any).
     Live,
     /// The file has held another since: kept until both its tokens are past their end.
     Replaced,
@@ -200,7 +234,7 @@ struct Known {
     refresh_ends: Millis,
     /// It shares a token with a login read before it: a splice, never a refresh.
     mixed: bool,
-    /// Not live and its access token past its end and the grace: that token is masked no
+    /// Its access token past its end and the grace, live or not: that token is masked no
     /// more ([`Logins::forget_dead`]).
     access_gone: bool,
 }
@@ -229,9 +263,12 @@ impl Known {
         }
     }
 
-    /// The tokens masked as this login's: what it holds, less an access token gone.
+    /// The tokens masked as this login's: what it holds, less an access token gone, whatever
+    /// the state (a login of one token, its kind unknown, is masked whole). Masked while
+    /// live only, an access token past its end came and went as the file flipped between
+    /// this login and another, and each flip built a redactor (review rev45a, 2).
     fn masked(&self) -> impl Iterator<Item = &String> {
-        let access = self.state == State::Live || !self.access_gone || self.held().len() < 2;
+        let access = !self.access_gone || self.held().len() < 2;
         self.held().iter().enumerate().filter(move |(at, _)| *at > 0 || access).map(|(_, token)| token)
     }
 }
@@ -279,9 +316,11 @@ impl Logins {
                     self.mixed += 1;
                     warn!("Claude's credentials file holds a login sharing a token with one read before (Claude's refresh replaces both): something wrote it; the jobs running now are withheld");
                 }
-                if self.logins.len() >= REMEMBERED {
+                let held: usize = self.logins.iter().flat_map(|known| &known.tokens).map(String::len).sum();
+                let bytes: usize = tokens.iter().map(String::len).sum();
+                if self.logins.len() >= REMEMBERED || held + bytes > REMEMBERED_BYTES {
                     if !self.overflowed {
-                        warn!(remembered = REMEMBERED, "Claude's credentials file has held more logins than the agent keeps in mind, none of them past its refresh token's end (Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into it): every job's output is withheld from now until the agent restarts");
+                        warn!(remembered = REMEMBERED, remembered_bytes = REMEMBERED_BYTES, "Claude's credentials file has held more logins than the agent keeps in mind, none of them past its refresh token's end (Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into it): every job's output is withheld from now until the agent restarts. {OVERFLOWED}");
                     }
                     self.overflowed = true;
                     self.unkept = Some(tokens);
@@ -315,12 +354,13 @@ impl Logins {
         new
     }
 
-    /// Lets go of the logins that are dead ([`Known::dead`]), and of the access tokens of
-    /// those not live that are past their end.
+    /// Lets go of the logins that are dead ([`Known::dead`]), and of the access tokens past
+    /// their end, live or not.
     fn forget_dead(&mut self, now: Millis) {
         self.logins.retain(|known| !known.dead(now));
-        // Once gone, gone: a reader's clock may be behind another's.
-        for known in self.logins.iter_mut().filter(|known| known.state != State::Live) {
+        // Once gone, gone: a reader's clock may be behind another's. Live ones too: the file
+        // flipped between logins would otherwise change what is masked ([`Known::masked`]).
+        for known in self.logins.iter_mut() {
             known.access_gone |= known.access_past(now);
         }
     }
@@ -328,6 +368,11 @@ impl Logins {
     /// Every token masked ([`Known::masked`]), in the order first read.
     fn tokens(&self) -> impl Iterator<Item = &String> {
         self.logins.iter().flat_map(Known::masked)
+    }
+
+    /// Whether `token` is one of a login remembered, masked or not.
+    fn knows(&self, token: &str) -> bool {
+        self.logins.iter().any(|known| known.tokens.iter().any(|held| held == token))
     }
 }
 
@@ -379,7 +424,7 @@ impl JobWatch {
             // Nothing says this job wrote a login: the memory may have filled with Claude's
             // refreshes and relayed logins as well as with a job's.
             return Some(format!(
-                "withheld: the agent's memory of Claude's logins is full ({REMEMBERED} read since it started, none past its refresh token's end: Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into ~/.claude), so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: restart the agent, then send the job again (check the login still works)"
+                "withheld: the agent's memory of Claude's logins is full ({REMEMBERED} logins or {REMEMBERED_BYTES} bytes of their tokens read since it started, none past its refresh token's end: Claude's refreshes and relayed logins within a refresh token's life, or a job writing logins into ~/.claude), so a live login might not be masked; this job's output, diff and push are withheld, as every job's is until the agent restarts: {OVERFLOWED}; then send the job again"
             ));
         }
         let why = if mixed {
@@ -389,7 +434,7 @@ impl JobWatch {
         } else {
             return None;
         };
-        let overflow = if logins.overflowed { " The agent's memory of logins is full: every job is withheld until the agent restarts; restart it." } else { "" };
+        let overflow = if logins.overflowed { format!(" The agent's memory of logins is full: every job is withheld until the agent restarts; {OVERFLOWED}.") } else { String::new() };
         Some(format!(
             "withheld: while this job ran Claude's credentials file held {why}: something the job ran wrote logins of its own into it, which is how a job gets a live login out past the redactor; its output, its events from then on, its diff and its push are withheld; run it again without writing to ~/.claude, and check the login still works.{overflow}"
         ))
@@ -683,13 +728,16 @@ impl Login {
 
     /// The secrets to mask, once each, in an order that changes only when one is learnt or
     /// forgotten (so a redactor is built once per set): the token variables, the logins
-    /// remembered, what `read` holds besides (a login not kept: [`Logins`]), the machine's
+    /// remembered, what `read` holds besides that no login remembered holds (a login not
+    /// kept: [`Logins`]; a known access token past its end is not masked for being in the
+    /// file, or the set would change as the file flips: review rev45a, 2), the machine's
     /// other secrets.
     fn secrets(&self, read: &[String]) -> Vec<String> {
         let remembered = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let variables = self.oauth_token_env.iter().chain(&self.api_key_env);
         let mut secrets: Vec<String> = Vec::new();
-        for secret in variables.chain(remembered.tokens()).chain(read).chain(&self.other_secrets) {
+        let unknown = read.iter().filter(|token| !remembered.knows(token));
+        for secret in variables.chain(remembered.tokens()).chain(unknown).chain(&self.other_secrets) {
             if !secrets.contains(secret) {
                 secrets.push(secret.clone());
             }
@@ -697,18 +745,19 @@ impl Login {
         secrets
     }
 
-    /// A redactor of `secrets`: the last one built if it was of the same.
+    /// A redactor of `secrets`: one of the last built ([`REDACTORS_KEPT`]) if it was of the
+    /// same.
     fn redactor_of(&self, secrets: Vec<String>) -> Arc<Redactor> {
         // A poisoned lock only means a panic elsewhere mid-swap: the cache is rebuilt.
         let mut cache = self.redactors.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match cache.as_ref() {
-            Some((built_from, redactor)) if *built_from == secrets => redactor.clone(),
-            _ => {
-                let redactor = Arc::new(Redactor::new(secrets.iter().cloned()));
-                *cache = Some((secrets, redactor.clone()));
-                redactor
-            }
-        }
+        let kept = cache.iter().position(|(built_from, _)| *built_from == secrets).and_then(|at| cache.remove(at));
+        let (secrets, redactor) = kept.unwrap_or_else(|| {
+            let redactor = Arc::new(Redactor::new(secrets.iter().cloned()));
+            (secrets, redactor)
+        });
+        cache.push_front((secrets, redactor.clone()));
+        cache.truncate(REDACTORS_KEPT);
+        redactor
     }
 }
 
@@ -1079,6 +1128,85 @@ mod tests {
         !redactor.redact(token).contains(token) && redactor.redact(&b64) != b64
     }
 
+    /// rev45a-2: a file flipped between two logins already known (no new login, no splice:
+    /// no tampering) made a new redactor at each flip once the older one's access token was
+    /// gone (it was masked while live, not while replaced), each line of any job's output
+    /// looking again while the file is unsettled. With a month of logins each build is
+    /// ~30 ms of the agent's one runtime thread; with 128 logins of 512-byte tokens ~0.9 s.
+    /// An access token is masked until its end whatever the state: flips build nothing.
+    #[test]
+    fn rev45a_flipping_the_file_between_known_logins_builds_no_redactor() {
+        let d = tempdir("rev45a-flip");
+        let (old, new) = ((token("a1"), token("r1")), (token("a2"), token("r2")));
+        let login = login_with(&d, &credentials(&old.0, &old.1, 1));
+        let t0 = 1_000_000;
+        login.redactor(t0);
+        std::fs::write(&login.credentials_path, credentials(&new.0, &new.1, t0 + 8 * 3_600_000)).unwrap();
+        let later = t0 + ACCESS_LIFETIME_MS + SPENT_GRACE_MS + 1;
+        let mut last = login.redactor(later);
+        let mut builds = 0;
+        let watch = login.watch_job();
+        for flip in 0..10 {
+            let (a, r) = if flip % 2 == 0 { &old } else { &new };
+            std::fs::write(&login.credentials_path, credentials(a, r, if flip % 2 == 0 { 1 } else { t0 + 8 * 3_600_000 })).unwrap();
+            let (redactor, looked) = login.redactor_looked(later);
+            if !Arc::ptr_eq(&redactor, &last) {
+                builds += 1;
+            }
+            assert!(login.changed(&looked), "unsettled: every line looks again");
+            last = redactor;
+        }
+        assert_eq!(watch.tampering(), None, "no tampering");
+        assert!(builds < 2, "{builds} redactors built for 10 flips between two known logins");
+    }
+
+    /// rev45a-2, a login not remembered: a file flipped between the real login and one of
+    /// no token's shape (a job's: not remembered, not counted, masked while the file holds
+    /// it) changes the set masked at each flip; each built a redactor with every login
+    /// remembered. The last two sets' redactors are kept: the flips build two.
+    #[test]
+    fn rev45a_flipping_the_file_between_a_login_and_one_not_remembered_builds_two_redactors() {
+        let d = tempdir("rev45a-junk");
+        let (access, refresh) = (token("a1"), token("r1"));
+        let far = 4_102_444_800_000;
+        let login = login_with(&d, &credentials(&access, &refresh, far));
+        let watch = login.watch_job();
+        let mut seen: Vec<Arc<Redactor>> = Vec::new();
+        for flip in 0..10 {
+            let body = if flip % 2 == 0 { credentials(&access, &refresh, far) } else { credentials("not a token", "nor this", far) };
+            std::fs::write(&login.credentials_path, body).unwrap();
+            let redactor = login.redactor(1_000 + flip);
+            assert!(masks(&redactor, &access) && masks(&redactor, &refresh), "the real login is masked");
+            if !seen.iter().any(|held| Arc::ptr_eq(held, &redactor)) {
+                // Held, so no later one is built at a freed one's address.
+                seen.push(redactor);
+            }
+        }
+        assert_eq!(watch.tampering(), None, "no tampering");
+        assert_eq!(seen.len(), 2, "redactors built for 10 flips between two sets");
+    }
+
+    /// rev45a-3: tokens of 512 bytes were remembered, and 126 logins of them made each
+    /// redactor take 0.87 s and ~200 MiB to build. A token longer than [`TOKEN_BYTES`] is not
+    /// remembered, and logins of the longest are kept only while the memory's tokens fit
+    /// [`REMEMBERED_BYTES`]; the next one overflows it, as the 129th login would. A month of
+    /// real logins (two tokens of about 110 bytes) fits with room.
+    #[test]
+    fn rev45a_logins_of_long_tokens_fill_the_memory_by_their_bytes() {
+        let (far, longest) = (4_102_444_800_000, *TOKEN_BYTES.end());
+        let long = |seed: String, len: usize| token(&seed).repeat(len / 48 + 1)[..len].to_string();
+        assert!(!plausible(&long("over".into(), longest + 1)) && plausible(&long("at".into(), longest)));
+        assert!(REMEMBERED * 2 * 128 <= REMEMBERED_BYTES, "a month of real logins overflows the memory");
+        let mut logins = Logins::default();
+        let fits = REMEMBERED_BYTES / (2 * longest);
+        for n in 0..=fits {
+            logins.learn(&[long(format!("a{n}"), longest), long(format!("r{n}"), longest)], Some(far), None, 1);
+            assert_eq!(logins.overflowed, n == fits, "login {n} of {longest}-byte tokens, {fits} fit");
+        }
+        let held: usize = logins.logins.iter().flat_map(|known| &known.tokens).map(String::len).sum();
+        assert!(held <= REMEMBERED_BYTES, "{held} bytes of tokens remembered");
+    }
+
     /// A job moved the credentials file away (or blanked it, or left it half written),
     /// printed the tokens base64-encoded and put it back: the redactor, built from what the
     /// file held then, had no token to mask (hostile review rev36b, 1). A login once read is
@@ -1182,7 +1310,9 @@ mod tests {
         assert!(masks(&later, access2) && masks(&later, refresh2));
         let gone = login.redactor(first_read + REFRESH_LIFETIME_MS + 1);
         assert!(!masks(&gone, refresh), "a dead login is kept");
-        assert!(masks(&gone, access2) && masks(&gone, refresh2), "the live login is let go");
+        assert!(masks(&gone, refresh2), "the live login is let go");
+        // Its access token is past its end: masked no more, live or not (rev45a-2).
+        assert!(!masks(&gone, access2), "a live login's access token past its end is masked");
         assert_eq!(login.remembered.lock().unwrap().logins.len(), 1);
     }
 
@@ -1863,6 +1993,9 @@ mod tests {
         let (_, why) = relayed_logins("rev40a-relogins-full", 16 * hour, 50, true, plain);
         let why = why.expect("the memory is bounded");
         assert!(why.starts_with("withheld:") && why.contains("restart the agent") && !why.contains("something the job ran wrote"), "{why}");
+        // A restart forgets the logins read before (rev45a-4): the words say so, and to
+        // sign in again so the login in use is one no job has read.
+        assert!(why.contains("sign Claude in again") && why.contains("claude-runner login") && why.contains("forgets every login read before"), "{why}");
     }
 
     /// rev40a-3, the expiry alone: a job writes a refreshed login R2 with `expiresAt: 1`,
