@@ -24,6 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Staged {
     repo: Repository,
     base: Oid,
+    /// What Claude left at HEAD, read once as the changes were staged: the commits the
+    /// checks read and the push carries are those under it. HEAD is in the checkout's
+    /// `.git`, the job's to write: read again at each step, a process the job left that
+    /// moved it after the search for secrets had a commit pushed that it never read
+    /// (review rev45a-1).
+    head: Option<Oid>,
     tree: Oid,
     fs: FileSystem,
     /// Why the staged tree may not be pushed, though its diff is shown: a file over
@@ -165,8 +171,10 @@ pub fn stage_for(dir: &Path, base: Oid, fs: FileSystem, push: bool, abort: &Atom
 pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abort: &AtomicBool, listed: impl FnOnce()) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = open_checkout(dir, fs, action)?;
+    // HEAD once, for every step after: see `Staged::head`.
+    let head = repo.head().and_then(|h| h.peel_to_commit()).ok().map(|c| c.id());
     // Sizes first, from the file system: nothing too big is ever read.
-    let (mut index, mut plan) = staging::list(&repo, dir, fs, abort)?;
+    let (mut index, mut plan) = staging::list(&repo, head, dir, fs, abort)?;
     let too_much = |bytes: u64| RepoError::ChangesTooBig { mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_BYTES >> 20 };
     if push && plan.bytes > MAX_PUSH_BYTES {
         plan.unpushable.get_or_insert(too_much(plan.bytes));
@@ -185,7 +193,8 @@ pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abor
     // Trees are loose objects too past what is kept in memory: each entry's mode, name and id.
     let trees: usize = index.iter().map(|e| e.path.len() + 32).sum();
     let tree = index.write_tree().map_err(|e| super::error::wrote(&repo.path().join("objects"), action, &e, "the job's changes", staging::loose_object_bytes(trees), "their trees need"))?;
-    Ok(Staged { repo, base, tree, fs, unpushable, cut: unread.is_some() })
+    let head = head.filter(|&head| head == base || repo.graph_descendant_of(head, base).unwrap_or(false));
+    Ok(Staged { repo, base, head, tree, fs, unpushable, cut: unread.is_some() })
 }
 
 pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
@@ -352,11 +361,10 @@ impl Staged {
         Ok(())
     }
 
-    /// What Claude left at HEAD, when it is the start commit or follows it (its own
-    /// commits, which the push keeps).
+    /// What Claude left at HEAD as the changes were staged ([`Staged::head`]), when it is
+    /// the start commit or follows it (its own commits, which the push keeps).
     fn claudes_head(&self) -> Option<Oid> {
-        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok()?.id();
-        (head == self.base || self.repo.graph_descendant_of(head, self.base).unwrap_or(false)).then_some(head)
+        self.head
     }
 
     /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
@@ -412,12 +420,22 @@ impl Staged {
         let rejected: RefCell<Option<String>> = RefCell::new(None);
         let began = Cell::new(false);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
+        let moved: Cell<Option<Oid>> = Cell::new(None);
         // The last moment to stop: after it nothing more stops the push, and the server may take it.
-        cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) || !begins() {
-            true => Err(git2::Error::from_str("the push was given up before it started")),
-            false => {
-                began.set(true);
-                Ok(())
+        cb.push_negotiation(|updates| {
+            // libgit2 read `PUSH_REF` again, by its path in the job's `.git`, once the
+            // server told its branches: a process the job left that pointed it at a commit
+            // of its own had that pushed, unchecked. Only `commit` goes.
+            if let Some(other) = updates.iter().map(|u| u.dst()).find(|&id| id != commit) {
+                moved.set(Some(other));
+                return Err(git2::Error::from_str("the push's ref was moved"));
+            }
+            match abort.load(Ordering::SeqCst) || !begins() {
+                true => Err(git2::Error::from_str("the push was given up before it started")),
+                false => {
+                    began.set(true);
+                    Ok(())
+                }
             }
         });
         cb.push_update_reference(|_refname, status| {
@@ -435,6 +453,9 @@ impl Staged {
         let pushed = remote.push(&[format!("{PUSH_REF}:refs/heads/{branch}")], Some(&mut options));
         drop(options);
         drop(remote);
+        if let Some(other) = moved.get() {
+            return Err(local(action, format!("the push's ref in the checkout's `.git` was moved to another commit ({other}) as the push began, and nothing was pushed: a process the job left behind changed it. Run the job again, and make sure nothing it starts outlives it")));
+        }
         if let Err(e) = pushed {
             // Cut before the negotiation: nothing went out.
             if let Some(cut) = super::advert::cut_error(&push.url, "pushed").filter(|_| !began.get()) {

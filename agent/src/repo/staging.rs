@@ -141,8 +141,9 @@ fn measured(unpushable: &mut Option<RepoError>, path: &[u8], size: u64) {
 /// tracked file whose size is still the index's may be one only touched: one over the
 /// limit is told as it is read ([`holds_blob`]). A file only staged (Claude's `git add`,
 /// the working tree as staged) counts by its object's header, its blob unread. A file gone
-/// from the working tree is carried by no push, staged or not: it counts nothing.
-pub(super) fn list(repo: &Repository, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<(Index, Plan), RepoError> {
+/// from the working tree is carried by no push, staged or not: it counts nothing. `head`:
+/// the commit HEAD named as the hand-back began, read once ([`super::changes::stage_for`]).
+pub(super) fn list(repo: &Repository, head: Option<Oid>, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<(Index, Plan), RepoError> {
     let err = |e: git2::Error| super::error::git(ACTION, &e);
     let failed = |path: &[u8], e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
     let given_up = || match abort.load(Ordering::SeqCst) {
@@ -234,7 +235,7 @@ pub(super) fn list(repo: &Repository, workdir: &Path, fs: FileSystem, abort: &At
     for (path, size) in &found.files {
         take(path, None, *size, &mut steps, &mut unpushable);
     }
-    bytes += staged_bytes(repo, &index, &steps, &mut unpushable)?;
+    bytes += staged_bytes(repo, head, &index, &steps, &mut unpushable)?;
     steps.sort_by(|(a, _), (b, _)| a.cmp(b));
     Ok((index, Plan { steps, bytes, unpushable }))
 }
@@ -247,10 +248,10 @@ fn stage_of(entry: &IndexEntry) -> u16 {
 
 /// What the index holds that Claude staged itself (against HEAD) and the working tree does
 /// not change, by its objects' headers; one over [`MAX_PUSH_FILE_BYTES`] is kept aside.
-fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)], unpushable: &mut Option<RepoError>) -> Result<u64, RepoError> {
+fn staged_bytes(repo: &Repository, head: Option<Oid>, index: &Index, steps: &[(Vec<u8>, Step)], unpushable: &mut Option<RepoError>) -> Result<u64, RepoError> {
     let err = |e: git2::Error| super::error::git(ACTION, &e);
     let odb = repo.odb().map_err(err)?;
-    let head = repo.head().and_then(|h| h.peel_to_tree()).ok();
+    let head = head.and_then(|id| repo.find_commit(id).and_then(|c| c.tree()).ok());
     let from_tree: std::collections::HashSet<&[u8]> = steps.iter().map(|(path, _)| path.as_slice()).collect();
     let mut bytes = 0;
     for delta in repo.diff_tree_to_index(head.as_ref(), Some(index), None).map_err(err)?.deltas() {
@@ -270,7 +271,8 @@ fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)], unp
 /// What [`list`] measured, for the tests: a file over what a push carries is an error.
 #[cfg(test)]
 pub(super) fn changed_bytes(repo: &Repository, workdir: &Path, fs: FileSystem) -> Result<u64, RepoError> {
-    let plan = list(repo, workdir, fs, &AtomicBool::new(false))?.1;
+    let head = repo.head().and_then(|h| h.peel_to_commit()).ok().map(|c| c.id());
+    let plan = list(repo, head, workdir, fs, &AtomicBool::new(false))?.1;
     match plan.unpushable {
         Some(e @ RepoError::FileTooBig { .. }) => Err(e),
         _ => Ok(plan.bytes),

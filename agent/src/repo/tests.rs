@@ -1236,7 +1236,7 @@ async fn a_submodule_swapped_for_a_fifo_after_listing_is_staged_as_listed_never_
     std::fs::remove_dir(co.dir.join("sub")).unwrap();
     git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
     let repo = git2::Repository::open(&co.dir).unwrap();
-    let (mut index, plan) = super::staging::list(&repo, &co.dir, co.fs, &AtomicBool::new(false)).unwrap();
+    let (mut index, plan) = super::staging::list(&repo, Some(co.commit), &co.dir, co.fs, &AtomicBool::new(false)).unwrap();
     std::fs::remove_dir_all(co.dir.join("sub")).unwrap();
     let writer = FifoWriter::at(&co.dir.join("sub"));
     let staged = plan.stage(&repo, &mut index, &co.dir, co.fs, u64::MAX, &AtomicBool::new(false));
@@ -3358,4 +3358,67 @@ async fn the_walk_of_other_jobs_workspaces_counts_a_linked_file_once_and_is_boun
     // The disk is shared with other writers: its use read here may move a little.
     let used = space.size.saturating_sub(space.free);
     assert!(cut >= used / 2 && cut >= held, "cut short: {cut}, the disk uses {used}");
+}
+
+/// HEAD was read for the push's secret check (`own_commits`) and again for the commit's
+/// parent (`Staged::commit`): a process the job left that moved HEAD between the two had a
+/// commit the check never read pushed (review rev45a-1). HEAD is read once, as staged.
+#[tokio::test]
+async fn head_moved_after_the_secret_check_does_not_change_what_is_pushed() {
+    let tmp = TempDir::new("rev45a-head");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let secret = |l: &str| l.contains("tok-0123456789");
+    // The job makes a commit holding the token, then puts HEAD and the tree back.
+    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    let hidden = String::from_utf8(std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(&co.dir).output().unwrap().stdout).unwrap().trim().to_string();
+    git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
+    std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
+    assert!(!staged.adds_secret(secret).unwrap(), "what the check reads is clean");
+    // A leftover process moves HEAD (the checkout's .git is the job's to write).
+    git(&co.dir, &["update-ref", "HEAD", &hidden]);
+    let commit = staged.commit("a", "a@b", "m").unwrap().expect("a commit");
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/job-1".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
+    let log = std::process::Command::new("git").args(["log", "-p", "claude/job-1"]).current_dir(&bare).output().unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(!log.contains("tok-0123456789"), "the server got the token:\n{log}");
+}
+
+/// The push's ref (`changes::PUSH_REF`, in the checkout's `.git`, the job's to write) is
+/// read by libgit2 by its path once the server has told its branches: a process the job
+/// left that points it at a commit of its own (holding a token) then had that pushed, the
+/// secret check having read another. The push goes only with the commit it was given.
+#[tokio::test]
+async fn the_push_ref_moved_before_the_push_reads_it_does_not_send_another_commit() {
+    let tmp = TempDir::new("push-ref-moved");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    // A commit holding the token, left out of the working tree and of HEAD.
+    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    let hidden = git(&co.dir, &["rev-parse", "HEAD"]).trim().to_string();
+    git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
+    std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
+    assert!(!staged.adds_secret(|l: &str| l.contains("tok-0123456789")).unwrap(), "what the check reads is clean");
+    let commit = staged.commit("a", "a@b", "m").unwrap().expect("a commit");
+    let (asked_tx, asked) = std::sync::mpsc::channel();
+    let (port, _posted) = serve_pushes(&bare, Reply::AppliedThen502 { delay_ms: 0 }, Some(asked_tx));
+    let target = PushTarget { url: format!("http://127.0.0.1:{port}/repo.git"), host: "127.0.0.1".into(), token: None, branch: "claude/job".into(), default_branch: Some("main".into()) };
+    let pushing = std::thread::spawn(move || staged.push(&target, commit, &AtomicBool::new(false), &|| true));
+    let go = asked.recv_timeout(std::time::Duration::from_secs(60)).expect("the push asked for the server's branches");
+    // The worker wrote the ref before it asked; a leftover process rewrites it now.
+    let push_ref = co.dir.join(".git").join(changes::PUSH_REF);
+    assert_eq!(std::fs::read_to_string(&push_ref).unwrap().trim(), commit.to_string());
+    std::fs::write(&push_ref, format!("{hidden}\n")).unwrap();
+    drop(go);
+    let pushed = pushing.join().unwrap();
+    let log = git(&bare, &["log", "-p", "--all"]);
+    assert!(!log.contains("tok-0123456789"), "the server got the token ({pushed:?}):\n{log}");
+    assert!(pushed.is_err(), "a push of another commit than the one checked is refused");
 }
