@@ -1611,7 +1611,7 @@ mod tests {
         let big: String = (0..700_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2654435761) >> 13) % 26) as u8)).collect();
         let login = login_with(&d, &credentials(&big, &token("realr"), far));
         let held = login.redactor(1);
-        let built_from: Vec<String> = held.as_ref().clone().into();
+        let built_from = held.secrets();
         assert!(built_from.iter().all(|secret| secret.len() <= CURRENT_TOKEN_BYTES), "the redactor is built from the whole huge token");
         assert!(held.redact(&big[1000..1100]).contains("[REDACTED]"), "the file's token is not masked while it holds it");
         std::fs::write(&login.credentials_path, credentials(&token("real"), &token("realr"), far)).unwrap();

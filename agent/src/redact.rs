@@ -137,8 +137,8 @@ fn hash(bytes: &[u8]) -> u64 {
 
 /// Sent to another process (the git worker's hand-back, `repo::worker`) as the secrets it
 /// was made from, and made again there.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-#[serde(into = "Vec<String>", from = "Vec<String>")]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(from = "Vec<String>")]
 pub struct Redactor {
     /// What it was made from.
     secrets: Vec<String>,
@@ -203,9 +203,12 @@ impl Scratch {
     }
 }
 
-impl From<Redactor> for Vec<String> {
-    fn from(redactor: Redactor) -> Vec<String> {
-        redactor.secrets
+/// Its secrets alone, from where they are: serde's `into` cloned the whole redactor (its
+/// window tables: hundreds of MiB with many long tokens) on the agent's runtime thread to
+/// send a list of strings (review rev45a-3).
+impl serde::Serialize for Redactor {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.secrets.serialize(serializer)
     }
 }
 
@@ -248,6 +251,11 @@ impl Redactor {
             redactor.sets.push(set);
         }
         redactor
+    }
+
+    /// What it was made from (those long enough to mask).
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
     }
 
     /// Redacts one text on its own (a result, an error, stderr).

@@ -434,7 +434,7 @@ impl Prepared {
             fs: self.fs,
             diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes),
             push,
-            redactor: (*redactor).clone(),
+            redactor,
         };
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
@@ -463,7 +463,7 @@ impl Prepared {
 /// and was in the diff unmasked, and pushed (review rev42-4). The same look as the one
 /// before each line of Claude's output ([`crate::oauth::Login::changed`]).
 pub(crate) fn masks_again(login: &crate::oauth::Login, looked: crate::oauth::Looked) -> worker::MasksAgain<'_> {
-    Box::new(move || login.changed(&looked).then(|| (*login.redactor(crate::now_ms())).clone()))
+    Box::new(move || login.changed(&looked).then(|| login.redactor(crate::now_ms())))
 }
 
 /// What a job is told of a hand-back's worker that went without an answer ([`Gone`]): a
@@ -491,7 +491,7 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// for it is bounded: a diff alone reads at most [`changes::MAX_DIFF_READ_BYTES`] of the
 /// files, kept in memory (the rest shown unread, the diff cut), a push
 /// [`changes::MAX_PUSH_BYTES`] (more is refused, and staged as for a diff alone).
-fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Redactor>, RepoError>) -> Result<Outcome, RepoError> {
+fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Vec<String>>, RepoError>) -> Result<Outcome, RepoError> {
     let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| error::git("collect the job's changes", &e))?;
     let mut outcome = Outcome::default();
@@ -513,7 +513,14 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool, 
     };
     // A login that appeared while the changes were staged is not in the redactor built
     // before: the agent looks again, and the diff and the push's check use its new one.
-    let redactor = masks_again()?.unwrap_or(redactor);
+    // The old one let go before the new one is made: both at once took twice the memory.
+    let redactor = match masks_again()? {
+        Some(secrets) => {
+            drop(redactor);
+            Arc::new(Redactor::new(secrets))
+        }
+        None => redactor,
+    };
     if let Some(max_bytes) = diff_max_bytes {
         let mut patch = staged.patch(max_bytes)?;
         // The paths are redacted with the result's other words (`runner::scrub`).

@@ -2397,7 +2397,7 @@ fn hand_back_work(co: &checkout::Checkout, port: u16) -> super::worker::Work {
         author_email: "cr@localhost".into(),
         message: "Job changes".into(),
     };
-    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
+    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: Arc::default() })
 }
 
 /// What the test's git server does with a push (`POST …/git-receive-pack`).
@@ -2636,7 +2636,7 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
         author_email: "a@b".into(),
         message: "m".into(),
     };
-    let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
+    let redactor = Arc::new(crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]));
     let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
     let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true, &|| Ok(None)).unwrap();
     assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
@@ -3313,7 +3313,7 @@ async fn a_login_that_appears_while_the_changes_are_staged_is_masked_and_not_pus
         author_email: "a@b".into(),
         message: "m".into(),
     };
-    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: (*redactor).clone() });
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: redactor.clone() });
     let stop = Stop {
         at: crate::boot_clock::BootInstant::now() + std::time::Duration::from_secs(60),
         cancel: None,
@@ -3421,4 +3421,57 @@ async fn the_push_ref_moved_before_the_push_reads_it_does_not_send_another_commi
     let log = git(&bare, &["log", "-p", "--all"]);
     assert!(!log.contains("tok-0123456789"), "the server got the token ({pushed:?}):\n{log}");
     assert!(pushed.is_err(), "a push of another commit than the one checked is refused");
+}
+
+/// The agent's reply to the worker's STAGED (a new redactor: its secrets, a month of logins
+/// or more, outgrows the socket's buffer) and the STOP the deadline writes were written by
+/// two hands: a STOP written while the reply was still going out landed inside it, and the
+/// hand-back failed, saying the agent did not answer (review rev45a-5b). Here the deadline
+/// passes as the agent begins its reply; the STOP follows the whole reply, and the hand-back
+/// stops at its next step (the push, not begun).
+#[tokio::test]
+async fn a_stop_while_a_large_redactor_goes_to_the_worker_waits_for_its_end() {
+    use super::worker::{Answer, HandBackWork, PushWork, Stop, Work};
+    let tmp = TempDir::new("stop-in-reply");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("notes.txt"), "a plain line\n").unwrap();
+    // 1.2 MB of secrets as JSON (a control character takes six bytes there), several times
+    // the socket's buffer.
+    let secrets: Vec<String> = (0..200).map(|i| format!("{i:04}-{}", "\u{1}".repeat(1000))).collect();
+    let redactor = Arc::new(crate::redact::Redactor::new(secrets));
+    let push = PushWork {
+        target: PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/job".into(), default_branch: Some("main".into()) },
+        author_name: "a".into(),
+        author_email: "a@b".into(),
+        message: "m".into(),
+    };
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: Arc::default() });
+    let at = crate::boot_clock::BootInstant::now() + std::time::Duration::from_secs(3);
+    let asked = Arc::new(AtomicBool::new(false));
+    let (new, was_asked) = (Arc::clone(&redactor), Arc::clone(&asked));
+    let stop = Stop {
+        at,
+        cancel: None,
+        then_within: std::time::Duration::from_secs(60),
+        gone: super::hand_back_gone("http://server".to_string(), true),
+        // Asked once staged (well within 3 s): answers once the deadline has passed, so the
+        // STOP is due while the reply is written.
+        masks_again: Some(Box::new(move || {
+            was_asked.store(true, std::sync::atomic::Ordering::SeqCst);
+            while crate::boot_clock::BootInstant::now() < at + std::time::Duration::from_millis(100) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Some(Arc::clone(&new))
+        })),
+    };
+    let (answer, ()) = super::worker::run(work, (), "collect the job's changes", Some(stop)).await;
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst), "the worker staged and asked");
+    let outcome = match answer {
+        Ok(Answer::HandedBack(Ok(outcome))) => outcome,
+        other => panic!("the hand-back failed: {other:?}"),
+    };
+    assert!(outcome.patch.is_some_and(|p| p.text.contains("+a plain line")), "the diff comes back");
+    assert!(matches!(outcome.error, Some(RepoError::HandBackTooSlow { .. })), "the STOP was heard after the reply: {:?}", outcome.error);
+    assert!(git(&bare, &["branch", "--list", "claude/job"]).trim().is_empty(), "nothing pushed");
 }

@@ -134,8 +134,10 @@ pub struct HandBackWork {
     /// The diff's cap, when the job asked for one (`include_diff`).
     pub diff_max_bytes: Option<usize>,
     pub push: Option<PushWork>,
-    /// Masks the diff, and finds a secret in what would be pushed.
-    pub redactor: Redactor,
+    /// Masks the diff, and finds a secret in what would be pushed. Shared with the agent's
+    /// own, not copied: sent as its secrets.
+    #[serde(with = "shared_redactor")]
+    pub redactor: Arc<Redactor>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -228,8 +230,22 @@ pub struct Stop<'a> {
 }
 
 /// A redactor newer than the one sent with a hand-back's work, if one is needed: asked
-/// once the changes are staged ([`STAGED`]).
-pub type MasksAgain<'a> = Box<dyn Fn() -> Option<Redactor> + Send + Sync + 'a>;
+/// once the changes are staged ([`STAGED`]). Sent as its secrets, never copied.
+pub type MasksAgain<'a> = Box<dyn Fn() -> Option<Arc<Redactor>> + Send + Sync + 'a>;
+
+/// A hand-back's [`Redactor`] as the agent shares it ([`HandBackWork::redactor`]).
+mod shared_redactor {
+    use super::{Arc, Redactor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(redactor: &Arc<Redactor>, serializer: S) -> Result<S::Ok, S::Error> {
+        redactor.as_ref().serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<Redactor>, D::Error> {
+        Redactor::deserialize(deserializer).map(Arc::new)
+    }
+}
 
 /// Resolves when the job no longer wants its work done: a cancel, or the agent stopping.
 pub type Cancel<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -307,6 +323,7 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         let socket = worker.stream.as_raw_fd();
         let pid = worker.process.as_ref().map(|p| p.0);
         let pushing = Arc::clone(&worker.pushing);
+        let (replying, stop_after_reply) = (Arc::clone(&worker.replying), Arc::clone(&worker.stop_after_reply));
         let died = |error| (stop.gone)(Gone::Died { pushing: pushing.load(Ordering::SeqCst), error });
         // One read of the answer throughout: one dropped mid-way would lose what it read.
         let answer = worker.answer(masks_again.as_deref());
@@ -324,10 +341,17 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             // waited for, so the answer says whether it landed.
             () = cancelled => {}
         }
-        // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
-        // socket's buffer is empty of ours (the request was read whole before any answer,
-        // a redactor sent again was written whole: see `Worker::answer`).
-        unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
+        // `answer` is polled on this task only, never while this runs: it is between two
+        // writes, or mid-way through a reply to STAGED, and then writes the STOP once the
+        // reply is whole.
+        if replying.load(Ordering::SeqCst) {
+            stop_after_reply.store(true, Ordering::SeqCst);
+        } else {
+            // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
+            // socket's buffer is empty of ours (the request was read whole before any
+            // answer, a reply to STAGED is written whole before this: see `Worker::answer`).
+            unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
+        }
         if let Ok(answer) = tokio::time::timeout(stop.then_within, &mut answer).await {
             return answer.map_err(died);
         }
@@ -381,6 +405,11 @@ struct Worker<H> {
     pushing: Arc<AtomicBool>,
     /// The largest answer read from it ([`Work::answer_limit`]).
     max_answer: usize,
+    /// A reply to [`STAGED`] is being written ([`Worker::answer`]): a [`STOP`] waits for its
+    /// end ([`Worker::stop_after_reply`]).
+    replying: Arc<AtomicBool>,
+    /// A [`STOP`] asked for while a reply was being written, which `answer` writes after it.
+    stop_after_reply: Arc<AtomicBool>,
 }
 
 /// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
@@ -407,7 +436,7 @@ impl<H> Worker<H> {
         };
         let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
         match stream {
-            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false, pushing: Arc::default(), max_answer: MAX_MESSAGE }),
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false, pushing: Arc::default(), max_answer: MAX_MESSAGE, replying: Arc::default(), stop_after_reply: Arc::default() }),
             Err(e) => Err((local(action, e), held)),
         }
     }
@@ -442,7 +471,7 @@ impl<H> Worker<H> {
 
     /// Reads the worker's answer; answers its [`STAGED`] with `masks_again`'s redactor, if
     /// it gives one.
-    async fn answer(&mut self, masks_again: Option<&(dyn Fn() -> Option<Redactor> + Send + Sync)>) -> Result<Answer, RepoError> {
+    async fn answer(&mut self, masks_again: Option<&(dyn Fn() -> Option<Arc<Redactor>> + Send + Sync)>) -> Result<Answer, RepoError> {
         loop {
             let mut said = [0u8; 1];
             self.stream.read_exact(&mut said).await.map_err(|e| self.lost(e))?;
@@ -453,17 +482,25 @@ impl<H> Worker<H> {
                     let reply = match masks_again.and_then(|again| again()) {
                         None => vec![SAME],
                         Some(redactor) => {
-                            let body = serde_json::to_vec(&redactor).map_err(|e| self.lost(e))?;
+                            let body = serde_json::to_vec(&*redactor).map_err(|e| self.lost(e))?;
+                            drop(redactor);
                             let mut framed = vec![MASKS];
                             framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
                             framed.extend_from_slice(&body);
                             framed
                         }
                     };
-                    // Written whole at once: the socket's buffer holds nothing else of ours
-                    // (the worker read the request whole before it staged), and a redactor
-                    // is kilobytes. So a STOP written meanwhile (`run`) never lands inside it.
-                    self.stream.write_all(&reply).await.map_err(|e| self.lost(e))?;
+                    // A STOP asked for while it is written (`run`, which writes to the
+                    // socket itself) waits until it is whole: landed inside it (a reply of
+                    // many tokens outgrows the socket's buffer), it broke the reply, and the
+                    // hand-back failed saying the agent did not answer (review rev45a-5b).
+                    self.replying.store(true, Ordering::SeqCst);
+                    let wrote = self.stream.write_all(&reply).await;
+                    self.replying.store(false, Ordering::SeqCst);
+                    wrote.map_err(|e| self.lost(e))?;
+                    if self.stop_after_reply.swap(false, Ordering::SeqCst) {
+                        self.stream.write_all(&[STOP]).await.map_err(|e| self.lost(e))?;
+                    }
                 }
                 other => return Err(self.lost(format!("it said {other:#04x}, neither an answer nor a push's start"))),
             }
@@ -601,7 +638,7 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     stream.write_all(&[READY])?;
     // Said before a push may reach the server; unheard (the agent gone), it does not.
     let begins = || (&stream).write_all(&[PUSHING]).is_ok();
-    let masks_again = || {
+    let masks_again = || -> Result<Option<Vec<String>>, RepoError> {
         let unheard = |e: String| local("collect the job's changes", format!("the agent did not say whether Claude's login changed while the job's changes were staged ({e}): run the job again"));
         (&stream).write_all(&[STAGED]).map_err(|e| unheard(e.to_string()))?;
         masks_heard.recv().map_err(|e| unheard(e.to_string()))?.map_err(unheard)
@@ -615,15 +652,16 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
 }
 
 /// Reads the agent's side of the socket on a thread of its own: [`STOP`] sets `stop`, an
-/// answer to [`STAGED`] goes to `masks`, the socket's end (the agent gone, or done with
-/// this worker) ends the process.
-fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>, masks: std::sync::mpsc::Sender<Result<Option<Redactor>, String>>) {
+/// answer to [`STAGED`] goes to `masks` (a new redactor's secrets: it is made where the old
+/// one is let go first, [`super::hand_back`]), the socket's end (the agent gone, or done
+/// with this worker) ends the process.
+fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>, masks: std::sync::mpsc::Sender<Result<Option<Vec<String>>, String>>) {
     let spawned = std::thread::Builder::new().name("stop-watch".into()).spawn(move || loop {
         let mut byte = [0u8; 1];
         match socket.read(&mut byte) {
             Ok(1) if byte[0] == STOP => stop.store(true, Ordering::SeqCst),
             Ok(1) if byte[0] == SAME => drop(masks.send(Ok(None))),
-            Ok(1) if byte[0] == MASKS => drop(masks.send(read_redactor(&mut socket).map(Some))),
+            Ok(1) if byte[0] == MASKS => drop(masks.send(read_secrets(&mut socket).map(Some))),
             Ok(1) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // SAFETY: ends this process, whose work nobody waits for any more.
@@ -636,8 +674,8 @@ fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>, mask
     }
 }
 
-/// A redactor the agent sent after [`MASKS`]: its length, then JSON.
-fn read_redactor(socket: &mut std::os::unix::net::UnixStream) -> Result<Redactor, String> {
+/// The secrets of the redactor the agent sent after [`MASKS`]: its length, then JSON.
+fn read_secrets(socket: &mut std::os::unix::net::UnixStream) -> Result<Vec<String>, String> {
     let mut len = [0u8; 4];
     socket.read_exact(&mut len).map_err(|e| e.to_string())?;
     let len = u32::from_le_bytes(len) as usize;
@@ -649,7 +687,7 @@ fn read_redactor(socket: &mut std::os::unix::net::UnixStream) -> Result<Redactor
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
-fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Redactor>, RepoError>) -> Answer {
+fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool, masks_again: &dyn Fn() -> Result<Option<Vec<String>>, RepoError>) -> Answer {
     match work {
         Work::Fetch { dir, source, known, alone } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, known.as_ref(), alone, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
