@@ -13,7 +13,7 @@ use crate::progress_clock::ProgressClock;
 use agent_core::progress::Batch;
 use crate::redact::Carry;
 use crate::spool::{NotRecorded, Spool};
-use crate::repo::error::RepoError;
+use crate::repo::error::{RepoError, RoomClaim};
 use crate::repo::Repos;
 use crate::sessions::{self, Owner, Sessions};
 use crate::workspace;
@@ -138,7 +138,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let workspace = ctx.workspaces.join(job_id);
     // Room this job holds until its workspace is removed: another job refused for room
     // beside it is told so ([`full_disk`]).
-    let held = ctx.repos.hold_workspace(&workspace);
+    let held = ctx.repos.hold_workspace(&workspace, &spec);
     let mut checkout_done = None;
     let mut cannot_start = None;
     let mut no_room = false;
@@ -358,13 +358,13 @@ async fn run_in(
                     (p.cwd.clone(), Some(p))
                 }
                 Err(ended) => {
-                    let ended = match ended {
-                        Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, url, checked_out, &workspace, e, cannot_start).await),
+                    let mut ended = match ended {
+                        Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, &spec, url, checked_out, &workspace, e, cannot_start).await),
                         Err(e @ RepoError::Git { .. }) => Err(local_fault(ctx, &workspace, e, cannot_start).await),
                         other => other,
                     };
                     // A refusal for room other jobs hold claims it for the retry (`repo::claim`).
-                    ctx.repos.settle_claim(&spec, ended.as_ref().err());
+                    ctx.repos.settle_claim(&spec, ended.as_mut().err());
                     let ms = started.elapsed().as_millis() as u64;
                     let result = match ended {
                         Ok(ending) => not_run(ending, started),
@@ -527,7 +527,7 @@ pub async fn job_folders_take_writes(workspaces: &Path, spool: Option<&Arc<Spool
 /// another job of its own repository, whose workspace no mirror showed); else the repository's, and its error names the bytes needed and free
 /// (and the cache only while idle mirrors of others are kept). Mirrors and workspaces
 /// count only on the disk the step needs room on.
-async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
+async fn full_disk(ctx: &JobContext, spec: &JobSpec, url: &str, checking_out: bool, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let takes_writes = disk_probed(ctx, workspace, cannot_start).await;
     if !takes_writes {
         return error;
@@ -550,21 +550,35 @@ async fn full_disk(ctx: &JobContext, url: &str, checking_out: bool, workspace: &
         true => ctx.repos.others_bytes(url).await,
         false => crate::repo::mirror::OthersBytes::default(),
     };
-    let workspaces = ctx.repos.other_workspaces_bytes(workspace, on).await;
+    // Counted in part (a walk cut short), the room they hold is judged on what was counted:
+    // less than they hold, so "fits beside nothing held" stays true, and "too big" says
+    // so; no claim is made for room not known (rev45b-1).
+    let counted = ctx.repos.other_workspaces_bytes(workspace, on, spec).await;
+    let workspaces = counted.bytes;
     let others = crate::repo::mirror::OthersBytes { idle: mirrors.idle, in_use: mirrors.in_use.saturating_add(workspaces) };
     let space = workspace::disk_space(on).ok();
+    let uncounted = !counted.complete;
     let (detail, needed) = match error {
         RepoError::DiskFull { detail, needed, .. } => (detail, needed),
         RepoError::NoRoom { url, what, needed, .. } => {
             return match full_disk_verdict(need, space, others) {
-                FullDisk::Meanwhile { .. } => RepoError::RoomHeld { url, what, held: mirrors.in_use, workspaces, needed: needed.unwrap_or_default() },
-                FullDisk::TooBig => ctx.repos.no_room(url, what, needed, others.idle > 0),
+                FullDisk::Meanwhile { .. } => {
+                    // Beside its own repository's job, a claim would hold back only the
+                    // other repositories, never the job it waits for (rev45b-2).
+                    let claim = match (uncounted, counted.own_jobs) {
+                        (true, _) => RoomClaim::Uncounted,
+                        (false, true) => RoomClaim::OwnJobs,
+                        (false, false) => RoomClaim::Wanted,
+                    };
+                    RepoError::RoomHeld { url, what, held: mirrors.in_use, workspaces, needed: needed.unwrap_or_default(), claim }
+                }
+                FullDisk::TooBig => ctx.repos.no_room(url, what, needed, others.idle > 0, uncounted),
             };
         }
         other => return other,
     };
     match full_disk_verdict(need, space, others) {
-        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail, others.idle > 0),
+        FullDisk::TooBig => ctx.repos.too_big_for_disk(url, checking_out, detail, others.idle > 0, uncounted),
         FullDisk::Meanwhile { held } => {
             let free = space.map_or(0, |space| space.free);
             match need {

@@ -1678,6 +1678,70 @@ async fn a_checkout_refused_for_room_held_by_overlapping_jobs_is_not_overtaken_b
     assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == runs + 1).await, "a job after the claimant's was held back\n{}", agent.log());
 }
 
+/// rev45b-1: a job with more than 200,000 entries in its workspace cuts the walk of other
+/// jobs' workspaces short, and the disk's used bytes (here the too-big repository's own
+/// mirror) counted as held: a repository that can never fit was told RoomHeld (retryable)
+/// and claimed the room, and every other repository's job was refused RoomClaimed while
+/// the many-files job ran. Cut short, what was counted is judged: too big, not retryable,
+/// no claim; the other repository's job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_too_big_for_the_disk_claims_no_room_beside_a_job_of_many_files() {
+    if !mounts_allowed() {
+        eprintln!("skipped: no mounts");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("huge", &[("README.md", b"# huge\n"), ("blob.bin", &incompressible(7, 8 << 20))]);
+    git.seed("small", &[("README.md", b"# small\n")]);
+    git.seed("other", &[("README.md", b"# other\n")]);
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
+    let holder = client.submit(json!({"prompt": "@sleep=600000 hold", "repo_url": git.url("small"), "timeout_ms": 900000})).await.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 1).await, "{}", agent.log());
+    let huge = json!({"prompt": "@exists=blob.bin", "repo_url": git.url("huge"), "timeout_ms": 120000});
+    let honest = client.execute(huge.clone()).await;
+    assert_eq!(honest.body["retryable"].as_bool(), Some(false), "few files: too big\n{}", honest.text);
+    let ws = agent.data.path().join("data/workspaces").join(&holder);
+    inside(agent.pid().unwrap(), &format!("mkdir -p '{}/many' && cd '{}/many' && seq 1 200001 | sed s/^/f/ | xargs touch", ws.display(), ws.display()));
+    let cut = client.execute(huge.clone()).await;
+    let said = cut.body["error"].as_str().unwrap_or_default();
+    assert_eq!(cut.body["retryable"].as_bool(), Some(false), "a repository that never fits was told to retry: {said}\n{}", agent.log());
+    assert!(said.contains("too many files"), "{said}");
+    let other = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url("other"), "timeout_ms": 60000})).await;
+    assert_eq!(other.body["success"].as_bool(), Some(true), "another repository's job was held back: {}\n{}", other.text, agent.log());
+}
+
+/// rev45b-2: a job refused for room beside a job of its own repository and branch claimed
+/// that room; a claim never holds back its claimant's own repository, so it held back only
+/// the other repositories, at every overlap of that one's jobs. Such a refusal claims
+/// nothing (it says so): a tiny job of another repository runs at each overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_refused_for_room_its_own_repository_holds_claims_none() {
+    if !mounts_allowed() {
+        eprintln!("skipped: no mounts");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("busy", &[("README.md", b"# busy\n"), ("zeros.bin", &vec![0u8; 9 << 20])]);
+    git.seed("tiny", &[("README.md", b"# tiny\n")]);
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
+    let busy = || json!({"prompt": "@sleep=600000 busy", "repo_url": git.url("busy"), "timeout_ms": 900000});
+    let mut running = client.submit(busy()).await.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 1).await, "{}", agent.log());
+    for round in 0..2 {
+        let next = client.execute(busy()).await;
+        let said = next.body["error"].as_str().unwrap_or_default();
+        assert_eq!(next.body["retryable"].as_bool(), Some(true), "round {round}: {}", next.text);
+        assert!(said.contains("beside nothing held") && said.contains("not kept"), "round {round}: {said}");
+        let tiny = client.execute(json!({"prompt": "@exists=README.md", "repo_url": git.url("tiny"), "timeout_ms": 60000})).await;
+        assert_eq!(tiny.body["success"].as_bool(), Some(true), "round {round}: held back by a claim busy's own job made: {}\n{}", tiny.text, agent.log());
+        assert_eq!(client.send("DELETE", &format!("/jobs/{running}"), Some(SECRET), None).await.status, 202);
+        let _ = client.wait_job(&running, Duration::from_secs(60)).await;
+        let runs = agent.claude_runs().len();
+        running = client.submit(busy()).await.body["job_id"].as_str().unwrap().to_string();
+        assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == runs + 1).await, "the retry of busy did not run\n{}", agent.log());
+    }
+}
+
 /// The write that says whether a job's want of disk is the agent's tried the workspaces'
 /// and the records' folders, not the mirrors': with `DATA_DIR/repos` on a full disk of its
 /// own, a repository's fetch failed there, the write took elsewhere, and the job ended

@@ -273,13 +273,14 @@ pub fn room(measured: Measured, space: crate::workspace::DiskSpace, url: &str) -
             what: format!("it needs about {needed} bytes, and the disk holding DATA_DIR's workspaces has {} bytes free, of which the runner keeps {reserve} in reserve", space.free),
             needed: Some(needed),
             lower: String::new(),
+            uncounted: false,
         });
     }
     // Inodes too: the `.git` folder's few dozen files, and a reserve of as many again.
     let files = measured.entries.saturating_add(64);
     if let Some(free) = space.free_inodes.filter(|free| files.saturating_mul(2) > *free) {
         let what = format!("it has {} files and folders, and the disk holding DATA_DIR's workspaces has room for {free} more", measured.entries);
-        return Err(RepoError::NoRoom { url: url.to_string(), what, needed: None, lower: String::new() });
+        return Err(RepoError::NoRoom { url: url.to_string(), what, needed: None, lower: String::new(), uncounted: false });
     }
     Ok(())
 }

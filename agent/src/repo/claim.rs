@@ -2,7 +2,11 @@
 //! is ended retryable, "retry once those jobs are done". Without more, its retry raced every
 //! job started meanwhile, and lost for as long as they overlapped: a mirror of a repository
 //! whose jobs overlap is never idle, so never goes for room (rev40b-2). So the refusal
-//! leaves a claim of the bytes the checkout needs, kept in the order the claims were made.
+//! leaves a claim of the bytes the checkout needs, kept in the order the claims were made
+//! — none when jobs of its own repository and branch hold the room (a claim never holds
+//! those back, so it held back only the others, rev45b-2) or the room held was not all
+//! counted (rev45b-1; [`super::error::RoomClaim`]). Claims live in the agent's memory: a
+//! restart drops them.
 //! A job on a repository that starts while a claim of another stands
 //! ([`Claims::admit`]) is refused before its fetch ([`super::error::RepoError::RoomClaimed`],
 //! retryable too) unless the disk has the claimed bytes free now beside its reserve; then
@@ -82,7 +86,7 @@ pub struct Claimed {
 pub fn leave(claimed: Option<Claimed>, needed: u64, space: DiskSpace, url: &str) -> Result<(), RepoError> {
     match claimed {
         Some(c) if !fits_with_reserve(needed.saturating_add(c.bytes), space) => {
-            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s })
+            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: true })
         }
         _ => Ok(()),
     }
@@ -218,6 +222,24 @@ mod tests {
         // A refusal renews the claim in its place, its bytes as measured now.
         claims.refused(&b, 25, lapsed);
         assert!(matches!(claims.admit(&a, lapsed, None), Admit::Behind(Claimed { claims: 1, bytes: 25, .. })));
+    }
+
+    /// rev45b-4: RoomHeld promised the room was kept for the retry though no claim was made
+    /// (16 standing), and RoomClaimed before a job's fetch said the claimed room was what
+    /// "this job would have taken", its size not known.
+    #[test]
+    fn the_words_of_a_refusal_say_whether_the_room_is_kept() {
+        use super::super::error::RoomClaim;
+        let held = |claim| RepoError::RoomHeld { url: "u".into(), what: "w".into(), held: 0, workspaces: 7, needed: 1, claim }.to_string();
+        assert!(held(RoomClaim::Made).contains("keeps jobs started meanwhile from taking that room"), "{}", held(RoomClaim::Made));
+        for none in [RoomClaim::TooMany, RoomClaim::OwnJobs, RoomClaim::Uncounted] {
+            let said = held(none);
+            assert!(!said.contains("keeps jobs") && said.contains("not kept for this job's retry") && said.contains("retry once those jobs are done"), "{said}");
+        }
+        assert!(held(RoomClaim::Uncounted).contains("at least 7 bytes"), "{}", held(RoomClaim::Uncounted));
+        let claimed = |measured| RepoError::RoomClaimed { url: "u".into(), claims: 1, bytes: 5, lapses_s: 9, measured }.to_string();
+        assert!(claimed(false).contains("whatever this job's size") && !claimed(false).contains("would have taken"), "{}", claimed(false));
+        assert!(claimed(true).contains("which this job would have taken"), "{}", claimed(true));
     }
 
     #[test]

@@ -47,13 +47,16 @@ pub enum RepoError {
     /// was removed (`runner::full_disk`): the repository itself does not fit. `lower` says
     /// what `REPO_CACHE_MAX_BYTES` can free, when mirrors of other repositories share the
     /// disk; `step`, which filled it ("fetch", "checkout": a fetch's was said as a checkout's).
-    #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its {step} filled that disk, which had room again once what it wrote was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its {step} filled that disk, which had room again once what it wrote was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files){}", uncounted_words(*.uncounted))]
     TooBigForDisk {
         url: String,
         detail: String,
         lower: String,
         #[serde(default)]
         step: Text,
+        /// As [`RepoError::NoRoom`]'s.
+        #[serde(default)]
+        uncounted: bool,
     },
     /// A checkout that fit the disk's free space when measured filled the disk, which had
     /// room for it again once the checkout was removed: another writer took the room
@@ -93,7 +96,7 @@ pub enum RepoError {
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
     CheckoutTooBig { url: String, commit: String, what: String },
-    #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files){}", uncounted_words(*.uncounted))]
     /// `needed`: the bytes the checkout was measured to need (`checkout::Measured::needed`),
     /// when it is the bytes that are short (not the files and folders). `lower`: what
     /// `REPO_CACHE_MAX_BYTES` can free, set by the runner's verdict (`Repos::no_room`) only
@@ -106,6 +109,11 @@ pub enum RepoError {
         needed: Option<u64>,
         #[serde(default)]
         lower: String,
+        /// Whether the room other jobs hold was counted in part only (the walk of their
+        /// workspaces cut short, `Repos::other_workspaces_bytes`): the verdict judged what
+        /// was counted, and the words say so.
+        #[serde(default)]
+        uncounted: bool,
     },
     #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
     OddGitEntry { path: String },
@@ -123,7 +131,7 @@ pub enum RepoError {
     /// refusal leaves a claim on that room (`claim`): jobs on repositories started after
     /// it are refused ([`RepoError::RoomClaimed`]) until the retry is through, so a
     /// repository whose jobs overlap no longer keeps its mirror from ever going (rev40b-2).
-    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {workspaces} bytes of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room once nothing holds it, and this runner keeps jobs started meanwhile from taking that room while this job's retry (the same repository and branch) comes within {ttl} s, so nothing ran; retry", ttl = super::claim::CLAIM_TTL.as_secs())]
+    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {} of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room once nothing holds it, {}", counted(*.workspaces, .claim), kept(.claim))]
     RoomHeld {
         url: String,
         what: String,
@@ -134,16 +142,27 @@ pub enum RepoError {
         /// (`claim::Claims::refused`).
         #[serde(default)]
         needed: u64,
+        /// Whether the refusal claims the room, and why not ([`RoomClaim`]): the words say
+        /// what holds (rev45b-4: they promised the room was kept when no claim was made).
+        #[serde(default)]
+        claim: RoomClaim,
     },
     /// A job on a repository started while checkouts refused for room other jobs hold
     /// ([`RepoError::RoomHeld`]) claim that room (`claims` of them, `bytes` in all,
     /// `super::claim`): refused before its fetch when that room is not free now, or at its
-    /// checkout when it would take it, so that it does not hold the room the claimants
-    /// wait for (rev40b-2: their retries lost for as long as later jobs overlapped).
-    /// Retryable: the claims end once their claimants' retries are through, or lapse
-    /// (`lapses_s`).
-    #[error("the job on {url} was refused before its checkout was written, and nothing ran: {claims} earlier job(s) of this runner, refused for want of room that running jobs hold, claim {bytes} bytes of its disk first, which this job would have taken; retry in a little while (the claims end once those jobs' retries are through, or lapse within {lapses_s} s)")]
-    RoomClaimed { url: String, claims: usize, bytes: u64, lapses_s: u64 },
+    /// checkout when it would take it (`measured`: its size known), so that it does not
+    /// hold the room the claimants wait for (rev40b-2: their retries lost for as long as
+    /// later jobs overlapped). Retryable: the claims end once their claimants' retries are
+    /// through, or lapse (`lapses_s`).
+    #[error("the job on {url} was refused before its checkout was written, and nothing ran: {claims} earlier job(s) of this runner, refused for want of room that running jobs hold, claim {bytes} bytes of its disk first, {}; retry in a little while (the claims end once those jobs' retries are through, or lapse within {lapses_s} s)", if *.measured { "which this job would have taken" } else { "and that room is not free now, whatever this job's size" })]
+    RoomClaimed {
+        url: String,
+        claims: usize,
+        bytes: u64,
+        lapses_s: u64,
+        #[serde(default)]
+        measured: bool,
+    },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
@@ -182,6 +201,57 @@ pub enum RepoError {
     SecretInChanges,
     #[error("could not {action}: {detail}")]
     Git { action: Text, detail: String },
+}
+
+/// Whether a checkout refused for room other jobs hold ([`RepoError::RoomHeld`]) claims it
+/// for its retry (`super::claim`), and why not.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RoomClaim {
+    /// Not settled yet: the verdict allows a claim (`Repos::settle_claim` makes it).
+    #[default]
+    Wanted,
+    /// Made, or renewed in its place.
+    Made,
+    /// None: [`super::claim::MAX_CLAIMS`] stand.
+    TooMany,
+    /// None: the room is held by jobs of the same repository and branch, which a claim
+    /// never holds back (rev45b-2: it held back only the other repositories, at every
+    /// overlap of that one's jobs).
+    OwnJobs,
+    /// None: the walk of the other jobs' workspaces was cut short, so the room they hold is
+    /// known in part only (rev45b-1).
+    Uncounted,
+}
+
+/// [`RepoError::RoomHeld`]'s words on the other jobs' workspaces: what was counted.
+fn counted(bytes: u64, claim: &RoomClaim) -> String {
+    match claim {
+        RoomClaim::Uncounted => format!("at least {bytes} bytes (they hold too many files to count them all)"),
+        _ => format!("{bytes} bytes"),
+    }
+}
+
+/// [`RepoError::RoomHeld`]'s words on what is kept for the retry ([`RoomClaim`]).
+fn kept(claim: &RoomClaim) -> String {
+    let ttl = super::claim::CLAIM_TTL.as_secs();
+    let why = match claim {
+        RoomClaim::Made => {
+            return format!("and this runner keeps jobs started meanwhile from taking that room while this job's retry (the same repository and branch) comes within {ttl} s, so nothing ran; retry")
+        }
+        RoomClaim::TooMany => format!("as {} earlier refused jobs claim room already", super::claim::MAX_CLAIMS),
+        RoomClaim::OwnJobs => "as jobs of the same repository and branch hold it".to_string(),
+        RoomClaim::Uncounted => "as the other jobs' workspaces could not all be counted".to_string(),
+        RoomClaim::Wanted => "".to_string(),
+    };
+    format!("so nothing ran; retry once those jobs are done (the room is not kept for this job's retry meanwhile{}{why})", if why.is_empty() { "" } else { ", " })
+}
+
+/// The words of a verdict "too big" judged on room other jobs hold counted in part only.
+fn uncounted_words(uncounted: bool) -> &'static str {
+    match uncounted {
+        true => "; the runner could not count the other running jobs' workspaces (too many files), so this is judged without the room they hold: if they hold much, retry once they are done",
+        false => "",
+    }
 }
 
 impl RepoError {

@@ -46,9 +46,10 @@ pub struct Repos {
     pub settings: RepoSettings,
     cache: Arc<MirrorCache>,
     /// The workspaces of the jobs running now (and of those ended whose workspace is not
-    /// yet removed), each with how many jobs hold it: room they hold on their disk, which
-    /// goes once they are done ([`Repos::hold_workspace`], [`Repos::other_workspaces_bytes`]).
-    workspaces: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
+    /// yet removed), each with how many jobs hold it and whose it is (a job's repository
+    /// and branch: none without `repo_url`): room they hold on their disk, which goes once
+    /// they are done ([`Repos::hold_workspace`], [`Repos::other_workspaces_bytes`]).
+    workspaces: Held,
     /// The checkouts refused for room other jobs hold, each claiming it for its retry
     /// ([`claim`]): jobs started meanwhile wait ([`Repos::prepare`]).
     claims: std::sync::Mutex<claim::Claims>,
@@ -61,17 +62,32 @@ pub const WORKSPACES_WALK: u64 = 200_000;
 /// How long [`Repos::other_workspaces_bytes`] walks at most, on a slow disk too.
 pub const WORKSPACES_WALK_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
+type Held = Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, (usize, Option<claim::Claimant>)>>>;
+
+/// The room the workspaces of other jobs hold on a disk ([`Repos::other_workspaces_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeldWorkspaces {
+    /// The bytes counted: all they take when `complete`, else what the walk counted
+    /// before its budget ran out (less than they take, never more).
+    pub bytes: u64,
+    /// Whether the walk counted every one of them.
+    pub complete: bool,
+    /// Whether one of them is a job's of the asking job's repository and branch: room a
+    /// claim of its own would not keep from that repository's later jobs (`claim`).
+    pub own_jobs: bool,
+}
+
 /// A job's hold on its workspace, from before it is made until it is removed (or kept):
 /// counted meanwhile as room that job holds ([`Repos::other_workspaces_bytes`]).
 pub struct WorkspaceHold {
-    workspaces: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
+    workspaces: Held,
     dir: PathBuf,
 }
 
 impl Drop for WorkspaceHold {
     fn drop(&mut self) {
         let mut held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = held.get_mut(&self.dir) {
+        if let Some((count, _)) = held.get_mut(&self.dir) {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 held.remove(&self.dir);
@@ -125,10 +141,11 @@ impl Repos {
     }
 
     /// Counts the job workspace `dir` as room a running job holds until the hold drops
-    /// (once the workspace is removed, or kept for a post-mortem).
-    pub fn hold_workspace(&self, dir: &Path) -> WorkspaceHold {
+    /// (once the workspace is removed, or kept for a post-mortem), `spec`'s: whose room it
+    /// is ([`Repos::claimant`]).
+    pub fn hold_workspace(&self, dir: &Path, spec: &JobSpec) -> WorkspaceHold {
         let mut held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *held.entry(dir.to_path_buf()).or_default() += 1;
+        held.entry(dir.to_path_buf()).or_insert_with(|| (0, Self::claimant(spec))).0 += 1;
         WorkspaceHold { workspaces: Arc::clone(&self.workspaces), dir: dir.to_path_buf() }
     }
 
@@ -138,40 +155,46 @@ impl Repos {
     /// refused beside another job of its own repository was judged too big for the disk,
     /// rev40b-1). Walked on the blocking pool within [`WORKSPACES_WALK`] entries and
     /// [`WORKSPACES_WALK_TIME`] (the workspaces are the jobs' to fill with files), a file
-    /// of many names counted once ([`crate::files::disk_usage`]); a walk cut short counts
-    /// all the disk's used bytes as held: too much rather than too little, so a checkout
-    /// refused beside them ends retryable rather than too big for the disk.
-    pub async fn other_workspaces_bytes(&self, own: &Path, on: &Path) -> u64 {
-        self.other_workspaces_bytes_within(own, on, WORKSPACES_WALK).await
+    /// of many names counted once ([`crate::files::disk_usage`]). A walk cut short says so
+    /// (`complete` false) with what it counted: the caller judges on that, and claims
+    /// nothing. (It once counted all the disk's used bytes as held: a repository that never
+    /// fits the disk, its own mirror counted, was told to retry, and claimed room every
+    /// other repository's job was then refused for, rev45b-1.) `own_jobs` is asked of
+    /// `spec`'s repository and branch.
+    pub async fn other_workspaces_bytes(&self, own: &Path, on: &Path, spec: &JobSpec) -> HeldWorkspaces {
+        self.other_workspaces_bytes_within(own, on, spec, WORKSPACES_WALK).await
     }
 
     /// [`Repos::other_workspaces_bytes`] walking at most `entries` files and folders.
-    async fn other_workspaces_bytes_within(&self, own: &Path, on: &Path, entries: u64) -> u64 {
-        let dirs: Vec<PathBuf> = {
+    async fn other_workspaces_bytes_within(&self, own: &Path, on: &Path, spec: &JobSpec, entries: u64) -> HeldWorkspaces {
+        let who = Self::claimant(spec);
+        let dirs: Vec<(PathBuf, bool)> = {
             let held = self.workspaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            held.keys().filter(|dir| dir.as_path() != own).cloned().collect()
+            let mine = |whose: &Option<claim::Claimant>| who.is_some() && whose == &who;
+            held.iter().filter(|(dir, _)| dir.as_path() != own).map(|(dir, (_, whose))| (dir.clone(), mine(whose))).collect()
         };
+        let none = HeldWorkspaces { bytes: 0, complete: true, own_jobs: false };
         if dirs.is_empty() {
-            return 0;
+            return none;
         }
         let (on, own) = (on.to_path_buf(), own.to_path_buf());
         let walk = move || {
-            let dirs: Vec<PathBuf> = dirs.into_iter().filter(|dir| mirror::same_disk(dir, &on)).collect();
+            let dirs: Vec<(PathBuf, bool)> = dirs.into_iter().filter(|(dir, _)| mirror::same_disk(dir, &on)).collect();
+            let own_jobs = dirs.iter().any(|(_, mine)| *mine);
+            let dirs: Vec<PathBuf> = dirs.into_iter().map(|(dir, _)| dir).collect();
             let budget = crate::files::WalkBudget { entries, until: Some(std::time::Instant::now() + WORKSPACES_WALK_TIME) };
             let usage = crate::files::disk_usage(&dirs, budget);
-            if usage.complete {
-                return usage.bytes;
+            if !usage.complete {
+                tracing::warn!(workspace = %own.display(), walked_bytes = usage.bytes, "the walk of other jobs' workspaces ran out of its budget: the room they hold is judged on what it counted, and claimed for no retry");
             }
-            let used = crate::workspace::disk_space(&on).map_or(0, |space| space.size.saturating_sub(space.free));
-            tracing::warn!(workspace = %own.display(), walked_bytes = usage.bytes, held_bytes = used.max(usage.bytes), "the walk of other jobs' workspaces ran out of its budget: the disk's used bytes are counted as held");
-            usage.bytes.max(used)
+            HeldWorkspaces { bytes: usage.bytes, complete: usage.complete, own_jobs }
         };
-        tokio::task::spawn_blocking(walk).await.unwrap_or_default()
+        tokio::task::spawn_blocking(walk).await.unwrap_or(HeldWorkspaces { complete: false, ..none })
     }
 
     /// Whose claim on room a job of `spec` would make or wait behind ([`claim`]): its
     /// repository (as the agent names it) and branch. None without a valid `repo_url`.
-    fn claimant(spec: &JobSpec) -> Option<claim::Claimant> {
+    pub(crate) fn claimant(spec: &JobSpec) -> Option<claim::Claimant> {
         let url = RepoUrl::parse(spec.repo_url.as_deref()?).ok()?;
         Some(claim::Claimant { url: url.url(), branch: spec.branch.clone() })
     }
@@ -190,16 +213,27 @@ impl Repos {
 
     /// How a job of `spec` whose fetch and checkout ended (`refused`: the error it ended
     /// with; none, checked out) bears on the claims ([`claim`]): refused for room other
-    /// jobs hold ([`RepoError::RoomHeld`]), it claims that room for its retry (its place
-    /// kept if it has a claim); held back by an older claim ([`RepoError::RoomClaimed`]),
-    /// its own claim stays as [`Repos::prepare`] renewed it; through, or ended any other
-    /// way (a cancel, another error), its claim ends.
-    pub fn settle_claim(&self, spec: &JobSpec, refused: Option<&RepoError>) {
+    /// jobs hold ([`RepoError::RoomHeld`]) whose verdict allows a claim
+    /// ([`error::RoomClaim::Wanted`]), it claims that room for its retry (its place kept if
+    /// it has a claim), and the error says whether it does; refused so without one (held
+    /// by its own repository's jobs, or counted in part only), its claim, if any, ends;
+    /// held back by an older claim ([`RepoError::RoomClaimed`]), its own
+    /// claim stays as [`Repos::prepare`] renewed it; through, or ended any other way (a
+    /// cancel, another error), its claim ends.
+    pub fn settle_claim(&self, spec: &JobSpec, refused: Option<&mut RepoError>) {
         let Some(who) = Self::claimant(spec) else { return };
         let mut claims = self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match refused {
-            Some(RepoError::RoomHeld { needed, .. }) => {
-                claims.refused(&who, *needed, crate::boot_clock::BootInstant::now());
+            Some(RepoError::RoomHeld { needed, claim, .. }) => {
+                if *claim == error::RoomClaim::Wanted {
+                    let made = claims.refused(&who, *needed, crate::boot_clock::BootInstant::now());
+                    *claim = if made { error::RoomClaim::Made } else { error::RoomClaim::TooMany };
+                } else {
+                    // A claim made at an earlier refusal would be renewed at each retry
+                    // ([`claim::Claims::admit`]), holding the other repositories back for
+                    // room that claim does not keep.
+                    claims.settled(&who);
+                }
             }
             Some(RepoError::RoomClaimed { .. }) => {}
             _ => claims.settled(&who),
@@ -218,9 +252,10 @@ impl Repos {
         }
     }
 
-    /// [`RepoError::NoRoom`] with its words on the cache ([`Repos::lower_cache`]) set.
-    pub fn no_room(&self, url: String, what: String, needed: Option<u64>, idle_others: bool) -> RepoError {
-        RepoError::NoRoom { url, what, needed, lower: self.lower_cache(idle_others) }
+    /// [`RepoError::NoRoom`] with its words on the cache ([`Repos::lower_cache`]) set, and
+    /// on room other jobs hold counted in part only (`uncounted`).
+    pub fn no_room(&self, url: String, what: String, needed: Option<u64>, idle_others: bool, uncounted: bool) -> RepoError {
+        RepoError::NoRoom { url, what, needed, lower: self.lower_cache(idle_others), uncounted }
     }
 
     /// Clears what an agent killed mid-fetch left in the mirrors (see
@@ -259,10 +294,11 @@ impl Repos {
     /// filled the disk, though it had room once what it wrote was removed: the repository
     /// needs more than the disk has free. `REPO_CACHE_MAX_BYTES` is named when the cache
     /// keeps mirrors of other repositories (lowered, fewer of them take that disk).
-    pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String, idle_others: bool) -> RepoError {
+    /// `uncounted`: judged on room other jobs hold counted in part only.
+    pub fn too_big_for_disk(&self, repo_url: &str, checking_out: bool, detail: String, idle_others: bool, uncounted: bool) -> RepoError {
         let lower = self.lower_cache(idle_others);
         let step = if checking_out { "checkout" } else { "fetch" };
-        RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower, step: step.into() }
+        RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower, step: step.into(), uncounted }
     }
 
     /// What the mirrors of repositories other than `repo_url`'s take on disk, idle and in
@@ -337,7 +373,7 @@ impl Repos {
         // a refused checkout claims, its checkout take the room freed (rev40b-2).
         let claimed = self.admit(claim::Claimant { url: url.url(), branch: spec.branch.clone() }, workspace).await;
         if let claim::Admit::Behind(c) = claimed {
-            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s });
+            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: false });
         }
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {

@@ -3267,17 +3267,47 @@ async fn the_room_other_jobs_hold_counts_their_workspaces_while_they_hold_them()
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/file"), vec![7u8; bytes]).unwrap();
     }
-    let _own = repos.hold_workspace(&own);
-    assert_eq!(repos.other_workspaces_bytes(&own, &workspaces).await, 0, "the job's own workspace is not another's");
-    let _other = repos.hold_workspace(&other);
-    let gone = repos.hold_workspace(&done);
-    let both = repos.other_workspaces_bytes(&own, &workspaces).await;
+    let spec = shared::job::JobSpec::default();
+    let _own = repos.hold_workspace(&own, &spec);
+    assert_eq!(repos.other_workspaces_bytes(&own, &workspaces, &spec).await.bytes, 0, "the job's own workspace is not another's");
+    let _other = repos.hold_workspace(&other, &spec);
+    let gone = repos.hold_workspace(&done, &spec);
+    let both = repos.other_workspaces_bytes(&own, &workspaces, &spec).await.bytes;
     assert!(both >= 800 << 10 && both < 1 << 20, "{both}");
     drop(gone);
-    let one = repos.other_workspaces_bytes(&own, &workspaces).await;
+    let one = repos.other_workspaces_bytes(&own, &workspaces, &spec).await.bytes;
     assert!(one >= 300 << 10 && one < 500 << 10, "{one}");
     // Room on another disk frees none on this one.
-    assert_eq!(repos.other_workspaces_bytes(&own, Path::new("/proc")).await, 0);
+    assert_eq!(repos.other_workspaces_bytes(&own, Path::new("/proc"), &spec).await.bytes, 0);
+}
+
+/// rev45b-2: a checkout refused beside a job of its own repository and branch claimed the
+/// room, which a claim never keeps from that repository's jobs: whose each workspace is is
+/// told, so no claim is made for it. Another branch, another repository, a job without
+/// one: not its own.
+#[tokio::test]
+async fn the_room_other_jobs_hold_says_whether_a_job_of_the_same_repository_holds_it() {
+    let tmp = TempDir::new("own-workspaces");
+    let repos = super::Repos::open(tmp.path(), super::settings::RepoSettings::default()).unwrap();
+    let workspaces = tmp.path().join("workspaces");
+    let spec = |url: Option<&str>, branch: Option<&str>| shared::job::JobSpec { repo_url: url.map(Into::into), branch: branch.map(Into::into), ..Default::default() };
+    let busy = spec(Some("https://example.com/o/busy.git"), None);
+    let dirs: Vec<PathBuf> = (0..4).map(|i| workspaces.join(format!("w{i}"))).collect();
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let _own = repos.hold_workspace(&dirs[0], &busy);
+    let others = [spec(Some("https://example.com/o/busy.git"), Some("dev")), spec(Some("https://example.com/o/tiny.git"), None), spec(None, None)];
+    let _held: Vec<_> = others.iter().zip(&dirs[1..]).map(|(other, dir)| repos.hold_workspace(dir, other)).collect();
+    let held = repos.other_workspaces_bytes(&dirs[0], &workspaces, &busy).await;
+    assert!(held.complete && !held.own_jobs, "{held:?}");
+    let next = repos.hold_workspace(&workspaces.join("w4"), &busy);
+    std::fs::create_dir_all(workspaces.join("w4")).unwrap();
+    let held = repos.other_workspaces_bytes(&dirs[0], &workspaces, &busy).await;
+    assert!(held.complete && held.own_jobs, "another job of busy's holds room: {held:?}");
+    assert!(!repos.other_workspaces_bytes(&dirs[0], &workspaces, &others[2]).await.own_jobs, "a job without a repository has none of its own");
+    drop(next);
+    assert!(!repos.other_workspaces_bytes(&dirs[0], &workspaces, &busy).await.own_jobs);
 }
 
 /// Review rev42-4: the hand-back's redactor was built right before the git worker staged the
@@ -3337,7 +3367,8 @@ async fn a_login_that_appears_while_the_changes_are_staged_is_masked_and_not_pus
 /// The walk of other jobs' workspaces (a checkout refused for room) is the jobs' to make
 /// long, and to inflate: a file of many names (hard links) counted once per name, and the
 /// walk had no end. A file of a hundred names counts once; a walk cut short by its budget
-/// counts the disk's used bytes as held (too much, never too little).
+/// says so, with what it counted (less than held, never more): counted as held, the disk's
+/// used bytes made a repository too big for the disk retryable, and claim room (rev45b-1).
 #[tokio::test]
 async fn the_walk_of_other_jobs_workspaces_counts_a_linked_file_once_and_is_bounded() {
     let tmp = TempDir::new("walked-workspaces");
@@ -3350,14 +3381,12 @@ async fn the_walk_of_other_jobs_workspaces_counts_a_linked_file_once_and_is_boun
     for i in 0..100 {
         std::fs::hard_link(other.join("sub/file"), other.join(format!("name-{i}"))).unwrap();
     }
-    let (_own, _other) = (repos.hold_workspace(&own), repos.hold_workspace(&other));
-    let held = repos.other_workspaces_bytes(&own, &workspaces).await;
-    assert!(held >= 1 << 20 && held < 2 << 20, "a file of 100 names: {held}");
-    let space = crate::workspace::disk_space(&workspaces).unwrap();
-    let cut = repos.other_workspaces_bytes_within(&own, &workspaces, 10).await;
-    // The disk is shared with other writers: its use read here may move a little.
-    let used = space.size.saturating_sub(space.free);
-    assert!(cut >= used / 2 && cut >= held, "cut short: {cut}, the disk uses {used}");
+    let spec = shared::job::JobSpec::default();
+    let (_own, _other) = (repos.hold_workspace(&own, &spec), repos.hold_workspace(&other, &spec));
+    let held = repos.other_workspaces_bytes(&own, &workspaces, &spec).await;
+    assert!(held.complete && held.bytes >= 1 << 20 && held.bytes < 2 << 20, "a file of 100 names: {held:?}");
+    let cut = repos.other_workspaces_bytes_within(&own, &workspaces, &spec, 10).await;
+    assert!(!cut.complete && cut.bytes <= held.bytes, "cut short: {cut:?}, all of it {held:?}");
 }
 
 /// HEAD was read for the push's secret check (`own_commits`) and again for the commit's
