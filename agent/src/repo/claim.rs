@@ -105,11 +105,15 @@ impl Claims {
     }
 
     /// Whether `who`'s job may go on at `now`, the disk holding the workspaces having
-    /// `space` (none: not known). A claimant waiting behind an older claim keeps its
-    /// place: its claim is renewed.
+    /// `space` (none: not known). A claimant keeps its place as it asks, waiting behind
+    /// an older claim or first in line: its claim is renewed (a retry going first whose
+    /// fetch outlasted [`CLAIM_TTL`] lost its claim mid-retry, rev45b-3).
     pub fn admit(&mut self, who: &Claimant, now: BootInstant, space: Option<DiskSpace>) -> Admit {
         self.lapse(now);
         let own = self.claims.iter().position(|c| &c.who == who);
+        if let Some(own) = own {
+            self.claims[own].renewed = now;
+        }
         let ahead = &self.claims[..own.unwrap_or(self.claims.len())];
         if ahead.is_empty() {
             return Admit::Go;
@@ -117,9 +121,6 @@ impl Claims {
         let bytes = ahead.iter().fold(0u64, |sum, c| sum.saturating_add(c.bytes));
         let lapses = ahead.iter().map(|c| CLAIM_TTL.saturating_sub(now.saturating_duration_since(c.renewed))).max().unwrap_or_default();
         let claimed = Claimed { claims: ahead.len(), bytes, lapses_s: lapses.as_secs().max(1) };
-        if let Some(own) = own {
-            self.claims[own].renewed = now;
-        }
         match space {
             Some(space) if fits_with_reserve(bytes, space) => Admit::Beside(claimed),
             _ => Admit::Behind(claimed),
@@ -222,6 +223,22 @@ mod tests {
         // A refusal renews the claim in its place, its bytes as measured now.
         claims.refused(&b, 25, lapsed);
         assert!(matches!(claims.admit(&a, lapsed, None), Admit::Behind(Claimed { claims: 1, bytes: 25, .. })));
+    }
+
+    /// rev45b-3: the claimant first in line went on (`Go`) without its claim renewed: a
+    /// retry whose fetch outlasted the claim's lapse lost it mid-retry, and a job started
+    /// then took the room.
+    #[test]
+    fn a_claimant_going_first_keeps_its_claim_through_a_slow_retry() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        let wide = who("h/wide", None);
+        claims.refused(&wide, 10, t0);
+        let retry = t0 + (CLAIM_TTL - Duration::from_secs(1));
+        assert_eq!(claims.admit(&wide, retry, None), Admit::Go);
+        // Its fetch takes a minute: the claim stands at its checkout, 119 s after its retry.
+        let checkout = retry + (CLAIM_TTL - Duration::from_secs(1));
+        assert!(matches!(claims.admit(&who("h/x", None), checkout, None), Admit::Behind(Claimed { claims: 1, bytes: 10, .. })), "the claim lapsed mid-retry");
     }
 
     /// rev45b-4: RoomHeld promised the room was kept for the retry though no claim was made
