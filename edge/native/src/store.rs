@@ -64,7 +64,9 @@ fn wal_frames(_: &rusqlite::hooks::Wal, frames: std::os::raw::c_int) -> rusqlite
 /// drives the whole edge: every caller and agent waited out both syncs (on the bench's
 /// disk about 7 ms each, 50 times in 3 s with 8 clients: an eighth of the edge's time).
 /// A passive checkpoint takes no lock the driver's writes wait for, so one begins each
-/// time `CHECKPOINT_PAGES` more pages are in the WAL than the last one copied. The WAL
+/// time `CHECKPOINT_PAGES` more pages are in the WAL than were known synced after the last
+/// (one that could not copy them all, a reader holding an old snapshot, is followed by a
+/// sync of the WAL by the thread itself). The WAL
 /// starts over (at the next write) only once a checkpoint copied all of it, which under
 /// steady writes a passive one seldom does (commits go on while it syncs): at
 /// [`RESTART_PAGES`] the driver runs one itself, in its commit, as the automatic one did
@@ -76,9 +78,12 @@ struct Checkpointer {
     wake: Option<std::sync::mpsc::SyncSender<()>>,
     /// Set when woken, cleared when its checkpoint is done: one wake for each.
     asked: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The WAL's pages the last checkpoint copied (its first ones): the next begins
-    /// `CHECKPOINT_PAGES` after them.
+    /// The WAL's pages known synced after the last checkpoint (its first ones): the next
+    /// begins `CHECKPOINT_PAGES` after them.
     copied: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    /// Checkpoints after which the thread synced the WAL itself (tests look).
+    #[cfg_attr(not(test), allow(dead_code))]
+    wal_syncs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Checkpoints done (tests wait for them).
     #[cfg_attr(not(test), allow(dead_code))]
     done: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -90,20 +95,42 @@ struct Checkpointer {
 /// clients.
 const RESTART_PAGES: i32 = 8 * CHECKPOINT_PAGES as i32;
 
+/// What the WAL file is cut back to when it starts over: a reader that held an old
+/// snapshot for long (the WAL grew past `RESTART_PAGES`) leaves no larger file behind.
+const WAL_KEPT_BYTES: i64 = RESTART_PAGES as i64 * 4096;
+
 impl Checkpointer {
-    fn start(conn: Connection) -> std::io::Result<Checkpointer> {
+    fn start(conn: Connection, wal: PathBuf) -> std::io::Result<Checkpointer> {
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let copied = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (a, c, d) = (std::sync::Arc::clone(&asked), std::sync::Arc::clone(&copied), std::sync::Arc::clone(&done));
+        let wal_syncs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (a, c, d, w) = (std::sync::Arc::clone(&asked), std::sync::Arc::clone(&copied), std::sync::Arc::clone(&done), std::sync::Arc::clone(&wal_syncs));
         let thread = std::thread::Builder::new().name("edge-checkpoints".into()).spawn(move || {
             let mut failing = false;
             while woken.recv().is_ok() {
                 // A failure (a full disk) leaves the WAL to grow until a later one succeeds,
                 // as the automatic checkpoint's did; the commits themselves are unaffected.
                 // Said once until one succeeds: each commit meanwhile asks again.
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i32>(2)) {
+                let checkpoint = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i32>(1)?, r.get::<_, i32>(2)?)));
+                // A checkpoint that copied less than the WAL holds (another connection
+                // reading an older snapshot: an operator's `sqlite3`, a backup) may have
+                // synced nothing — SQLite syncs the WAL only before copying — and what a
+                // power cut can lose would grow while the reader stays (hostile review
+                // rev45d, 3). One sync of the file covers every frame written to it.
+                let checkpoint = match checkpoint {
+                    Err(e) => Err(e.to_string()),
+                    Ok((log, copied)) if copied < log => std::fs::File::open(&wal)
+                        .and_then(|f| f.sync_data())
+                        .map(|()| {
+                            w.fetch_add(1, std::sync::atomic::Ordering::Release);
+                            log
+                        })
+                        .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
+                    Ok((log, _)) => Ok(log),
+                };
+                match checkpoint {
                     Err(e) if !failing => {
                         failing = true;
                         tracing::warn!(error = %e, "the job store's checkpoint failed: its WAL grows until one succeeds; free space in DATA_DIR");
@@ -121,7 +148,7 @@ impl Checkpointer {
                 a.store(false, std::sync::atomic::Ordering::Release);
             }
         })?;
-        Ok(Checkpointer { wake: Some(wake), asked, copied, done, thread: Some(thread) })
+        Ok(Checkpointer { wake: Some(wake), asked, copied, done, wal_syncs, thread: Some(thread) })
     }
 
     /// After a commit on `conn` (the driver's) that left `pages` in the WAL: a checkpoint
@@ -132,8 +159,9 @@ impl Checkpointer {
             // Passive too, so it never waits: one under way on the thread makes it busy, and
             // the next commit tries again. Its failure, as the automatic one's, is not the
             // commit's (the thread's next failure is logged).
+            // A reader holding an old snapshot keeps the WAL from starting over: the thread
+            // is still woken below, and syncs what the checkpoints cannot copy.
             let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-            return;
         }
         let copied = self.copied.load(std::sync::atomic::Ordering::Acquire);
         let since = if pages < copied { pages } else { pages - copied };
@@ -223,6 +251,7 @@ impl Store {
         // `synchronous=FULL`"), so it is not taken.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};
+             PRAGMA journal_size_limit={WAL_KEPT_BYTES};
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))
@@ -232,7 +261,7 @@ impl Store {
         conn.wal_hook(Some(wal_frames));
         let checkpoints = Connection::open(&path)
             .map_err(|e| unusable(&path, e))
-            .and_then(|c| Checkpointer::start(c).map_err(|e| anyhow::anyhow!("cannot start the job store's checkpoint thread: {e}")))?;
+            .and_then(|c| Checkpointer::start(c, dir.join("edge.sqlite3-wal")).map_err(|e| anyhow::anyhow!("cannot start the job store's checkpoint thread: {e}")))?;
         Ok(Store {
             conn,
             path,
@@ -470,6 +499,43 @@ mod tests {
         // least the CHECKPOINT_PAGES pages that began it.
         let copied = store.checkpoints.copied.load(std::sync::atomic::Ordering::Acquire);
         assert!(copied >= CHECKPOINT_PAGES as i32, "the checkpoint copied {copied} pages of the WAL into the database");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Another connection reading an old snapshot (an operator's `sqlite3`, a backup) keeps
+    /// every checkpoint from copying past it, and SQLite syncs the WAL only before a copy:
+    /// what a power cut can lose grew for as long as the reader stayed (hostile review
+    /// rev45d, 3: 1 sync in 1,200 commits). The thread syncs the WAL itself then.
+    #[test]
+    fn a_reader_holding_an_old_snapshot_does_not_stop_the_wal_being_synced() {
+        let dir = std::env::temp_dir().join(format!("cr-store-reader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir).unwrap();
+        store.apply(&Writes { saves: vec![job("first").into()], forgets: vec![], alerts: None }).unwrap();
+        let reader = Connection::open(dir.join("edge.sqlite3")).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let held: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)).unwrap();
+        assert_eq!(held, 1);
+        let mut big = job("x");
+        std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(5000);
+        for i in 0..CHECKPOINT_PAGES as usize {
+            let mut j = big.clone();
+            j.id = format!("job{i}");
+            store.apply(&Writes { saves: vec![j.into()], forgets: vec![], alerts: None }).unwrap();
+        }
+        let (syncs, asked) = (&store.checkpoints.wal_syncs, &store.checkpoints.asked);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while (syncs.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(syncs.load(std::sync::atomic::Ordering::Acquire) > 0, "the WAL was never synced while a reader held an old snapshot");
+        // What is known synced moves on with the WAL, so the thread is not woken at every
+        // commit while the reader stays.
+        let copied = store.checkpoints.copied.load(std::sync::atomic::Ordering::Acquire);
+        assert!(copied >= CHECKPOINT_PAGES as i32, "the pages known synced stayed at {copied}");
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
