@@ -467,6 +467,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Commits `n` jobs one at a time, each record about 5 KiB: two pages of 4 KiB and more
+    /// (its leaf, the id index) a commit, as one caller's event.
+    fn commit_big_jobs(store: &mut Store, n: usize) {
+        let mut big = job("x");
+        std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(5000);
+        for i in 0..n {
+            let mut j = big.clone();
+            j.id = format!("job{i}");
+            store.apply(&Writes { saves: vec![j.into()], forgets: vec![], alerts: None }).unwrap();
+        }
+    }
+
     /// What bounds what a power cut can lose (see CHECKPOINT_PAGES): once the WAL holds
     /// `CHECKPOINT_PAGES` pages, a checkpoint syncs them and copies them into the database
     /// file — now on the checkpoint thread, not in the commit, so nothing the driver does
@@ -476,17 +488,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-store-checkpoint-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
-        // A record of about 5 KiB takes two pages of 4 KiB and more (its leaf, the id
-        // index): one event a commit, as one caller's. So many of them fill
-        // CHECKPOINT_PAGES pages, and no more are committed: what was, is checkpointed.
-        let mut big = job("x");
-        std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(5000);
+        // So many fill CHECKPOINT_PAGES pages, and no more are committed: what was, is
+        // checkpointed.
         let n = CHECKPOINT_PAGES as usize / 2;
-        for i in 0..n {
-            let mut j = big.clone();
-            j.id = format!("job{i}");
-            store.apply(&Writes { saves: vec![j.into()], forgets: vec![], alerts: None }).unwrap();
-        }
+        commit_big_jobs(&mut store, n);
         let (done, asked) = (&store.checkpoints.done, &store.checkpoints.asked);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         // Until one is done and none under way (the file is read whole below).
@@ -517,13 +522,7 @@ mod tests {
         reader.execute_batch("BEGIN").unwrap();
         let held: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)).unwrap();
         assert_eq!(held, 1);
-        let mut big = job("x");
-        std::sync::Arc::make_mut(&mut big.spec).prompt = "p".repeat(5000);
-        for i in 0..CHECKPOINT_PAGES as usize {
-            let mut j = big.clone();
-            j.id = format!("job{i}");
-            store.apply(&Writes { saves: vec![j.into()], forgets: vec![], alerts: None }).unwrap();
-        }
+        commit_big_jobs(&mut store, CHECKPOINT_PAGES as usize);
         let (syncs, asked) = (&store.checkpoints.wal_syncs, &store.checkpoints.asked);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while (syncs.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire)) && std::time::Instant::now() < deadline {
