@@ -152,9 +152,11 @@ pub const CURRENT_TOKEN_BYTES: usize = 4096;
 /// less than [`ACCESS_LIFETIME_MS`] after its first reading). A login sharing a token with
 /// one read before otherwise is a splice: tampering ([`JobWatch::tampering`]).
 ///
-/// An access token is masked until its end, whatever the login's state (the file's tokens
-/// add nothing when known): the set masked changes at a new login or an end, never as the
-/// file flips between logins known (each flip built a redactor: review rev45a, 2).
+/// An access token is masked until its end, whatever the login's state, and the live
+/// login's until it is replaced (a clock stepped ahead for a moment must not let it go:
+/// review rev45c, 3); once let go, never again (the file's tokens add nothing when known):
+/// the set masked changes at a new login or an end, never as the file flips between logins
+/// known (each flip built a redactor: review rev45a, 2).
 ///
 /// The memory is bounded ([`REMEMBERED`] logins, [`REMEMBERED_BYTES`] of tokens): a login
 /// read with it full is not kept (masked while the file holds it, as the file's), and from
@@ -234,8 +236,8 @@ struct Known {
     refresh_ends: Millis,
     /// It shares a token with a login read before it: a splice, never a refresh.
     mixed: bool,
-    /// Its access token past its end and the grace, live or not: that token is masked no
-    /// more ([`Logins::forget_dead`]).
+    /// Its access token past its end and the grace, seen while not live (and live again
+    /// since, or not): that token is masked no more ([`Logins::forget_dead`]).
     access_gone: bool,
 }
 
@@ -355,12 +357,17 @@ impl Logins {
     }
 
     /// Lets go of the logins that are dead ([`Known::dead`]), and of the access tokens past
-    /// their end, live or not.
+    /// their end, but the live login's.
     fn forget_dead(&mut self, now: Millis) {
         self.logins.retain(|known| !known.dead(now));
-        // Once gone, gone: a reader's clock may be behind another's. Live ones too: the file
-        // flipped between logins would otherwise change what is masked ([`Known::masked`]).
-        for known in self.logins.iter_mut() {
+        // Once gone, gone: a reader's clock may be behind another's, and a login gone and
+        // live again (the file flipped back to it) keeps what is masked as it was
+        // ([`Known::masked`]: each change built a redactor, review rev45a, 2). Never the live
+        // login's, though: one look with the clock stepped ahead (a bad NTP step, `date -s`)
+        // let go for good an access token valid for hours once the clock was back (review
+        // rev45c, 3), and its encoded forms went out unmasked. The file holds it: it is in
+        // use, and masking it costs nothing to the set (it changes once, as it is replaced).
+        for known in self.logins.iter_mut().filter(|known| known.state != State::Live) {
             known.access_gone |= known.access_past(now);
         }
     }
@@ -1186,6 +1193,25 @@ mod tests {
         assert_eq!(seen.len(), 2, "redactors built for 10 flips between two sets");
     }
 
+    /// rev45c-3: the live login's access token was let go for good ("once gone, gone") at
+    /// one look with the wall clock past its end: a clock stepped a day ahead for a moment
+    /// (a bad NTP step, `date -s`) and back left the live token, valid for hours by its
+    /// `expiresAt`, unmasked in its encoded forms (the `sk-ant-` shape masks only the plain
+    /// one) for the rest of the agent's life. The live login's access token is never let go.
+    #[test]
+    fn a_clock_stepped_forward_for_a_moment_keeps_the_live_access_token_masked() {
+        let d = tempdir("rev45c-clock");
+        let (access, refresh) = (token("live-access"), token("live-refresh"));
+        let t0: Millis = 1_800_000_000_000;
+        let login = login_with(&d, &credentials(&access, &refresh, t0 + 8 * 3_600_000));
+        assert!(masks(&login.redactor(t0), &access));
+        // The clock a day ahead for a moment, then back: 7 h left by the file.
+        login.redactor(t0 + 24 * 3_600_000);
+        let after = login.redactor(t0 + 3_600_000);
+        assert!(masks(&after, &access), "the live access token, 7 h before its end, is unmasked");
+        assert!(masks(&after, &refresh));
+    }
+
     /// rev45a-3: tokens of 512 bytes were remembered, and 126 logins of them made each
     /// redactor take 0.87 s and ~200 MiB to build. A token longer than [`TOKEN_BYTES`] is not
     /// remembered, and logins of the longest are kept only while the memory's tokens fit
@@ -1311,8 +1337,9 @@ mod tests {
         let gone = login.redactor(first_read + REFRESH_LIFETIME_MS + 1);
         assert!(!masks(&gone, refresh), "a dead login is kept");
         assert!(masks(&gone, refresh2), "the live login is let go");
-        // Its access token is past its end: masked no more, live or not (rev45a-2).
-        assert!(!masks(&gone, access2), "a live login's access token past its end is masked");
+        // Its access token is past its end, but the login is live: masked still, as a clock
+        // stepped ahead must not let it go (rev45c-3).
+        assert!(masks(&gone, access2), "the live login's access token is let go");
         assert_eq!(login.remembered.lock().unwrap().logins.len(), 1);
     }
 
