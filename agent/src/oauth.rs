@@ -12,7 +12,7 @@
 //! that one ends — a lock another process holds, for at most [`LOCK_WAIT`].
 
 use crate::credentials;
-use crate::redact::Redactor;
+use crate::redact::{Layer, Redactor};
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::Millis;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ pub struct Login {
     pub api_key_env: Option<String>,
     /// The machine's other secrets (the repository tokens): redacted like the login's.
     pub other_secrets: Vec<String>,
-    /// The last redactors built ([`REDACTORS_KEPT`]) and the secrets each was built from.
+    /// The last redactors built ([`Redactors`]) and the secrets each was built from.
     /// Building one hashes every window of every encoded form of every secret (about a
     /// millisecond of CPU with one login, tens with a month of them), and a job asks for
     /// one three times while the secrets change only when Claude rotates its tokens.
@@ -54,14 +54,39 @@ pub struct Login {
     pub learnt: Learnt,
 }
 
-/// Shared by the clones of a [`Login`] (every job's context holds one): the latest first.
-pub type RedactorCache = Arc<std::sync::Mutex<std::collections::VecDeque<(Vec<String>, Arc<Redactor>)>>>;
+/// Shared by the clones of a [`Login`] (every job's context holds one).
+pub type RedactorCache = Arc<std::sync::Mutex<Redactors>>;
 
-/// How many redactors [`Login::redactors`] keeps, by the set each was built from: a file
-/// flipped between a login and one not remembered (a job's, of no token's shape: masked
-/// while the file holds it) changes the set at each flip, and each flip built one anew
-/// for the next line of every job's output (review rev45a, 2). Two cover a flip between
-/// two sets; each kept holds its windows' tables (MiBs with a month of logins).
+/// The redactors [`Login::redactor`] built, in two layers ([`Redactor::layered`]): the
+/// base masks the token variables, the logins remembered and the machine's other secrets,
+/// and is built again only when that set changes (a login learnt or let go: the set
+/// changes at a new login or an end, [`Logins`]); the file's current tokens that no login
+/// remembered holds (a job's junk, of no token's shape: masked while the file holds it; at
+/// most two, [`CURRENT_TOKEN_BYTES`] each) are a small layer of their own. A job writing a
+/// new junk login at each write changed the whole set each time, and the whole redactor
+/// (a month of logins: 35 ms) was built for the next line of every job's output, with no
+/// tampering said (review rev45c, 2); now only the small layer is.
+#[derive(Default)]
+pub struct Redactors {
+    /// The base layer and the secrets it was built from.
+    base: Option<(Vec<String>, Arc<Layer>)>,
+    /// The last redactors built on it ([`REDACTORS_KEPT`]), by the file's unknown tokens
+    /// each masks besides: the latest first.
+    built: std::collections::VecDeque<(Vec<String>, Arc<Redactor>)>,
+}
+
+/// Never the secrets, even in a debug print.
+impl std::fmt::Debug for Redactors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactors").field("base", &self.base.as_ref().map(|(secrets, _)| secrets.len())).field("built", &self.built.len()).finish()
+    }
+}
+
+/// How many redactors [`Redactors`] keeps on its base, by the file's unknown tokens each
+/// was built with: a file flipped between a login and one not remembered changes them at
+/// each flip, and each flip built one anew (review rev45a, 2), which a redactor held (a
+/// job's) sees as a new one at each line. Two cover a flip between two sets; they share
+/// the base layer's tables (MiBs with a month of logins).
 const REDACTORS_KEPT: usize = 2;
 
 /// The credentials file's last reading, and the file as it was then; shared by clones.
@@ -734,36 +759,54 @@ impl Login {
     }
 
     /// The secrets to mask, once each, in an order that changes only when one is learnt or
-    /// forgotten (so a redactor is built once per set): the token variables, the logins
-    /// remembered, what `read` holds besides that no login remembered holds (a login not
-    /// kept: [`Logins`]; a known access token past its end is not masked for being in the
-    /// file, or the set would change as the file flips: review rev45a, 2), the machine's
-    /// other secrets.
-    fn secrets(&self, read: &[String]) -> Vec<String> {
+    /// forgotten (so a redactor is built once per set), as the two layers of [`Redactors`]:
+    /// the base (the token variables, the logins remembered, the machine's other secrets),
+    /// and what `read` holds besides that no login remembered holds (a login not kept:
+    /// [`Logins`]; a known access token past its end is not masked for being in the file,
+    /// or the set would change as the file flips: review rev45a, 2).
+    fn secrets(&self, read: &[String]) -> (Vec<String>, Vec<String>) {
         let remembered = self.remembered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let variables = self.oauth_token_env.iter().chain(&self.api_key_env);
-        let mut secrets: Vec<String> = Vec::new();
-        let unknown = read.iter().filter(|token| !remembered.knows(token));
-        for secret in variables.chain(remembered.tokens()).chain(unknown).chain(&self.other_secrets) {
-            if !secrets.contains(secret) {
-                secrets.push(secret.clone());
+        let mut base: Vec<String> = Vec::new();
+        for secret in variables.chain(remembered.tokens()).chain(&self.other_secrets) {
+            if !base.contains(secret) {
+                base.push(secret.clone());
             }
         }
-        secrets
+        let mut unknown: Vec<String> = Vec::new();
+        for secret in read.iter().filter(|token| !remembered.knows(token)) {
+            if !base.contains(secret) && !unknown.contains(secret) {
+                unknown.push(secret.clone());
+            }
+        }
+        (base, unknown)
     }
 
-    /// A redactor of `secrets`: one of the last built ([`REDACTORS_KEPT`]) if it was of the
-    /// same.
-    fn redactor_of(&self, secrets: Vec<String>) -> Arc<Redactor> {
+    /// A redactor of `base` and `unknown` ([`Login::secrets`]): one of the last built
+    /// ([`REDACTORS_KEPT`]) if it was of the same, else one on the base layer kept while
+    /// `base` is the same ([`Redactors`]).
+    fn redactor_of(&self, (base, unknown): (Vec<String>, Vec<String>)) -> Arc<Redactor> {
         // A poisoned lock only means a panic elsewhere mid-swap: the cache is rebuilt.
         let mut cache = self.redactors.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let kept = cache.iter().position(|(built_from, _)| *built_from == secrets).and_then(|at| cache.remove(at));
-        let (secrets, redactor) = kept.unwrap_or_else(|| {
-            let redactor = Arc::new(Redactor::new(secrets.iter().cloned()));
-            (secrets, redactor)
+        let cache = &mut *cache;
+        let layer = match &cache.base {
+            Some((built_from, layer)) if *built_from == base => layer.clone(),
+            _ => {
+                // Let go of the old ones first: two bases' tables are never held at once here.
+                cache.built.clear();
+                cache.base = None;
+                let layer = Arc::new(Layer::new(base.iter().cloned()));
+                cache.base = Some((base, layer.clone()));
+                layer
+            }
+        };
+        let kept = cache.built.iter().position(|(built_with, _)| *built_with == unknown).and_then(|at| cache.built.remove(at));
+        let (unknown, redactor) = kept.unwrap_or_else(|| {
+            let redactor = Arc::new(Redactor::layered(&layer, unknown.iter().cloned()));
+            (unknown, redactor)
         });
-        cache.push_front((secrets, redactor.clone()));
-        cache.truncate(REDACTORS_KEPT);
+        cache.built.push_front((unknown, redactor.clone()));
+        cache.built.truncate(REDACTORS_KEPT);
         redactor
     }
 }
@@ -1212,6 +1255,39 @@ mod tests {
         assert!(masks(&after, &refresh));
     }
 
+    /// rev45c-2: a job writing a new junk login (no token's shape: never remembered, never
+    /// counted) at each write changed the set masked each time, and the redactor of every
+    /// login remembered (a month: 90) was built anew for the next line of every job's
+    /// output (35 ms each, release), with no tampering said. The remembered logins' layer
+    /// is built once; only the junk's small one is built per reading, and the junk is
+    /// masked while the file holds it.
+    #[test]
+    fn junk_logins_each_new_build_only_their_own_layer() {
+        let d = tempdir("rev45c-junk");
+        let far = 4_102_444_800_000;
+        let (access, refresh) = (token("a"), token("r"));
+        let login = login_with(&d, &credentials(&access, &refresh, far));
+        for n in 0..90 {
+            login.remembered.lock().unwrap().learn(&[token(&format!("a{n}")), token(&format!("r{n}"))], Some(far), None, 1);
+        }
+        let watch = login.watch_job();
+        let first = login.redactor(1_000);
+        let base = first.base().expect("a base layer").clone();
+        let mut builds = 0;
+        for flip in 0..20u64 {
+            let junk = format!("junk login number {flip}, not a token");
+            std::fs::write(&login.credentials_path, credentials(&junk, "more junk, not a token either", far)).unwrap();
+            let redactor = login.redactor(1_000 + flip);
+            assert!(redactor.redact(&junk).contains("[REDACTED]"), "the file's junk is unmasked while the file holds it");
+            assert!(masks(&redactor, &token("r7")) && masks(&redactor, &refresh), "a remembered login is unmasked");
+            if !Arc::ptr_eq(redactor.base().expect("a base layer"), &base) {
+                builds += 1;
+            }
+        }
+        assert_eq!(watch.tampering(), None, "no tampering");
+        assert_eq!(builds, 0, "the remembered logins' layer was built again for junk writes");
+    }
+
     /// rev45a-3: tokens of 512 bytes were remembered, and 126 logins of them made each
     /// redactor take 0.87 s and ~200 MiB to build. A token longer than [`TOKEN_BYTES`] is not
     /// remembered, and logins of the longest are kept only while the memory's tokens fit
@@ -1638,7 +1714,7 @@ mod tests {
         let big: String = (0..700_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2654435761) >> 13) % 26) as u8)).collect();
         let login = login_with(&d, &credentials(&big, &token("realr"), far));
         let held = login.redactor(1);
-        let built_from = held.secrets();
+        let built_from: Vec<&String> = held.secrets().collect();
         assert!(built_from.iter().all(|secret| secret.len() <= CURRENT_TOKEN_BYTES), "the redactor is built from the whole huge token");
         assert!(held.redact(&big[1000..1100]).contains("[REDACTED]"), "the file's token is not masked while it holds it");
         std::fs::write(&login.credentials_path, credentials(&token("real"), &token("realr"), far)).unwrap();

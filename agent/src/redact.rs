@@ -136,15 +136,29 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 /// Sent to another process (the git worker's hand-back, `repo::worker`) as the secrets it
-/// was made from, and made again there.
+/// was made from, and made again there (in one [`Layer`]).
+///
+/// Its secrets are in layers, each with its own window tables, scanned alike: a redactor
+/// for a set that differs from another's by a few secrets shares the other's layer and
+/// builds one of the few ([`Redactor::layered`]). The agent's login memory masks a month
+/// of logins (tens of milliseconds to build), and the credentials file may hold tokens of
+/// no remembered login (a job's junk, new at each write): each such write built the
+/// whole redactor anew for the next line of every job's output (review rev45c, 2).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(from = "Vec<String>")]
 pub struct Redactor {
+    layers: Vec<std::sync::Arc<Layer>>,
+    /// The widest window of any layer: how much of a field's end a [`Carry`] keeps.
+    widest: usize,
+}
+
+/// Some of a [`Redactor`]'s secrets, and the windows of their forms.
+#[derive(Debug, Clone, Default)]
+pub struct Layer {
     /// What it was made from.
     secrets: Vec<String>,
     forms: Vec<Vec<u8>>,
     sets: Vec<WindowSet>,
-    /// The widest window: how much of a field's end a [`Carry`] keeps.
     widest: usize,
 }
 
@@ -208,7 +222,7 @@ impl Scratch {
 /// send a list of strings (review rev45a-3).
 impl serde::Serialize for Redactor {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.secrets.serialize(serializer)
+        serializer.collect_seq(self.secrets())
     }
 }
 
@@ -220,6 +234,36 @@ impl From<Vec<String>> for Redactor {
 
 impl Redactor {
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Redactor {
+        Redactor::of_layers(vec![std::sync::Arc::new(Layer::new(secrets))])
+    }
+
+    /// The secrets of `base` (shared, not built again) and `extra` (built now): the masks of
+    /// both.
+    pub fn layered(base: &std::sync::Arc<Layer>, extra: impl IntoIterator<Item = String>) -> Redactor {
+        let extra = Layer::new(extra);
+        let layers = if extra.secrets.is_empty() { vec![base.clone()] } else { vec![base.clone(), std::sync::Arc::new(extra)] };
+        Redactor::of_layers(layers)
+    }
+
+    fn of_layers(layers: Vec<std::sync::Arc<Layer>>) -> Redactor {
+        let widest = layers.iter().map(|layer| layer.widest).max().unwrap_or(0);
+        Redactor { layers, widest }
+    }
+
+    /// What it was made from (those long enough to mask), layer by layer.
+    pub fn secrets(&self) -> impl Iterator<Item = &String> {
+        self.layers.iter().flat_map(|layer| &layer.secrets)
+    }
+
+    /// Its first layer: the one [`Redactor::new`] built.
+    pub fn base(&self) -> Option<&std::sync::Arc<Layer>> {
+        self.layers.first()
+    }
+}
+
+impl Layer {
+    /// The windows of every form of each of `secrets` long enough to mask ([`MIN_SECRET`]).
+    pub fn new(secrets: impl IntoIterator<Item = String>) -> Layer {
         let secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= MIN_SECRET).collect();
         let mut by_width: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
         for secret in &secrets {
@@ -234,7 +278,7 @@ impl Redactor {
                 }
             }
         }
-        let mut redactor = Redactor { secrets: secrets.clone(), ..Redactor::default() };
+        let mut redactor = Layer { secrets: secrets.clone(), ..Layer::default() };
         let mut widths: Vec<usize> = by_width.keys().copied().collect();
         widths.sort_unstable();
         for width in widths {
@@ -252,12 +296,9 @@ impl Redactor {
         }
         redactor
     }
+}
 
-    /// What it was made from (those long enough to mask).
-    pub fn secrets(&self) -> &[String] {
-        &self.secrets
-    }
-
+impl Redactor {
     /// Redacts one text on its own (a result, an error, stderr).
     pub fn redact(&self, text: &str) -> String {
         self.redact_after(&mut Scratch::default(), None, text).into_owned()
@@ -268,7 +309,7 @@ impl Redactor {
     /// there and ends here is masked here, and `end` is then the new decoded end to carry.
     /// The text itself when nothing in it changes (most texts), a copy otherwise.
     fn redact_after<'a>(&self, scratch: &mut Scratch, end: Option<&mut Vec<u8>>, text: &'a str) -> Cow<'a, str> {
-        if self.sets.is_empty() || text.is_empty() {
+        if self.widest == 0 || text.is_empty() {
             return mask_token_shapes(text);
         }
         let before: &[u8] = end.as_deref().map_or(&[], Vec::as_slice);
@@ -288,8 +329,10 @@ impl Redactor {
         for decoded in std::iter::once(&*plain).chain(escaped) {
             let mut found = Vec::new();
             if decoded.bytes.len() >= MIN_SECRET {
-                for set in &self.sets {
-                    set.scan(&decoded.bytes, &self.forms, &mut found);
+                for layer in &self.layers {
+                    for set in &layer.sets {
+                        set.scan(&decoded.bytes, &layer.forms, &mut found);
+                    }
                 }
             }
             // Back to the original text, leaving out what belonged to the earlier line.

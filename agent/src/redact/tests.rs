@@ -636,3 +636,32 @@ fn a_secret_with_a_space_is_masked() {
     }
     assert_eq!(r.redact("a horse and a battery"), "a horse and a battery");
 }
+
+/// A layered redactor ([`Redactor::layered`]) masks the secrets of both layers, in their
+/// encoded forms and split across two lines of a field (its carry is the widest layer's),
+/// shares its base layer, and is sent as all its secrets: the git worker makes it again
+/// from them (review rev45c, 2).
+#[test]
+fn a_layered_redactor_masks_both_layers_and_is_sent_whole() {
+    let (base_secret, extra_secret) = ("base-secret-0123456789abcdef", "an extra junk token of a file, longer than the base one's");
+    let base = Redactor::new([base_secret.to_string()]);
+    let layer = base.base().expect("a layer").clone();
+    let both = Redactor::layered(&layer, [extra_secret.to_string(), "short".to_string()]);
+    assert!(std::sync::Arc::ptr_eq(both.base().unwrap(), &layer), "the base layer is built again");
+    for secret in [base_secret, extra_secret] {
+        assert!(!both.redact(secret).contains(&secret[..MIN_FRAGMENT]), "{secret} unmasked");
+        let b64 = STANDARD.encode(secret);
+        assert_ne!(both.redact(&b64), b64, "{secret} unmasked in base64");
+        // Split across two lines of one field: the extra layer's windows are the widest.
+        let (a, b) = secret.split_at(secret.len() - MIN_FRAGMENT / 2);
+        let out = through(&both, &[tool_line(a), tool_line(b)]);
+        assert!(out.iter().all(|text| text.contains(MASK)), "{secret} split: {out:?}");
+    }
+    assert_eq!(base.redact(extra_secret), extra_secret, "the base masks the extra layer's");
+    let sent = serde_json::to_string(&both).unwrap();
+    let made: Redactor = serde_json::from_str(&sent).unwrap();
+    assert_eq!(made.secrets().collect::<Vec<_>>(), [base_secret, extra_secret], "sent: {sent}");
+    assert!(made.redact(extra_secret).contains(MASK));
+    // With no extra secret long enough to mask, the redactor is its base alone.
+    assert_eq!(Redactor::layered(&layer, ["short".to_string()]).layers.len(), 1);
+}
