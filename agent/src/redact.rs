@@ -255,7 +255,7 @@ impl Redactor {
         self.layers.iter().flat_map(|layer| &layer.secrets)
     }
 
-    /// Its first layer: the one [`Redactor::new`] built.
+    /// Its first layer: the one [`Redactor::new`] built, or the base it was layered on.
     pub fn base(&self) -> Option<&std::sync::Arc<Layer>> {
         self.layers.first()
     }
