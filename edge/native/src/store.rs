@@ -80,14 +80,22 @@ struct Checkpointer {
     asked: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The WAL's pages known synced after the last checkpoint (its first ones): the next
     /// begins `CHECKPOINT_PAGES` after them.
-    copied: std::sync::Arc<std::sync::atomic::AtomicI32>,
-    /// Checkpoints after which the thread synced the WAL itself (tests look).
-    #[cfg_attr(not(test), allow(dead_code))]
-    wal_syncs: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Checkpoints done (tests wait for them).
-    #[cfg_attr(not(test), allow(dead_code))]
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    synced: std::sync::Arc<std::sync::atomic::AtomicI32>,
     thread: Option<std::thread::JoinHandle<()>>,
+    #[cfg(test)]
+    probe: std::sync::Arc<Probe>,
+}
+
+/// What the checkpoint thread did, for the tests to look at.
+#[cfg(test)]
+#[derive(Default)]
+struct Probe {
+    /// Checkpoints done.
+    done: std::sync::atomic::AtomicU64,
+    /// The most WAL pages one checkpoint copied into the database (SQLite's count).
+    copied: std::sync::atomic::AtomicI32,
+    /// Checkpoints after which the thread synced the WAL itself.
+    wal_syncs: std::sync::atomic::AtomicU64,
 }
 
 /// WAL pages at which the driver checkpoints in its commit, so that the WAL starts over:
@@ -99,14 +107,20 @@ const RESTART_PAGES: i32 = 8 * CHECKPOINT_PAGES as i32;
 /// snapshot for long (the WAL grew past `RESTART_PAGES`) leaves no larger file behind.
 const WAL_KEPT_BYTES: i64 = RESTART_PAGES as i64 * 4096;
 
+/// The database's WAL, beside it in DATA_DIR.
+const WAL_FILE: &str = "edge.sqlite3-wal";
+
 impl Checkpointer {
     fn start(conn: Connection, wal: PathBuf) -> std::io::Result<Checkpointer> {
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let copied = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let wal_syncs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (a, c, d, w) = (std::sync::Arc::clone(&asked), std::sync::Arc::clone(&copied), std::sync::Arc::clone(&done), std::sync::Arc::clone(&wal_syncs));
+        let synced = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let (a, c) = (std::sync::Arc::clone(&asked), std::sync::Arc::clone(&synced));
+        #[cfg(test)]
+        let (probe, p) = {
+            let probe = std::sync::Arc::new(Probe::default());
+            (std::sync::Arc::clone(&probe), probe)
+        };
         let thread = std::thread::Builder::new().name("edge-checkpoints".into()).spawn(move || {
             let mut failing = false;
             while woken.recv().is_ok() {
@@ -119,12 +133,18 @@ impl Checkpointer {
                 // synced nothing — SQLite syncs the WAL only before copying — and what a
                 // power cut can lose would grow while the reader stays (hostile review
                 // rev45d, 3). One sync of the file covers every frame written to it.
+                #[cfg(test)]
+                if let Ok((_, copied)) = checkpoint {
+                    p.copied.fetch_max(copied, std::sync::atomic::Ordering::AcqRel);
+                }
                 let checkpoint = match checkpoint {
                     Err(e) => Err(e.to_string()),
-                    Ok((log, copied)) if copied < log => std::fs::File::open(&wal)
+                    // Opened as the store's files are: never waiting on a pipe put there.
+                    Ok((log, copied)) if copied < log => runtime::open_plain_for_writing(&wal, false)
                         .and_then(|f| f.sync_data())
                         .map(|()| {
-                            w.fetch_add(1, std::sync::atomic::Ordering::Release);
+                            #[cfg(test)]
+                            p.wal_syncs.fetch_add(1, std::sync::atomic::Ordering::Release);
                             log
                         })
                         .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
@@ -144,15 +164,23 @@ impl Checkpointer {
                         }
                     }
                 }
-                d.fetch_add(1, std::sync::atomic::Ordering::Release);
+                #[cfg(test)]
+                p.done.fetch_add(1, std::sync::atomic::Ordering::Release);
                 a.store(false, std::sync::atomic::Ordering::Release);
             }
         })?;
-        Ok(Checkpointer { wake: Some(wake), asked, copied, done, wal_syncs, thread: Some(thread) })
+        Ok(Checkpointer {
+            wake: Some(wake),
+            asked,
+            synced,
+            thread: Some(thread),
+            #[cfg(test)]
+            probe,
+        })
     }
 
     /// After a commit on `conn` (the driver's) that left `pages` in the WAL: a checkpoint
-    /// begun `CHECKPOINT_PAGES` after what the last one copied (from the WAL's start, once
+    /// begun `CHECKPOINT_PAGES` after the pages known synced (from the WAL's start, once
     /// it started over), or run here at `RESTART_PAGES`.
     fn after_commit(&self, conn: &Connection, pages: i32) {
         if pages >= RESTART_PAGES {
@@ -163,8 +191,8 @@ impl Checkpointer {
             // is still woken below, and syncs what the checkpoints cannot copy.
             let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         }
-        let copied = self.copied.load(std::sync::atomic::Ordering::Acquire);
-        let since = if pages < copied { pages } else { pages - copied };
+        let synced = self.synced.load(std::sync::atomic::Ordering::Acquire);
+        let since = if pages < synced { pages } else { pages - synced };
         if since >= CHECKPOINT_PAGES as i32 && !self.asked.swap(true, std::sync::atomic::Ordering::AcqRel) {
             if let Some(wake) = &self.wake {
                 let _ = wake.try_send(());
@@ -236,7 +264,7 @@ impl Store {
                 .map_err(|e| anyhow::anyhow!("cannot make {} owner-only: {e}; check DATA_DIR's permissions", path.display()))
         };
         private(&path)?;
-        for journal in ["edge.sqlite3-wal", "edge.sqlite3-shm"] {
+        for journal in [WAL_FILE, "edge.sqlite3-shm"] {
             if dir.join(journal).exists() {
                 private(&dir.join(journal))?;
             }
@@ -261,7 +289,7 @@ impl Store {
         conn.wal_hook(Some(wal_frames));
         let checkpoints = Connection::open(&path)
             .map_err(|e| unusable(&path, e))
-            .and_then(|c| Checkpointer::start(c, dir.join("edge.sqlite3-wal")).map_err(|e| anyhow::anyhow!("cannot start the job store's checkpoint thread: {e}")))?;
+            .and_then(|c| Checkpointer::start(c, dir.join(WAL_FILE)).map_err(|e| anyhow::anyhow!("cannot start the job store's checkpoint thread: {e}")))?;
         Ok(Store {
             conn,
             path,
@@ -492,7 +520,7 @@ mod tests {
         // checkpointed.
         let n = CHECKPOINT_PAGES as usize / 2;
         commit_big_jobs(&mut store, n);
-        let (done, asked) = (&store.checkpoints.done, &store.checkpoints.asked);
+        let (done, asked) = (&store.checkpoints.probe.done, &store.checkpoints.asked);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         // Until one is done and none under way (the file is read whole below).
         let waiting = || done.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire);
@@ -502,7 +530,7 @@ mod tests {
         assert!(done.load(std::sync::atomic::Ordering::Acquire) > 0, "no checkpoint after {n} commits of two pages and more");
         // What it copied into the database (SQLite's count, the pages synced there): at
         // least the CHECKPOINT_PAGES pages that began it.
-        let copied = store.checkpoints.copied.load(std::sync::atomic::Ordering::Acquire);
+        let copied = store.checkpoints.probe.copied.load(std::sync::atomic::Ordering::Acquire);
         assert!(copied >= CHECKPOINT_PAGES as i32, "the checkpoint copied {copied} pages of the WAL into the database");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
@@ -523,7 +551,7 @@ mod tests {
         let held: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)).unwrap();
         assert_eq!(held, 1);
         commit_big_jobs(&mut store, CHECKPOINT_PAGES as usize);
-        let (syncs, asked) = (&store.checkpoints.wal_syncs, &store.checkpoints.asked);
+        let (syncs, asked) = (&store.checkpoints.probe.wal_syncs, &store.checkpoints.asked);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while (syncs.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire)) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -531,8 +559,8 @@ mod tests {
         assert!(syncs.load(std::sync::atomic::Ordering::Acquire) > 0, "the WAL was never synced while a reader held an old snapshot");
         // What is known synced moves on with the WAL, so the thread is not woken at every
         // commit while the reader stays.
-        let copied = store.checkpoints.copied.load(std::sync::atomic::Ordering::Acquire);
-        assert!(copied >= CHECKPOINT_PAGES as i32, "the pages known synced stayed at {copied}");
+        let synced = store.checkpoints.synced.load(std::sync::atomic::Ordering::Acquire);
+        assert!(synced >= CHECKPOINT_PAGES as i32, "the pages known synced stayed at {synced}");
         reader.execute_batch("COMMIT").unwrap();
         drop(reader);
         drop(store);
