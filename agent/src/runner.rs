@@ -550,14 +550,18 @@ async fn full_disk(ctx: &JobContext, spec: &JobSpec, url: &str, checking_out: bo
         true => ctx.repos.others_bytes(url).await,
         false => crate::repo::mirror::OthersBytes::default(),
     };
-    // Counted in part (a walk cut short), the room they hold is judged on what was counted:
-    // less than they hold, so "fits beside nothing held" stays true, and "too big" says
-    // so; no claim is made for room not known (rev45b-1).
+    // Counted in part (a walk cut short), the room they hold is judged at its most
+    // ([`held_at_most`]): judged on what was counted, less than they hold, a repository
+    // that fits once they are done was called too big, not retryable (rev45d-1). No claim
+    // is made for room not known (rev45b-1).
     let counted = ctx.repos.other_workspaces_bytes(workspace, on, spec).await;
     let workspaces = counted.bytes;
-    let others = crate::repo::mirror::OthersBytes { idle: mirrors.idle, in_use: mirrors.in_use.saturating_add(workspaces) };
     let space = workspace::disk_space(on).ok();
     let uncounted = !counted.complete;
+    let mut others = crate::repo::mirror::OthersBytes { in_use: mirrors.in_use.saturating_add(workspaces), ..mirrors };
+    if let (true, Some(space)) = (uncounted, space) {
+        others.in_use = others.in_use.max(held_at_most(space, mirrors.own).saturating_sub(others.idle));
+    }
     let (detail, needed) = match error {
         RepoError::DiskFull { detail, needed, .. } => (detail, needed),
         RepoError::NoRoom { url, what, needed, .. } => {
@@ -583,13 +587,22 @@ async fn full_disk(ctx: &JobContext, spec: &JobSpec, url: &str, checking_out: bo
             let free = space.map_or(0, |space| space.free);
             match need {
                 Some(Need::Estimated(needs)) => {
-                    let held = held.then_some(crate::repo::error::HeldRoom { workspaces, mirrors: mirrors.in_use });
+                    let held = held.then_some(crate::repo::error::HeldRoom { workspaces, mirrors: mirrors.in_use, uncounted });
                     RepoError::FetchFilledMeanwhile { url: url.to_string(), detail, needs, free, held }
                 }
                 _ => RepoError::FilledMeanwhile { url: url.to_string(), detail, needed: needed.unwrap_or_default(), free },
             }
         }
     }
+}
+
+/// The most the other jobs may hold on a disk of `space` where the job's own mirror takes
+/// `own` bytes: all it holds but that mirror — for a walk of their workspaces cut short
+/// ([`full_disk`]), a bound that needs no walk. More than they hold (the runner's data,
+/// other programs' files, the blocks kept for root), so a verdict on it may say "retry" to
+/// a repository that never fits, never "too big" to one that fits once they are done.
+fn held_at_most(space: workspace::DiskSpace, own: u64) -> u64 {
+    space.size.saturating_sub(space.free).saturating_sub(own)
 }
 
 /// What a step that filled the disk is known to need ([`full_disk_verdict`]).
@@ -1150,7 +1163,7 @@ mod tests {
 
     /// Other repositories' mirrors on the disk, all held by jobs (`in_use` bytes).
     fn held(in_use: u64) -> OthersBytes {
-        OthersBytes { idle: 0, in_use }
+        OthersBytes { idle: 0, in_use, own: 0 }
     }
     use crate::workspace::DiskSpace;
 
@@ -1254,8 +1267,8 @@ mod tests {
         let refused = Some(Need::Refused(5 << 20));
         assert_eq!(full_disk_verdict(refused, space(4 << 20), held(6 << 20)), FullDisk::Meanwhile { held: true });
         // Idle mirrors left (the step was judged before any went) count with the held.
-        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 1 << 20, in_use: 1 << 20 }), FullDisk::Meanwhile { held: true });
-        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 6 << 20, in_use: 0 }), FullDisk::TooBig);
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 1 << 20, in_use: 1 << 20, own: 0 }), FullDisk::Meanwhile { held: true });
+        assert_eq!(full_disk_verdict(refused, space(4 << 20), OthersBytes { idle: 6 << 20, in_use: 0, own: 0 }), FullDisk::TooBig);
         assert_eq!(full_disk_verdict(refused, space(4 << 20), held(1 << 20)), FullDisk::TooBig);
         assert_eq!(full_disk_verdict(Some(Need::Refused(20 << 20)), space(4 << 20), held(12 << 20)), FullDisk::TooBig);
         assert_eq!(full_disk_verdict(refused, None, held(6 << 20)), FullDisk::TooBig);

@@ -1710,6 +1710,47 @@ async fn a_repository_too_big_for_the_disk_claims_no_room_beside_a_job_of_many_f
     assert_eq!(other.body["success"].as_bool(), Some(true), "another repository's job was held back: {}\n{}", other.text, agent.log());
 }
 
+/// rev45d-1: a job with more than 200,000 entries in its workspace cuts the walk of other
+/// jobs' workspaces short; judged on what was counted, a repository that fits once that job
+/// ends was told it is too big for the disk (not retryable). Judged on the room they hold
+/// at most (the disk's used bytes but the repository's own mirror), it is told to retry,
+/// with no claim and "at least" the bytes counted; and it runs once that job ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_that_fits_once_a_job_of_many_files_ends_is_told_to_retry() {
+    if !mounts_allowed() {
+        eprintln!("skipped: no mounts");
+        return;
+    }
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("mid", &[("README.md", b"# mid\n"), ("blob.bin", &incompressible(11, 5 << 20))]);
+    git.seed("small", &[("README.md", b"# small\n")]);
+    let (_edge, agent, client) = two_slots_on_a_small_disk(&git).await;
+    let holder = client.submit(json!({"prompt": "@sleep=600000 hold", "repo_url": git.url("small"), "timeout_ms": 900000})).await.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 1).await, "{}", agent.log());
+    let ws = agent.data.path().join("data/workspaces").join(&holder);
+    inside(agent.pid().unwrap(), &format!("mkdir -p '{}/many/zz' && head -c 6291456 /dev/urandom > '{}/many/zz/big'", ws.display(), ws.display()));
+    let mid = json!({"prompt": "@exists=blob.bin", "repo_url": git.url("mid"), "timeout_ms": 120000});
+    let counted = client.execute(mid.clone()).await;
+    assert_eq!(counted.body["retryable"].as_bool(), Some(true), "counted: held room\n{}", counted.text);
+    inside(agent.pid().unwrap(), &format!("cd '{}/many' && seq 1 200001 | sed s/^/f/ | xargs touch", ws.display()));
+    let cut = client.execute(mid.clone()).await;
+    let said = cut.body["error"].as_str().unwrap_or_default();
+    assert_eq!(cut.body["retryable"].as_bool(), Some(true), "a repository that fits once the other job ends was told it is too big: {said}\n{}", agent.log());
+    assert!(said.contains("at least") && said.contains("could not all be counted"), "{said}");
+    assert_eq!(client.send("DELETE", &format!("/jobs/{holder}"), Some(SECRET), None).await.status, 202);
+    let _ = client.wait_job(&holder, Duration::from_secs(60)).await;
+    // Retried as told: the holder's workspace goes as its job ends (within a few tries).
+    let mut after = client.execute(mid.clone()).await;
+    for _ in 0..20 {
+        if after.body["retryable"].as_bool() != Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = client.execute(mid.clone()).await;
+    }
+    assert_eq!(after.body["success"].as_bool(), Some(true), "it did not run once the other job ended: {}\n{}", after.text, agent.log());
+}
+
 /// rev45b-2: a job refused for room beside a job of its own repository and branch claimed
 /// that room; a claim never holds back its claimant's own repository, so it held back only
 /// the other repositories, at every overlap of that one's jobs. Such a refusal claims

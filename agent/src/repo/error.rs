@@ -110,8 +110,8 @@ pub enum RepoError {
         #[serde(default)]
         lower: String,
         /// Whether the room other jobs hold was counted in part only (the walk of their
-        /// workspaces cut short, `Repos::other_workspaces_bytes`): the verdict judged what
-        /// was counted, and the words say so.
+        /// workspaces cut short, `Repos::other_workspaces_bytes`): the verdict judged them
+        /// at their most (`runner::held_at_most`), and the words say so.
         #[serde(default)]
         uncounted: bool,
     },
@@ -246,10 +246,11 @@ fn kept(claim: &RoomClaim) -> String {
     format!("so nothing ran; retry once those jobs are done (the room is not kept for this job's retry meanwhile{}{why})", if why.is_empty() { "" } else { ", " })
 }
 
-/// The words of a verdict "too big" judged on room other jobs hold counted in part only.
+/// The words of a verdict "too big" judged on room other jobs hold counted in part only:
+/// judged at its most, it is too big even once they are done.
 fn uncounted_words(uncounted: bool) -> &'static str {
     match uncounted {
-        true => "; the runner could not count the other running jobs' workspaces (too many files), so this is judged without the room they hold: if they hold much, retry once they are done",
+        true => "; the runner could not count the other running jobs' workspaces (too many files), so it took them to hold at most all the disk holds but this repository's mirror, and even that room freed would not be enough",
         false => "",
     }
 }
@@ -271,14 +272,19 @@ pub struct HeldRoom {
     pub workspaces: u64,
     /// Bytes the mirrors of other repositories in use take (held by jobs, or being repacked).
     pub mirrors: u64,
+    /// Whether the walk of the workspaces was cut short: `workspaces` is what it counted,
+    /// less than they hold (`Repos::other_workspaces_bytes`).
+    #[serde(default)]
+    pub uncounted: bool,
 }
 
 /// [`RepoError::FetchFilledMeanwhile`]'s words for the room held beside what is free, if
 /// the fetch fit only with it.
 fn beside(held: &Option<HeldRoom>) -> String {
     match held {
-        Some(HeldRoom { workspaces, mirrors }) => format!(
-            ", beside {workspaces} bytes the workspaces of other running jobs take and {mirrors} bytes the mirrors of other repositories in use now take (held by jobs, or being repacked; a workspace goes once its job is done, a mirror may go for room once nothing holds it)"
+        Some(HeldRoom { workspaces, mirrors, uncounted }) => format!(
+            ", beside {}{workspaces} bytes the workspaces of other running jobs take and {mirrors} bytes the mirrors of other repositories in use now take (held by jobs, or being repacked; a workspace goes once its job is done, a mirror may go for room once nothing holds it)",
+            if *uncounted { "at least " } else { "" }
         ),
         None => String::new(),
     }
@@ -463,6 +469,18 @@ pub fn wrote(dir: &std::path::Path, action: &'static str, e: &git2::Error, writi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// rev45d-1: a fetch that fit only beside room other jobs hold, their workspaces counted
+    /// in part, says the bytes counted are "at least" what they hold, as `RoomHeld` does.
+    #[test]
+    fn a_fetch_beside_workspaces_counted_in_part_says_at_least() {
+        let said = |uncounted| {
+            let held = Some(HeldRoom { workspaces: 7, mirrors: 3, uncounted });
+            RepoError::FetchFilledMeanwhile { url: "u".into(), detail: "d".into(), needs: 1, free: 1, held }.to_string()
+        };
+        assert!(said(true).contains("beside at least 7 bytes the workspaces"), "{}", said(true));
+        assert!(said(false).contains("beside 7 bytes the workspaces"), "{}", said(false));
+    }
 
     fn talk(auth: AuthSeen) -> Talk<'static> {
         Talk { url: "https://git.example.com/a/b", host: "git.example.com", auth, action: "fetch the repository", pushing: false }

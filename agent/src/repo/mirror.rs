@@ -609,11 +609,15 @@ impl MirrorCache {
 
     /// The bytes of the mirrors of repositories other than the folder `keep`'s: those idle
     /// (evictable for room, `evict_for_room`) and those a job holds or fetches now (not,
-    /// until that job is done). Walks every mirror: on the blocking pool.
+    /// until that job is done), and `keep`'s own. Walks every mirror: on the blocking pool.
     pub fn others_bytes(&self, keep: &str, now: shared::Millis) -> OthersBytes {
         let mut bytes = OthersBytes::default();
-        for m in self.on_disk(now, true).into_iter().filter(|m| m.folder != keep) {
-            let sum = if m.in_use { &mut bytes.in_use } else { &mut bytes.idle };
+        for m in self.on_disk(now, true) {
+            let sum = match (m.folder == keep, m.in_use) {
+                (true, _) => &mut bytes.own,
+                (false, true) => &mut bytes.in_use,
+                (false, false) => &mut bytes.idle,
+            };
             *sum = sum.saturating_add(m.bytes);
         }
         bytes
@@ -1000,11 +1004,13 @@ pub fn same_disk(a: &Path, b: &Path) -> bool {
     disk(a).is_some() && disk(a) == disk(b)
 }
 
-/// What the mirrors of other repositories than a job's take ([`MirrorCache::others_bytes`]).
+/// What the mirrors of other repositories than a job's take ([`MirrorCache::others_bytes`]),
+/// and the job's own (`own`: never freed for it, its checkout borrows from it).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct OthersBytes {
     pub idle: u64,
     pub in_use: u64,
+    pub own: u64,
 }
 
 /// A mirror's config file, as the agent leaves it: what `git init --bare` writes. libgit2
