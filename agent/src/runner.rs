@@ -299,6 +299,8 @@ async fn run_in(
                     }
                 }
             };
+            // Its claim, if it has one, stands until it is settled below (rev45d-2).
+            let _pinned = ctx.repos.pin_claim(&spec);
             let (prepared, checked_out) = loop {
                 let checking_out = Arc::new(AtomicBool::new(false));
                 let (done_tx, done_rx) = oneshot::channel();

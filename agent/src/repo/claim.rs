@@ -16,7 +16,9 @@
 //! stands, and its claim ends when its checkout is through or it fails otherwise.
 //!
 //! A claim is bounded: it lapses [`CLAIM_TTL`] after its last refusal (a caller that never
-//! retries holds nothing for long), and at most [`MAX_CLAIMS`] stand (a refusal past them
+//! retries holds nothing for long), or after its claimant's retry admitted last ended, not
+//! while one is between its admission and its settling ([`Claims::pin`]: a big repository's
+//! fetch and checkout take minutes, rev45d-2), and at most [`MAX_CLAIMS`] stand (a refusal past them
 //! leaves none). Not kept from the room: what a fetch adds to a mirror, what running jobs
 //! write, jobs without a repository. Pure: the time and the disk's space are passed in.
 
@@ -52,10 +54,12 @@ struct Claim {
     renewed: BootInstant,
 }
 
-/// The claims standing, oldest first.
+/// The claims standing, oldest first, and the claimants with jobs between their admission
+/// and their settling (how many each: [`Claims::pin`]).
 #[derive(Debug, Default)]
 pub struct Claims {
     claims: Vec<Claim>,
+    in_flight: Vec<(Claimant, usize)>,
 }
 
 /// Whether a job on a repository may go on to its fetch and checkout ([`Claims::admit`]).
@@ -93,8 +97,31 @@ pub fn leave(claimed: Option<Claimed>, needed: u64, space: DiskSpace, url: &str)
 }
 
 impl Claims {
+    /// Claims past [`CLAIM_TTL`] since their renewal go, unless a job of their claimant is
+    /// in flight ([`Claims::pin`]).
     fn lapse(&mut self, now: BootInstant) {
-        self.claims.retain(|c| now.saturating_duration_since(c.renewed) < CLAIM_TTL);
+        let in_flight = &self.in_flight;
+        self.claims.retain(|c| now.saturating_duration_since(c.renewed) < CLAIM_TTL || in_flight.iter().any(|(who, _)| who == &c.who));
+    }
+
+    /// A job of `who` goes to its fetch and checkout: `who`'s claim, if any, does not lapse
+    /// until [`Claims::unpin`] (a guard's Drop, `Repos::pin_claim`, so a path that never
+    /// settles cannot pin it for ever), and then [`CLAIM_TTL`] after its last renewal.
+    pub fn pin(&mut self, who: &Claimant) {
+        match self.in_flight.iter_mut().find(|(w, _)| w == who) {
+            Some((_, n)) => *n += 1,
+            None => self.in_flight.push((who.clone(), 1)),
+        }
+    }
+
+    /// A job of `who` pinned by [`Claims::pin`] is settled, or gone.
+    pub fn unpin(&mut self, who: &Claimant) {
+        if let Some(i) = self.in_flight.iter().position(|(w, _)| w == who) {
+            self.in_flight[i].1 -= 1;
+            if self.in_flight[i].1 == 0 {
+                self.in_flight.swap_remove(i);
+            }
+        }
     }
 
     /// Whether any claim stands at `now`: only then is the disk's space asked for
@@ -107,7 +134,8 @@ impl Claims {
     /// Whether `who`'s job may go on at `now`, the disk holding the workspaces having
     /// `space` (none: not known). A claimant keeps its place as it asks, waiting behind
     /// an older claim or first in line: its claim is renewed (a retry going first whose
-    /// fetch outlasted [`CLAIM_TTL`] lost its claim mid-retry, rev45b-3).
+    /// fetch outlasted [`CLAIM_TTL`] lost its claim mid-retry, rev45b-3), and stands while
+    /// the job is in flight ([`Claims::pin`], rev45d-2: renewed once here, it lapsed then).
     pub fn admit(&mut self, who: &Claimant, now: BootInstant, space: Option<DiskSpace>) -> Admit {
         self.lapse(now);
         let own = self.claims.iter().position(|c| &c.who == who);
@@ -271,5 +299,30 @@ mod tests {
         assert!(!claims.stand(t0 + CLAIM_TTL), "every claim lapsed");
         assert_eq!(claims.admit(&who("h/x", None), t0 + CLAIM_TTL, None), Admit::Go);
         assert!(claims.refused(&who("h/one-too-many", None), 1, t0 + CLAIM_TTL));
+    }
+
+    /// rev45d-2: the retry's claim was renewed once, at its admission: a fetch and checkout
+    /// longer than CLAIM_TTL (a big repository's, the kind that needs the room) lost it
+    /// mid-retry, and a job of another repository took the room. Pinned while in flight, it
+    /// stands; unpinned, it lapses as before.
+    #[test]
+    fn a_retry_whose_fetch_outlasts_claim_ttl_keeps_its_claim() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        let (wide, x) = (who("h/wide", None), who("h/x", None));
+        claims.refused(&wide, 10, t0);
+        let retry = t0 + Duration::from_secs(30);
+        claims.pin(&wide);
+        assert_eq!(claims.admit(&wide, retry, None), Admit::Go);
+        // Its fetch takes 121 s: a job of another repository starts then.
+        let checkout = retry + CLAIM_TTL + Duration::from_secs(1);
+        assert!(matches!(claims.admit(&x, checkout, None), Admit::Behind(_)), "the claim lapsed mid-retry");
+        // Two jobs of it in flight: the claim stands until both are done.
+        claims.pin(&wide);
+        claims.unpin(&wide);
+        assert!(claims.stand(checkout), "one of its jobs is still in flight");
+        claims.unpin(&wide);
+        claims.unpin(&wide);
+        assert_eq!(claims.admit(&x, checkout, None), Admit::Go, "no job of it in flight: the claim lapses");
     }
 }

@@ -64,6 +64,21 @@ pub const WORKSPACES_WALK_TIME: std::time::Duration = std::time::Duration::from_
 
 type Held = Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, (usize, Option<claim::Claimant>)>>>;
 
+/// A job's pin on its claimant's claim ([`Repos::pin_claim`]): released when dropped, however
+/// the job's fetch and checkout ended (a cancel, a panic), so none pins a claim for ever.
+pub struct ClaimPin<'a> {
+    repos: &'a Repos,
+    who: Option<claim::Claimant>,
+}
+
+impl Drop for ClaimPin<'_> {
+    fn drop(&mut self) {
+        if let Some(who) = &self.who {
+            self.repos.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unpin(who);
+        }
+    }
+}
+
 /// The room the workspaces of other jobs hold on a disk ([`Repos::other_workspaces_bytes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeldWorkspaces {
@@ -197,6 +212,16 @@ impl Repos {
     pub(crate) fn claimant(spec: &JobSpec) -> Option<claim::Claimant> {
         let url = RepoUrl::parse(spec.repo_url.as_deref()?).ok()?;
         Some(claim::Claimant { url: url.url(), branch: spec.branch.clone() })
+    }
+
+    /// Pins the claim of `spec`'s repository and branch while a job of it fetches and checks
+    /// out ([`claim::Claims::pin`]): until the guard is dropped, after [`Repos::settle_claim`].
+    pub fn pin_claim(&self, spec: &JobSpec) -> ClaimPin<'_> {
+        let who = Self::claimant(spec);
+        if let Some(who) = &who {
+            self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pin(who);
+        }
+        ClaimPin { repos: self, who }
     }
 
     /// Whether `who`'s job, to be checked out into `workspace`, may go on ([`claim::Claims::admit`]).
