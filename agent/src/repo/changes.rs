@@ -322,7 +322,7 @@ impl Staged {
     /// parent (a first commit: against nothing).
     fn own_commits(&self) -> Result<Vec<(git2::Commit<'_>, Diff<'_>)>, RepoError> {
         let err = |e: git2::Error| git("compute the diff", &e);
-        let Some(head) = self.claudes_head().filter(|h| *h != self.base) else { return Ok(Vec::new()) };
+        let Some(head) = self.head.filter(|h| *h != self.base) else { return Ok(Vec::new()) };
         let mut walk = self.repo.revwalk().map_err(err)?;
         walk.push(head).map_err(err)?;
         walk.hide(self.base).map_err(err)?;
@@ -361,12 +361,6 @@ impl Staged {
         Ok(())
     }
 
-    /// What Claude left at HEAD as the changes were staged ([`Staged::head`]), when it is
-    /// the start commit or follows it (its own commits, which the push keeps).
-    fn claudes_head(&self) -> Option<Oid> {
-        self.head
-    }
-
     /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
     /// when they follow the start commit). None when nothing changed since the start.
     pub fn commit(&self, author_name: &str, author_email: &str, message: &str) -> Result<Option<Oid>, RepoError> {
@@ -374,7 +368,7 @@ impl Staged {
         self.pushable()?;
         let action = "commit the job's changes";
         let err = |e: git2::Error| git(action, &e);
-        let parent = self.claudes_head().unwrap_or(self.base);
+        let parent = self.head.unwrap_or(self.base);
         let parent = self.repo.find_commit(parent).map_err(err)?;
         if parent.tree_id() == self.tree {
             return Ok((parent.id() != self.base).then(|| parent.id()));

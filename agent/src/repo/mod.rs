@@ -171,11 +171,11 @@ impl Repos {
     /// rev40b-1). Walked on the blocking pool within [`WORKSPACES_WALK`] entries and
     /// [`WORKSPACES_WALK_TIME`] (the workspaces are the jobs' to fill with files), a file
     /// of many names counted once ([`crate::files::disk_usage`]). A walk cut short says so
-    /// (`complete` false) with what it counted: the caller judges on that, and claims
-    /// nothing. (It once counted all the disk's used bytes as held: a repository that never
-    /// fits the disk, its own mirror counted, was told to retry, and claimed room every
-    /// other repository's job was then refused for, rev45b-1.) `own_jobs` is asked of
-    /// `spec`'s repository and branch.
+    /// (`complete` false) with what it counted, less than is held: the caller then takes
+    /// the held room at its most (`runner::held_at_most`: the disk's used bytes less the
+    /// job's own mirror, never that mirror as held, rev45b-1) and claims nothing (a claim
+    /// on a guess held back every other repository). `own_jobs` is asked of `spec`'s
+    /// repository and branch.
     pub async fn other_workspaces_bytes(&self, own: &Path, on: &Path, spec: &JobSpec) -> HeldWorkspaces {
         self.other_workspaces_bytes_within(own, on, spec, WORKSPACES_WALK).await
     }
@@ -200,7 +200,7 @@ impl Repos {
             let budget = crate::files::WalkBudget { entries, until: Some(std::time::Instant::now() + WORKSPACES_WALK_TIME) };
             let usage = crate::files::disk_usage(&dirs, budget);
             if !usage.complete {
-                tracing::warn!(workspace = %own.display(), walked_bytes = usage.bytes, "the walk of other jobs' workspaces ran out of its budget: the room they hold is judged on what it counted, and claimed for no retry");
+                tracing::warn!(workspace = %own.display(), walked_bytes = usage.bytes, "the walk of other jobs' workspaces ran out of its budget: the room they hold is taken at its most (the disk's used bytes less this job's mirror), and claimed for no retry");
             }
             HeldWorkspaces { bytes: usage.bytes, complete: usage.complete, own_jobs }
         };

@@ -3402,7 +3402,7 @@ async fn head_moved_after_the_secret_check_does_not_change_what_is_pushed() {
     std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "config"]);
-    let hidden = String::from_utf8(std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(&co.dir).output().unwrap().stdout).unwrap().trim().to_string();
+    let hidden = git(&co.dir, &["rev-parse", "HEAD"]).trim().to_string();
     git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
     std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
     let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
