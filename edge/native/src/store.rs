@@ -104,8 +104,11 @@ struct Probe {
 const RESTART_PAGES: i32 = 8 * CHECKPOINT_PAGES as i32;
 
 /// What the WAL file is cut back to when it starts over: a reader that held an old
-/// snapshot for long (the WAL grew past `RESTART_PAGES`) leaves no larger file behind.
-const WAL_KEPT_BYTES: i64 = RESTART_PAGES as i64 * 4096;
+/// snapshot for long (the WAL grew past `RESTART_PAGES`) leaves no larger file behind. A
+/// frame is a page and its 24-byte header, after the WAL's own 32: room for the WAL of a
+/// usual start over (`RESTART_PAGES` and a checkpoint's worth more), so that one is not
+/// cut and grown again each time (review rev45e, 7).
+const WAL_KEPT_BYTES: i64 = 32 + (RESTART_PAGES as i64 + CHECKPOINT_PAGES as i64) * (4096 + 24);
 
 /// The database's WAL, beside it in DATA_DIR.
 const WAL_FILE: &str = "edge.sqlite3-wal";
@@ -127,36 +130,43 @@ impl Checkpointer {
                 // A failure (a full disk) leaves the WAL to grow until a later one succeeds,
                 // as the automatic checkpoint's did; the commits themselves are unaffected.
                 // Said once until one succeeds: each commit meanwhile asks again.
-                let checkpoint = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i32>(1)?, r.get::<_, i32>(2)?)));
+                let checkpoint = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i32>(1)?, r.get::<_, i32>(2)?)));
                 // A checkpoint that copied less than the WAL holds (another connection
                 // reading an older snapshot: an operator's `sqlite3`, a backup) may have
                 // synced nothing — SQLite syncs the WAL only before copying — and what a
                 // power cut can lose would grow while the reader stays (hostile review
                 // rev45d, 3). One sync of the file covers every frame written to it.
                 #[cfg(test)]
-                if let Ok((_, copied)) = checkpoint {
+                if let Ok((_, _, copied)) = checkpoint {
                     p.copied.fetch_max(copied, std::sync::atomic::Ordering::AcqRel);
                 }
                 let checkpoint = match checkpoint {
-                    Err(e) => Err(e.to_string()),
+                    // Another checkpoint held the lock (the driver's at `RESTART_PAGES`): it
+                    // says nothing of the WAL (-1 pages), and is no failure and no success;
+                    // the next commit asks again (review rev45e, 6).
+                    Ok((busy, _, _)) if busy != 0 => None,
+                    Err(e) => Some(Err(e.to_string())),
                     // Opened as the store's files are: never waiting on a pipe put there.
-                    Ok((log, copied)) if copied < log => runtime::open_plain_for_writing(&wal, false)
-                        .and_then(|f| f.sync_data())
-                        .map(|()| {
-                            #[cfg(test)]
-                            p.wal_syncs.fetch_add(1, std::sync::atomic::Ordering::Release);
-                            log
-                        })
-                        .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
-                    Ok((log, _)) => Ok(log),
+                    Ok((_, log, copied)) if copied < log => Some(
+                        runtime::open_plain_for_writing(&wal, false)
+                            .and_then(|f| f.sync_data())
+                            .map(|()| {
+                                #[cfg(test)]
+                                p.wal_syncs.fetch_add(1, std::sync::atomic::Ordering::Release);
+                                log
+                            })
+                            .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
+                    ),
+                    Ok((_, log, _)) => Some(Ok(log)),
                 };
                 match checkpoint {
-                    Err(e) if !failing => {
+                    None => {}
+                    Some(Err(e)) if !failing => {
                         failing = true;
                         tracing::warn!(error = %e, "the job store's checkpoint failed: its WAL grows until one succeeds; free space in DATA_DIR");
                     }
-                    Err(_) => {}
-                    Ok(n) => {
+                    Some(Err(_)) => {}
+                    Some(Ok(n)) => {
                         c.store(n.max(0), std::sync::atomic::Ordering::Release);
                         if failing {
                             failing = false;
