@@ -81,6 +81,11 @@ pub struct Claimed {
     pub claims: usize,
     pub bytes: u64,
     pub lapses_s: u64,
+    /// A retry of one of them is fetching or checking out now ([`Claims::pin`]): its claim
+    /// stands until that job is settled, and `lapses_s` counts from then (review rev45e, 3:
+    /// the words said "within 1 s" of a claim standing up to the job's timeout).
+    #[serde(default)]
+    pub under_way: bool,
 }
 
 /// Refuses ([`RepoError::RoomClaimed`]) a checkout of `needed` bytes (measured,
@@ -90,7 +95,7 @@ pub struct Claimed {
 pub fn leave(claimed: Option<Claimed>, needed: u64, space: DiskSpace, url: &str) -> Result<(), RepoError> {
     match claimed {
         Some(c) if !fits_with_reserve(needed.saturating_add(c.bytes), space) => {
-            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: true })
+            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: true, under_way: c.under_way })
         }
         _ => Ok(()),
     }
@@ -147,8 +152,10 @@ impl Claims {
             return Admit::Go;
         }
         let bytes = ahead.iter().fold(0u64, |sum, c| sum.saturating_add(c.bytes));
-        let lapses = ahead.iter().map(|c| CLAIM_TTL.saturating_sub(now.saturating_duration_since(c.renewed))).max().unwrap_or_default();
-        let claimed = Claimed { claims: ahead.len(), bytes, lapses_s: lapses.as_secs().max(1) };
+        let pinned = |c: &Claim| self.in_flight.iter().any(|(w, _)| w == &c.who);
+        let under_way = ahead.iter().any(pinned);
+        let lapses = ahead.iter().map(|c| if pinned(c) { CLAIM_TTL } else { CLAIM_TTL.saturating_sub(now.saturating_duration_since(c.renewed)) }).max().unwrap_or_default();
+        let claimed = Claimed { claims: ahead.len(), bytes, lapses_s: lapses.as_secs().max(1), under_way };
         match space {
             Some(space) if fits_with_reserve(bytes, space) => Admit::Beside(claimed),
             _ => Admit::Behind(claimed),
@@ -206,7 +213,7 @@ mod tests {
         // The job of the repository whose overlapping jobs kept "wide" out waits now: the
         // room is not free (its mirror holds it).
         let later = t0 + Duration::from_secs(1);
-        let claimed = Claimed { claims: 1, bytes: 50 * MB, lapses_s: CLAIM_TTL.as_secs() - 1 };
+        let claimed = Claimed { claims: 1, bytes: 50 * MB, lapses_s: CLAIM_TTL.as_secs() - 1, under_way: false };
         assert_eq!(claims.admit(&held, later, disk(40 * MB)), Admit::Behind(claimed));
         assert_eq!(claims.admit(&held, later, None), Admit::Behind(claimed), "the disk not read: held back");
         // Another branch of the claimant's repository is another checkout.
@@ -282,7 +289,7 @@ mod tests {
             assert!(!said.contains("keeps jobs") && said.contains("not kept for this job's retry") && said.contains("retry once those jobs are done"), "{said}");
         }
         assert!(held(RoomClaim::Uncounted).contains("at least 7 bytes"), "{}", held(RoomClaim::Uncounted));
-        let claimed = |measured| RepoError::RoomClaimed { url: "u".into(), claims: 1, bytes: 5, lapses_s: 9, measured }.to_string();
+        let claimed = |measured| RepoError::RoomClaimed { url: "u".into(), claims: 1, bytes: 5, lapses_s: 9, measured, under_way: false }.to_string();
         assert!(claimed(false).contains("whatever this job's size") && !claimed(false).contains("would have taken"), "{}", claimed(false));
         assert!(claimed(true).contains("which this job would have taken"), "{}", claimed(true));
     }
@@ -324,5 +331,28 @@ mod tests {
         claims.unpin(&wide);
         claims.unpin(&wide);
         assert_eq!(claims.admit(&x, checkout, None), Admit::Go, "no job of it in flight: the claim lapses");
+    }
+
+    /// A job held back by a claim whose claimant's retry is fetching was told the claim
+    /// lapses "within 1 s" — once the retry had outlasted `CLAIM_TTL` — though it stands
+    /// until that job is settled, up to its timeout: a caller believing it retried in a
+    /// tight loop (review rev45e, 3).
+    #[test]
+    fn a_job_behind_a_claim_whose_retry_is_under_way_is_told_so() {
+        let t0 = BootInstant::now();
+        let mut claims = Claims::default();
+        let (wide, x) = (who("h/wide", None), who("h/x", None));
+        claims.refused(&wide, 10, t0);
+        claims.pin(&wide);
+        assert_eq!(claims.admit(&wide, t0, None), Admit::Go);
+        let Admit::Behind(claimed) = claims.admit(&x, t0 + CLAIM_TTL + Duration::from_secs(60), None) else { panic!("the claim lapsed mid-retry") };
+        assert!(claimed.under_way && claimed.lapses_s == CLAIM_TTL.as_secs(), "{claimed:?}");
+        let words = RepoError::RoomClaimed { url: "u".into(), claims: 1, bytes: 10, lapses_s: claimed.lapses_s, measured: false, under_way: claimed.under_way }.to_string();
+        assert!(words.contains("fetching or checking out now") && words.contains("up to its timeout_ms"), "{words}");
+        // Not under way: the time left, as before.
+        claims.unpin(&wide);
+        claims.refused(&wide, 10, t0);
+        let Admit::Behind(claimed) = claims.admit(&x, t0 + Duration::from_secs(20), None) else { panic!("the claim lapsed") };
+        assert!(!claimed.under_way && claimed.lapses_s == CLAIM_TTL.as_secs() - 20, "{claimed:?}");
     }
 }

@@ -131,7 +131,7 @@ pub enum RepoError {
     /// refusal leaves a claim on that room (`claim`): jobs on repositories started after
     /// it are refused ([`RepoError::RoomClaimed`]) until the retry is through, so a
     /// repository whose jobs overlap no longer keeps its mirror from ever going (rev40b-2).
-    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), though it fits the disk beside nothing held: the workspaces of other running jobs take {} of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room once nothing holds it, {}", counted(*.workspaces, .claim), kept(.claim))]
+    #[error("the checkout of {url} was refused before anything was written for want of room ({what}), {}: the workspaces of other running jobs take {} of it, and the mirrors of other repositories in use now (held by jobs, or being repacked) {held}; a workspace goes once its job is done, a mirror may go for room once nothing holds it, {}", fits(.claim), counted(*.workspaces, .claim), kept(.claim))]
     RoomHeld {
         url: String,
         what: String,
@@ -154,12 +154,15 @@ pub enum RepoError {
     /// hold the room the claimants wait for (rev40b-2: their retries lost for as long as
     /// later jobs overlapped). Retryable: the claims end once their claimants' retries are
     /// through, or lapse (`lapses_s`).
-    #[error("the job on {url} was refused before its checkout was written, and nothing ran: {claims} earlier job(s) of this runner, refused for want of room that running jobs hold, claim {bytes} bytes of its disk first, {}; retry in a little while (the claims end once those jobs' retries are through, or lapse within {lapses_s} s)", if *.measured { "which this job would have taken" } else { "and that room is not free now, whatever this job's size" })]
+    #[error("the job on {url} was refused before its checkout was written, and nothing ran: {claims} earlier job(s) of this runner, refused for want of room that running jobs hold, claim {bytes} bytes of its disk first, {}; retry in a little while ({})", if *.measured { "which this job would have taken" } else { "and that room is not free now, whatever this job's size" }, claims_end(*.under_way, *.lapses_s))]
     RoomClaimed {
         url: String,
         claims: usize,
         bytes: u64,
         lapses_s: u64,
+        /// A retry of a claimant is under way: its claim stands until that job is settled.
+        #[serde(default)]
+        under_way: bool,
         #[serde(default)]
         measured: bool,
     },
@@ -223,10 +226,33 @@ pub enum RoomClaim {
     Uncounted,
 }
 
+/// [`RepoError::RoomClaimed`]'s words on when the claims end: a claim whose claimant's
+/// retry is fetching or checking out stands until that job is settled, however long.
+fn claims_end(under_way: bool, lapses_s: u64) -> String {
+    match under_way {
+        false => format!("the claims end once those jobs' retries are through, or lapse within {lapses_s} s"),
+        true => format!("the claims end once those jobs' retries are through; one is fetching or checking out now, and its claim stands until that job is past its checkout or ends (up to its timeout_ms), then lapses within {lapses_s} s"),
+    }
+}
+
+/// [`RepoError::RoomHeld`]'s words on whether the checkout fits: judged on the room held
+/// at its most when it was not all counted, it may not (review rev45e, 2).
+fn fits(claim: &RoomClaim) -> &'static str {
+    match claim {
+        RoomClaim::Uncounted => "though it may fit the disk once other running jobs are done (the room they hold was taken at its most: all the disk's used bytes but this repository's mirror)",
+        _ => "though it fits the disk beside nothing held",
+    }
+}
+
+/// Why the other jobs' workspaces were not all counted: the walk's bounds.
+fn uncountable() -> String {
+    format!("the runner could not count them all within {} files and folders and {} s", super::WORKSPACES_WALK, super::WORKSPACES_WALK_TIME.as_secs())
+}
+
 /// [`RepoError::RoomHeld`]'s words on the other jobs' workspaces: what was counted.
 fn counted(bytes: u64, claim: &RoomClaim) -> String {
     match claim {
-        RoomClaim::Uncounted => format!("at least {bytes} bytes (they hold too many files to count them all)"),
+        RoomClaim::Uncounted => format!("at least {bytes} bytes ({})", uncountable()),
         _ => format!("{bytes} bytes"),
     }
 }
@@ -248,10 +274,10 @@ fn kept(claim: &RoomClaim) -> String {
 
 /// The words of a verdict "too big" judged on room other jobs hold counted in part only:
 /// judged at its most, it is too big even once they are done.
-fn uncounted_words(uncounted: bool) -> &'static str {
+fn uncounted_words(uncounted: bool) -> String {
     match uncounted {
-        true => "; the runner could not count the other running jobs' workspaces (too many files), so it took them to hold at most all the disk holds but this repository's mirror, and even that room freed would not be enough",
-        false => "",
+        true => format!("; the runner could not count the other running jobs' workspaces within {} files and folders and {} s, so it took them to hold at most all the disk holds but this repository's mirror, and even that room freed would not be enough", super::WORKSPACES_WALK, super::WORKSPACES_WALK_TIME.as_secs()),
+        false => String::new(),
     }
 }
 

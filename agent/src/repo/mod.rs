@@ -398,7 +398,7 @@ impl Repos {
         // a refused checkout claims, its checkout take the room freed (rev40b-2).
         let claimed = self.admit(claim::Claimant { url: url.url(), branch: spec.branch.clone() }, workspace).await;
         if let claim::Admit::Behind(c) = claimed {
-            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: false });
+            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: false, under_way: c.under_way });
         }
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {
