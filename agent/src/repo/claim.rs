@@ -109,10 +109,13 @@ impl Claims {
         self.claims.retain(|c| now.saturating_duration_since(c.renewed) < CLAIM_TTL || in_flight.iter().any(|(who, _)| who == &c.who));
     }
 
-    /// A job of `who` goes to its fetch and checkout: `who`'s claim, if any, does not lapse
-    /// until [`Claims::unpin`] (a guard's Drop, `Repos::pin_claim`, so a path that never
-    /// settles cannot pin it for ever), and then [`CLAIM_TTL`] after its last renewal.
-    pub fn pin(&mut self, who: &Claimant) {
+    /// A job of `who` goes to its fetch and checkout at `now`: `who`'s claim, if any, does
+    /// not lapse until [`Claims::unpin`] (a guard's Drop, `Repos::pin_claim`, so a path
+    /// that never settles cannot pin it for ever), and then [`CLAIM_TTL`] after its last
+    /// renewal. A claim already past its time lapses first: pinned, a late job of its
+    /// claimant kept it standing (review rev45e, 4).
+    pub fn pin(&mut self, who: &Claimant, now: BootInstant) {
+        self.lapse(now);
         match self.in_flight.iter_mut().find(|(w, _)| w == who) {
             Some((_, n)) => *n += 1,
             None => self.in_flight.push((who.clone(), 1)),
@@ -319,18 +322,24 @@ mod tests {
         let (wide, x) = (who("h/wide", None), who("h/x", None));
         claims.refused(&wide, 10, t0);
         let retry = t0 + Duration::from_secs(30);
-        claims.pin(&wide);
+        claims.pin(&wide, t0);
         assert_eq!(claims.admit(&wide, retry, None), Admit::Go);
         // Its fetch takes 121 s: a job of another repository starts then.
         let checkout = retry + CLAIM_TTL + Duration::from_secs(1);
         assert!(matches!(claims.admit(&x, checkout, None), Admit::Behind(_)), "the claim lapsed mid-retry");
         // Two jobs of it in flight: the claim stands until both are done.
-        claims.pin(&wide);
+        claims.pin(&wide, checkout);
         claims.unpin(&wide);
         assert!(claims.stand(checkout), "one of its jobs is still in flight");
         claims.unpin(&wide);
         claims.unpin(&wide);
         assert_eq!(claims.admit(&x, checkout, None), Admit::Go, "no job of it in flight: the claim lapses");
+        // A claim past its time when a late job of its claimant is pinned lapses first.
+        claims.refused(&wide, 10, t0);
+        let late = t0 + CLAIM_TTL + Duration::from_secs(1);
+        claims.pin(&wide, late);
+        assert!(!claims.stand(late), "a lapsed claim was kept standing by its claimant's late job");
+        claims.unpin(&wide);
     }
 
     /// A job held back by a claim whose claimant's retry is fetching was told the claim
@@ -343,7 +352,7 @@ mod tests {
         let mut claims = Claims::default();
         let (wide, x) = (who("h/wide", None), who("h/x", None));
         claims.refused(&wide, 10, t0);
-        claims.pin(&wide);
+        claims.pin(&wide, t0);
         assert_eq!(claims.admit(&wide, t0, None), Admit::Go);
         let Admit::Behind(claimed) = claims.admit(&x, t0 + CLAIM_TTL + Duration::from_secs(60), None) else { panic!("the claim lapsed mid-retry") };
         assert!(claimed.under_way && claimed.lapses_s == CLAIM_TTL.as_secs(), "{claimed:?}");

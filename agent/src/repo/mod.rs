@@ -219,7 +219,7 @@ impl Repos {
     pub fn pin_claim(&self, spec: &JobSpec) -> ClaimPin<'_> {
         let who = Self::claimant(spec);
         if let Some(who) = &who {
-            self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pin(who);
+            self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pin(who, crate::boot_clock::BootInstant::now());
         }
         ClaimPin { repos: self, who }
     }
