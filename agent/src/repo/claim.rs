@@ -16,8 +16,8 @@
 //! stands, and its claim ends when its checkout is through or it fails otherwise.
 //!
 //! A claim is bounded: it lapses [`CLAIM_TTL`] after its last refusal (a caller that never
-//! retries holds nothing for long), or after its claimant's retry admitted last ended, not
-//! while one is between its admission and its settling ([`Claims::pin`]: a big repository's
+//! retries holds nothing for long), or after its claimant's last job in flight ended, not
+//! while one is in flight, from just before its admission to its settling ([`Claims::pin`]: a big repository's
 //! fetch and checkout take minutes, rev45d-2), and at most [`MAX_CLAIMS`] stand (a refusal past them
 //! leaves none). Not kept from the room: what a fetch adds to a mirror, what running jobs
 //! write, jobs without a repository. Pure: the time and the disk's space are passed in.
