@@ -45,6 +45,13 @@ pub struct Claimant {
     pub branch: Option<String>,
 }
 
+impl Claimant {
+    /// The claimant a job of `spec` on `url` is: its repository and branch.
+    pub fn of(url: &shared::repo::RepoUrl, spec: &shared::job::JobSpec) -> Claimant {
+        Claimant { url: url.url(), branch: spec.branch.clone() }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Claim {
     who: Claimant,
@@ -88,6 +95,14 @@ pub struct Claimed {
     pub under_way: bool,
 }
 
+impl Claimed {
+    /// The refusal of a job on `url` held back by these claims: before its fetch, or at its
+    /// checkout with its size `measured`.
+    pub fn refusal(self, url: &str, measured: bool) -> RepoError {
+        RepoError::RoomClaimed { url: url.to_string(), claims: self.claims, bytes: self.bytes, lapses_s: self.lapses_s, measured, under_way: self.under_way }
+    }
+}
+
 /// Refuses ([`RepoError::RoomClaimed`]) a checkout of `needed` bytes (measured,
 /// `super::checkout::Measured::needed`) that would not leave the `claimed` room on
 /// `space`'s disk beside its reserve: it took the room an earlier refused checkout waits
@@ -95,7 +110,7 @@ pub struct Claimed {
 pub fn leave(claimed: Option<Claimed>, needed: u64, space: DiskSpace, url: &str) -> Result<(), RepoError> {
     match claimed {
         Some(c) if !fits_with_reserve(needed.saturating_add(c.bytes), space) => {
-            Err(RepoError::RoomClaimed { url: url.to_string(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: true, under_way: c.under_way })
+            Err(c.refusal(url, true))
         }
         _ => Ok(()),
     }

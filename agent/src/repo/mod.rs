@@ -211,7 +211,7 @@ impl Repos {
     /// repository (as the agent names it) and branch. None without a valid `repo_url`.
     pub(crate) fn claimant(spec: &JobSpec) -> Option<claim::Claimant> {
         let url = RepoUrl::parse(spec.repo_url.as_deref()?).ok()?;
-        Some(claim::Claimant { url: url.url(), branch: spec.branch.clone() })
+        Some(claim::Claimant::of(&url, spec))
     }
 
     /// Pins the claim of `spec`'s repository and branch while a job of it fetches and checks
@@ -396,9 +396,9 @@ impl Repos {
         }
         // Before the fetch: its lease would keep the mirror it reads from going for room
         // a refused checkout claims, its checkout take the room freed (rev40b-2).
-        let claimed = self.admit(claim::Claimant { url: url.url(), branch: spec.branch.clone() }, workspace).await;
+        let claimed = self.admit(claim::Claimant::of(&url, spec), workspace).await;
         if let claim::Admit::Behind(c) = claimed {
-            return Err(RepoError::RoomClaimed { url: url.url(), claims: c.claims, bytes: c.bytes, lapses_s: c.lapses_s, measured: false, under_way: c.under_way });
+            return Err(c.refusal(&url.url(), false));
         }
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {

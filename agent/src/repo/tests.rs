@@ -521,6 +521,13 @@ async fn an_agent_killed_mid_fetch_leaves_nothing_that_blocks_the_next_one() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
 }
 
+/// Claude commits a token (`tok-0123456789`, in `.env`) in the checkout at `dir`.
+fn commit_a_token(dir: &std::path::Path) {
+    std::fs::write(dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "config"]);
+}
+
 #[tokio::test]
 async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_removed_it() {
     let tmp = TempDir::new("secret-history");
@@ -529,9 +536,7 @@ async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_remov
     let secret = |l: &str| l.contains("tok-0123456789");
     // Claude commits a token, then takes it out again: the final tree is clean, the
     // history that a push would carry is not.
-    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
-    git(&co.dir, &["add", "-A"]);
-    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    commit_a_token(&co.dir);
     std::fs::remove_file(co.dir.join(".env")).unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "oops"]);
@@ -3399,9 +3404,7 @@ async fn head_moved_after_the_secret_check_does_not_change_what_is_pushed() {
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     let secret = |l: &str| l.contains("tok-0123456789");
     // The job makes a commit holding the token, then puts HEAD and the tree back.
-    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
-    git(&co.dir, &["add", "-A"]);
-    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    commit_a_token(&co.dir);
     let hidden = git(&co.dir, &["rev-parse", "HEAD"]).trim().to_string();
     git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
     std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
@@ -3427,9 +3430,7 @@ async fn the_push_ref_moved_before_the_push_reads_it_does_not_send_another_commi
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     // A commit holding the token, left out of the working tree and of HEAD.
-    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
-    git(&co.dir, &["add", "-A"]);
-    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    commit_a_token(&co.dir);
     let hidden = git(&co.dir, &["rev-parse", "HEAD"]).trim().to_string();
     git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
     std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
