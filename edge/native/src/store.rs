@@ -517,6 +517,16 @@ mod tests {
         }
     }
 
+    /// Waits (a minute at most) until the checkpoint thread has counted one in `count` and
+    /// has none under way.
+    fn checkpoint_settles(store: &Store, count: &std::sync::atomic::AtomicU64) {
+        let asked = &store.checkpoints.asked;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while (count.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// What bounds what a power cut can lose (see CHECKPOINT_PAGES): once the WAL holds
     /// `CHECKPOINT_PAGES` pages, a checkpoint syncs them and copies them into the database
     /// file — now on the checkpoint thread, not in the commit, so nothing the driver does
@@ -530,13 +540,8 @@ mod tests {
         // checkpointed.
         let n = CHECKPOINT_PAGES as usize / 2;
         commit_big_jobs(&mut store, n);
-        let (done, asked) = (&store.checkpoints.probe.done, &store.checkpoints.asked);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        // Until one is done and none under way (the file is read whole below).
-        let waiting = || done.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire);
-        while waiting() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let done = &store.checkpoints.probe.done;
+        checkpoint_settles(&store, done);
         assert!(done.load(std::sync::atomic::Ordering::Acquire) > 0, "no checkpoint after {n} commits of two pages and more");
         // What it copied into the database (SQLite's count, the pages synced there): at
         // least the CHECKPOINT_PAGES pages that began it.
@@ -561,11 +566,8 @@ mod tests {
         let held: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0)).unwrap();
         assert_eq!(held, 1);
         commit_big_jobs(&mut store, CHECKPOINT_PAGES as usize);
-        let (syncs, asked) = (&store.checkpoints.probe.wal_syncs, &store.checkpoints.asked);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while (syncs.load(std::sync::atomic::Ordering::Acquire) == 0 || asked.load(std::sync::atomic::Ordering::Acquire)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let syncs = &store.checkpoints.probe.wal_syncs;
+        checkpoint_settles(&store, syncs);
         assert!(syncs.load(std::sync::atomic::Ordering::Acquire) > 0, "the WAL was never synced while a reader held an old snapshot");
         // What is known synced moves on with the WAL, so the thread is not woken at every
         // commit while the reader stays.
